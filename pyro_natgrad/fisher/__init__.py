@@ -1,0 +1,130 @@
+"""Closed-form Fisher information of probability distributions.
+
+``F(theta) = E[s s^T] = -E[grad^2 log p(x | theta)]``, ``s = grad_theta log p(x | theta)``:
+the metric of the KL divergence, ``KL(q_theta || q_{theta + D}) ~ 1/2 D^T F D``.
+
+>>> import torch, pyro.distributions as dist
+>>> fisher_information(dist.Normal(torch.tensor(0.), torch.tensor(2.)), coords="unconstrained")
+tensor([[0.2500, 0.0000],
+        [0.0000, 2.0000]])
+
+See :func:`fisher_information` for the coordinate conventions and
+:func:`register_fisher` to add a family.
+"""
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch.distributions import Distribution, Independent, constraints
+
+from . import families as _families  # noqa: F401  (registers the closed forms)
+from .coords import COORDS, check_coords, reparameterize
+from .fallback import MC_SAMPLES, FisherFallbackWarning, fallback_operator
+from .operators import (
+    DenseFisher, DiagonalFisher, DiagPlusRankOneFisher, ElementBlockFisher, FisherOperator,
+    GaussianFisher, LowRankGaussianFisher, ReparamFisher, SingularFisherError, ZeroFisher,
+)
+from .params import ParamSpec
+from .registry import lookup_fisher, register_fisher
+
+__all__ = [
+    "COORDS", "MC_SAMPLES", "FisherFallbackWarning", "FisherOperator", "ParamSpec",
+    "SingularFisherError", "fisher_information", "fisher_operator", "fisher_solve",
+    "fisher_vp", "register_fisher", "DenseFisher", "DiagonalFisher", "DiagPlusRankOneFisher",
+    "ElementBlockFisher", "GaussianFisher", "LowRankGaussianFisher", "ReparamFisher",
+    "ZeroFisher",
+]
+
+Coords = Union[str, dict]
+
+
+def fisher_operator(d: Distribution, coords: Coords = "standard",
+                    params: Optional[Sequence[str]] = None) -> FisherOperator:
+    """The Fisher information of ``d`` as a structured linear operator.
+
+    Same arguments as :func:`fisher_information`; the operator offers ``mv``,
+    ``solve(v, damping)`` and ``dense()`` without forming the matrix unless asked.
+    """
+    if not isinstance(d, Distribution):
+        raise TypeError(f"expected a torch.distributions.Distribution, got {type(d).__name__}")
+    check_coords(coords)
+    reinterpreted = 0
+    while isinstance(d, Independent):  # block diagonal: work on the base, reinterpret last
+        reinterpreted += d.reinterpreted_batch_ndims
+        d = d.base_dist
+    fn = lookup_fisher(type(d))
+    op = fn(d) if fn is not None else fallback_operator(d)
+    _check_values(d, op)
+    if params is not None:
+        params = (params,) if isinstance(params, str) else tuple(params)
+        unknown = [p for p in params if p not in op.names]
+        if unknown:
+            raise ValueError(f"params {unknown} are not coordinates of {type(d).__name__}; "
+                             f"its coordinates are {list(op.names)}")
+        if coords in ("natural", "mean") and set(params) != set(op.names):
+            raise ValueError(f"coords={coords!r} mixes all parameters of {type(d).__name__}; "
+                             f"it cannot be restricted to params={list(params)}")
+        op = op.restrict([n for n in op.names if n in params])
+    return reparameterize(d, op, coords).reinterpret(reinterpreted)
+
+
+def fisher_information(d: Distribution, coords: Coords = "standard",
+                       params: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """The Fisher information matrix of ``d``, shape ``d.batch_shape + (k, k)``.
+
+    The ``k`` coordinates are the distribution's continuous parameters, in the
+    order of its constructor arguments, flattened parameter by parameter (C
+    order). It uses the arguments ``d`` was built with (``probs`` or ``logits``;
+    for a multivariate normal ``loc`` and one of ``scale_tril``,
+    ``covariance_matrix`` or ``precision_matrix``, of which only the lower
+    triangle are coordinates, ``t_ij`` setting both entries of a symmetric
+    matrix). Counts such as ``total_count`` are fixed. ``Independent`` wrappers
+    give the block-diagonal Fisher over all reinterpreted entries.
+
+    :param d: a :class:`torch.distributions.Distribution` (Pyro's included).
+    :param coords: ``"standard"`` (the parameters themselves); ``"unconstrained"``
+        (each constrained parameter as ``transform_to(constraint)`` of a real
+        coordinate, e.g. ``log`` of a scale); ``"natural"`` or ``"mean"``
+        (exponential families, see :mod:`pyro_natgrad.fisher.expfam`); or a dict
+        ``{param_name: Transform}`` mapping coordinates to parameters. In
+        coordinates ``u`` with ``theta = phi(u)``, ``F_u = J^T F_theta J``.
+    :param params: a subset of parameter names; the others are held fixed (e.g.
+        ``params=("loc", "scale")`` for a Student-t with fixed ``df``).
+    :raises ValueError: for an unknown ``coords`` or parameter name, or parameter
+        values outside their constraints.
+    """
+    return fisher_operator(d, coords, params).dense()
+
+
+def fisher_vp(d: Distribution, v: torch.Tensor, coords: Coords = "standard",
+              params: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """``F v`` for ``v`` of shape ``batch_shape + (k,)``, without forming ``F``."""
+    return fisher_operator(d, coords, params).mv(v)
+
+
+def fisher_solve(d: Distribution, v: torch.Tensor, damping: float = 0.0,
+                 coords: Coords = "standard",
+                 params: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """``(F + damping I)^{-1} v``, structured where the family allows (elementwise
+    for diagonal families, O(d^3) for a full-rank Gaussian)."""
+    return fisher_operator(d, coords, params).solve(v, damping)
+
+
+def _check_values(d, op):
+    for s in op.specs:
+        c = d.arg_constraints.get(s.name)
+        value = s.value
+        bad = ~torch.isfinite(value)
+        if c is not None and not constraints.is_dependent(c):
+            bad = bad | ~_expand_check(c.check(value), value, c.event_dim)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{type(d).__name__}: parameter {s.name!r} has values outside its constraint "
+                f"{c} (or non-finite values); the Fisher information is undefined there. "
+                f"Build the distribution with valid parameters (validate_args=True catches this "
+                f"at construction).")
+
+
+def _expand_check(ok, value, event_dim):
+    return ok.reshape(ok.shape + (1,) * (value.dim() - ok.dim())).expand(value.shape) \
+        if ok.dim() < value.dim() else ok

@@ -1,0 +1,121 @@
+"""Changes of coordinates: ``F_u = J^T F_theta J`` with ``J = d theta / d u``.
+
+``coords`` is one of :data:`COORDS` or a dict ``{param_name: Transform}`` giving
+the map from each named coordinate to its parameter.
+"""
+
+from typing import Dict
+
+import torch
+from torch.distributions import constraints, transform_to
+from torch.distributions.transforms import (
+    ComposeTransform, LowerCholeskyTransform, Transform,
+)
+
+from .expfam import exponential_family_coords
+from .operators import FisherOperator, ReparamFisher
+from .params import ParamSpec, flatten, unflatten
+
+#: The named coordinate systems accepted by ``coords``.
+COORDS = ("standard", "unconstrained", "natural", "mean")
+
+
+def check_coords(coords):
+    if isinstance(coords, dict):
+        for name, t in coords.items():
+            if not isinstance(t, Transform):
+                raise TypeError(f"coords[{name!r}] must be a torch.distributions Transform "
+                                f"mapping the coordinate to the parameter, got {type(t).__name__}")
+        return
+    if coords not in COORDS:
+        raise ValueError(f"unknown coords {coords!r}; valid names are {', '.join(COORDS)}, "
+                         f"or a dict {{param_name: Transform}}")
+
+
+def _entrywise(t: Transform) -> bool:
+    """Whether each output entry depends only on the same input entry."""
+    if isinstance(t, ComposeTransform):
+        return all(_entrywise(p) for p in t.parts)
+    if isinstance(t, LowerCholeskyTransform) or type(t).__name__ == "SoftplusLowerCholeskyTransform":
+        return True  # entrywise on the lower triangle, which is all the coordinates read
+    return t.domain.event_dim == 0 and t.codomain.event_dim == 0
+
+
+def reparameterize(d, op: FisherOperator, coords) -> FisherOperator:
+    """Express ``op`` (standard coordinates of ``d``) in ``coords``."""
+    if coords == "standard":
+        return op
+    if coords in ("natural", "mean"):
+        return _expfam(d, op, coords)
+    if coords == "unconstrained":
+        transforms = {}
+        for s in op.specs:
+            c = d.arg_constraints.get(s.name)
+            if c is not None and c is not constraints.real and not constraints.is_dependent(c):
+                transforms[s.name] = transform_to(c)
+    else:
+        unknown = [k for k in coords if k not in op.names]
+        if unknown:
+            raise ValueError(f"coords names {unknown}, which are not coordinates of "
+                             f"{type(d).__name__}; its coordinates are {list(op.names)}")
+        transforms = dict(coords)
+    return _per_parameter(op, transforms)
+
+
+def _per_parameter(op, transforms: Dict[str, Transform]):
+    specs = []
+    for s in op.specs:
+        t = transforms.get(s.name)
+        if t is None:
+            specs.append(s)
+            continue
+        u = t.inv(s.value.detach())
+        shift = t.domain.event_dim - t.codomain.event_dim
+        same_square = s.packing == "tril" and u.shape[-2:] == s.value.shape[-2:]
+        specs.append(ParamSpec(s.name, u, s.event_dim + shift, "tril" if same_square else "full"))
+
+    def phi(u):
+        return {k: transforms[k](x) if k in transforms else x for k, x in u.items()}
+
+    elementwise = all(_entrywise(t) for t in transforms.values())
+    return ReparamFisher(specs, op.batch_shape, op, phi, elementwise)
+
+
+def _expfam(d, op, coords):
+    ef = exponential_family_coords(d)
+    if ef is None:
+        raise ValueError(f"coords={coords!r} needs an exponential family; "
+                         f"{type(d).__name__} is not one (or none is registered). "
+                         f"Use 'standard' or 'unconstrained'.")
+    if coords == "natural":
+        values, phi = ef.natural, ef.from_natural
+    else:
+        values = ef.to_mean({s.name: s.value for s in op.specs})
+        phi = ef.from_mean or _linearized_inverse(op, ef.to_mean, values)
+    specs = [ParamSpec(k, v.detach(), *ef.layout[k]) for k, v in values.items()]
+    return ReparamFisher(specs, op.batch_shape, op, phi, elementwise=False)
+
+
+def _linearized_inverse(op, forward, values):
+    """``m -> theta0 + J^{-1} (m - m0)``, ``J = d forward / d theta`` at ``theta0``:
+    the inverse of ``forward`` to first order, exact for Jacobians."""
+    theta_specs = op.specs
+    theta0 = {s.name: s.value.detach() for s in theta_specs}
+    m_specs = [ParamSpec(k, v.detach(), theta_specs[0].event_dim if v.dim() > len(op.batch_shape)
+                         else 0) for k, v in values.items()]
+
+    def flat_forward(x):
+        return flatten(m_specs, forward(unflatten(theta_specs, x)))
+
+    x0 = flatten(theta_specs, theta0)
+    k = x0.shape[-1]
+    eye = torch.eye(k, dtype=x0.dtype, device=x0.device).expand(x0.shape[:-1] + (k, k))
+    cols = [torch.func.jvp(flat_forward, (x0,), (eye[..., j],))[1] for j in range(k)]
+    jac = torch.stack(cols, -1)  # batch + (k_m, k_theta)
+    m0 = flat_forward(x0)
+
+    def phi(m):
+        delta = torch.linalg.solve(jac, (flatten(m_specs, m) - m0).unsqueeze(-1)).squeeze(-1)
+        return unflatten(theta_specs, x0 + delta)
+
+    return phi

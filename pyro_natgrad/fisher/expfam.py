@@ -1,0 +1,288 @@
+"""Natural and mean (expectation) coordinates of exponential families.
+
+For ``p(x) = h(x) exp(<eta, T(x)> - A(eta))`` the natural coordinates are ``eta``
+and the mean coordinates ``m = E[T(x)] = grad A(eta)``. Conventions (the Fisher
+does not depend on shifts of ``eta``, so ``alpha - 1`` versus ``alpha`` is immaterial):
+
+=================  ============================  ==============================
+family             ``eta``                       ``T(x)``
+=================  ============================  ==============================
+Normal, LogNormal  ``(mu/s^2, -1/(2 s^2))``      ``(y, y^2)``, ``y = x`` or ``log x``
+MultivariateNormal ``(Lambda mu, -Lambda/2)``    ``(x, x x^T)`` (tril coordinates)
+Gamma              ``(a - 1, -b)``               ``(log x, x)``
+InverseGamma       ``(-a - 1, -b)``              ``(log x, 1/x)``
+Beta               ``(a - 1, b - 1)``            ``(log x, log(1-x))``
+Dirichlet          ``alpha - 1``                 ``log x``
+Exponential        ``-lambda``                   ``x``
+HalfNormal         ``-1/(2 s^2)``                ``x^2``
+Poisson            ``log lambda``                ``x``
+Bernoulli,Binomial ``logit p``                   ``x``
+Geometric          ``log(1 - p)``                ``x`` (failures)
+Categorical,       ``log(p_i/p_k)``, ``i < k``   one-hot (first ``k-1``)
+Multinomial
+=================  ============================  ==============================
+
+Each registered function returns an :class:`ExpFamCoords`: the current natural
+and mean coordinates and maps back to the standard parameters. Where the inverse
+of the mean map has no closed form (it needs the inverse digamma function) it is
+replaced by its linearisation at the current point, which has the same value and
+first derivative there: all a Fisher matrix needs.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import pyro.distributions as pdist
+from torch.distributions import (
+    Bernoulli, Beta, Binomial, Categorical, Dirichlet, Exponential, Gamma, Geometric,
+    HalfNormal, LogNormal, Multinomial, MultivariateNormal, Normal, Poisson,
+)
+
+from .families import passed_argument
+from .params import symmetrize
+
+Tensors = Dict[str, torch.Tensor]
+
+_EXPFAM = {}
+
+
+@dataclass
+class ExpFamCoords:
+    """Natural and mean coordinates of one distribution.
+
+    :param natural: current ``eta``, per coordinate block.
+    :param from_natural: ``eta -> standard parameters``.
+    :param to_mean: ``standard parameters -> m``.
+    :param from_mean: ``m -> standard parameters``, or None (linearised inverse).
+    :param layout: per coordinate name, ``(event_dim, packing)``.
+    """
+
+    natural: Tensors
+    from_natural: Callable[[Tensors], Tensors]
+    to_mean: Callable[[Tensors], Tensors]
+    from_mean: Optional[Callable[[Tensors], Tensors]]
+    layout: Dict[str, Tuple[int, str]]
+
+
+def register_exponential_family(type_):
+    """Decorator registering natural/mean coordinates for ``type_`` (MRO lookup)."""
+
+    def decorator(fn):
+        _EXPFAM[type_] = fn
+        return fn
+
+    return decorator
+
+
+def exponential_family_coords(d) -> Optional[ExpFamCoords]:
+    for cls in type(d).__mro__:
+        if cls in _EXPFAM:
+            return _EXPFAM[cls](d)
+    return None
+
+
+def _scalar_layout(*names):
+    return {n: (0, "full") for n in names}
+
+
+@register_exponential_family(Normal)
+@register_exponential_family(LogNormal)
+def _normal(d):
+    def from_natural(e):
+        var = -0.5 / e["eta2"]
+        return {"loc": e["eta1"] * var, "scale": var.sqrt()}
+
+    def to_mean(t):
+        return {"mean1": t["loc"], "mean2": t["loc"].square() + t["scale"].square()}
+
+    def from_mean(m):
+        return {"loc": m["mean1"], "scale": (m["mean2"] - m["mean1"].square()).sqrt()}
+
+    var = d.scale.square()
+    layout = {**_scalar_layout("eta1", "eta2"), **_scalar_layout("mean1", "mean2")}
+    return ExpFamCoords({"eta1": d.loc / var, "eta2": -0.5 / var}, from_natural, to_mean,
+                        from_mean, layout)
+
+
+@register_exponential_family(MultivariateNormal)
+def _mvn(d):
+    name = passed_argument(d, ("scale_tril", "covariance_matrix", "precision_matrix"))
+
+    def from_cov(loc, cov, prec):
+        if name == "scale_tril":
+            return {"loc": loc, name: torch.linalg.cholesky(cov)}
+        return {"loc": loc, name: cov if name == "covariance_matrix" else prec}
+
+    def from_natural(e):
+        prec = -2 * symmetrize(e["eta2"])
+        cov = _spd_inverse(prec)
+        return from_cov((cov @ e["eta1"].unsqueeze(-1)).squeeze(-1), cov, prec)
+
+    def to_mean(t):
+        cov = _mvn_cov(t, name)
+        loc = t["loc"]
+        return {"mean1": loc, "mean2": (cov + loc.unsqueeze(-1) * loc.unsqueeze(-2)).tril()}
+
+    def from_mean(m):
+        loc = m["mean1"]
+        cov = symmetrize(m["mean2"]) - loc.unsqueeze(-1) * loc.unsqueeze(-2)
+        prec = _spd_inverse(cov) if name == "precision_matrix" \
+            else None
+        return from_cov(loc, cov, prec)
+
+    prec = torch.cholesky_inverse(d._unbroadcasted_scale_tril).expand(d.batch_shape + d.event_shape * 2)
+    eta1 = (prec @ d.loc.unsqueeze(-1)).squeeze(-1)
+    layout = {"eta1": (1, "full"), "eta2": (2, "tril"), "mean1": (1, "full"),
+              "mean2": (2, "tril")}
+    return ExpFamCoords({"eta1": eta1, "eta2": (-0.5 * prec).tril()}, from_natural, to_mean,
+                        from_mean, layout)
+
+
+def _spd_inverse(A):
+    """``A^{-1}`` for symmetric positive definite ``A``. Not ``torch.cholesky_inverse``,
+    whose forward-mode derivative is wrong in torch 2.13 (reverse mode is right)."""
+    L = torch.linalg.cholesky(A)
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand(L.shape)
+    return torch.cholesky_solve(eye, L)
+
+
+def _mvn_cov(t, name):
+    if name == "scale_tril":
+        L = t[name].tril()
+        return L @ L.mT
+    if name == "covariance_matrix":
+        return symmetrize(t[name])
+    return _spd_inverse(symmetrize(t[name]))
+
+
+@register_exponential_family(Gamma)
+def _gamma(d):
+    def to_mean(t):
+        a, b = t["concentration"], t["rate"]
+        return {"mean1": torch.digamma(a) - b.log(), "mean2": a / b}
+
+    return ExpFamCoords(
+        {"eta1": d.concentration - 1, "eta2": -d.rate},
+        lambda e: {"concentration": e["eta1"] + 1, "rate": -e["eta2"]},
+        to_mean, None, {**_scalar_layout("eta1", "eta2"), **_scalar_layout("mean1", "mean2")})
+
+
+@register_exponential_family(pdist.InverseGamma)
+def _inverse_gamma(d):
+    def to_mean(t):
+        a, b = t["concentration"], t["rate"]
+        return {"mean1": b.log() - torch.digamma(a), "mean2": a / b}
+
+    return ExpFamCoords(
+        {"eta1": -d.concentration - 1, "eta2": -d.rate},
+        lambda e: {"concentration": -e["eta1"] - 1, "rate": -e["eta2"]},
+        to_mean, None, {**_scalar_layout("eta1", "eta2"), **_scalar_layout("mean1", "mean2")})
+
+
+@register_exponential_family(Beta)
+def _beta(d):
+    def to_mean(t):
+        a, b = t["concentration1"], t["concentration0"]
+        s = torch.digamma(a + b)
+        return {"mean1": torch.digamma(a) - s, "mean2": torch.digamma(b) - s}
+
+    return ExpFamCoords(
+        {"eta1": d.concentration1 - 1, "eta2": d.concentration0 - 1},
+        lambda e: {"concentration1": e["eta1"] + 1, "concentration0": e["eta2"] + 1},
+        to_mean, None, {**_scalar_layout("eta1", "eta2"), **_scalar_layout("mean1", "mean2")})
+
+
+@register_exponential_family(Dirichlet)
+def _dirichlet(d):
+    def to_mean(t):
+        a = t["concentration"]
+        return {"mean": torch.digamma(a) - torch.digamma(a.sum(-1, keepdim=True))}
+
+    return ExpFamCoords({"eta": d.concentration - 1},
+                        lambda e: {"concentration": e["eta"] + 1}, to_mean, None,
+                        {"eta": (1, "full"), "mean": (1, "full")})
+
+
+def _one_param(natural, from_natural, to_mean, from_mean):
+    return ExpFamCoords({"eta": natural}, lambda e: from_natural(e["eta"]),
+                        lambda t: {"mean": to_mean(t)}, lambda m: from_mean(m["mean"]),
+                        _scalar_layout("eta", "mean"))
+
+
+@register_exponential_family(Exponential)
+def _exponential(d):
+    return _one_param(-d.rate, lambda e: {"rate": -e}, lambda t: t["rate"].reciprocal(),
+                      lambda m: {"rate": m.reciprocal()})
+
+
+@register_exponential_family(HalfNormal)
+def _halfnormal(d):
+    return _one_param(-0.5 / d.scale.square(), lambda e: {"scale": (-0.5 / e).sqrt()},
+                      lambda t: t["scale"].square(), lambda m: {"scale": m.sqrt()})
+
+
+@register_exponential_family(Poisson)
+def _poisson(d):
+    return _one_param(d.rate.log(), lambda e: {"rate": e.exp()}, lambda t: t["rate"],
+                      lambda m: {"rate": m})
+
+
+def _probs_from(name, p):
+    return {name: p if name == "probs" else torch.logit(p)}
+
+
+def _probs_of(name, t):
+    return t[name] if name == "probs" else torch.sigmoid(t[name])
+
+
+@register_exponential_family(Bernoulli)
+@register_exponential_family(Binomial)
+def _bernoulli(d):
+    name = passed_argument(d, ("probs", "logits"))
+    n = getattr(d, "total_count", 1)
+    return _one_param(torch.logit(d.probs), lambda e: _probs_from(name, torch.sigmoid(e)),
+                      lambda t: n * _probs_of(name, t), lambda m: _probs_from(name, m / n))
+
+
+@register_exponential_family(Geometric)
+def _geometric(d):
+    name = passed_argument(d, ("probs", "logits"))
+    return _one_param(torch.log1p(-d.probs), lambda e: _probs_from(name, -torch.expm1(e)),
+                      lambda t: (1 - _probs_of(name, t)) / _probs_of(name, t),
+                      lambda m: _probs_from(name, (1 + m).reciprocal()))
+
+
+def _categorical_coords(d, name, n):
+    def probs_to_param(p):
+        return {name: p if name == "probs" else p.log()}
+
+    def from_natural(e):
+        eta = e["eta"]
+        full = torch.cat([eta, torch.zeros_like(eta[..., :1])], -1)
+        return probs_to_param(torch.softmax(full, -1))
+
+    def to_mean(t):
+        p = t[name] if name == "probs" else torch.softmax(t[name], -1)
+        p = p / p.sum(-1, keepdim=True)
+        return {"mean": n * p[..., :-1]}
+
+    def from_mean(m):
+        p = m["mean"] / n
+        return probs_to_param(torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1))
+
+    logp = d.probs.log()
+    return ExpFamCoords({"eta": logp[..., :-1] - logp[..., -1:]}, from_natural, to_mean,
+                        from_mean, {"eta": (1, "full"), "mean": (1, "full")})
+
+
+@register_exponential_family(Categorical)
+def _categorical(d):
+    return _categorical_coords(d, passed_argument(d, ("probs", "logits")), 1)
+
+
+@register_exponential_family(Multinomial)
+def _multinomial(d):
+    n = torch.as_tensor(d.total_count, dtype=d.probs.dtype).unsqueeze(-1) if torch.is_tensor(
+        d.total_count) else d.total_count
+    return _categorical_coords(d, passed_argument(d._categorical, ("probs", "logits")), n)

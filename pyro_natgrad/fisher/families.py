@@ -1,0 +1,234 @@
+"""Closed-form Fisher information of common families, in standard coordinates.
+
+Each function receives a distribution and returns a structured operator over the
+parameters the user constructed it with (``probs`` or ``logits``; for a
+multivariate normal ``loc`` and one of ``scale_tril``, ``covariance_matrix`` or
+``precision_matrix``). Integer arguments (``total_count``) are not coordinates.
+"""
+
+import torch
+import pyro.distributions as pdist
+from torch.distributions import (
+    Bernoulli, Beta, Binomial, Categorical, Dirichlet, Exponential, Gamma, Geometric,
+    HalfNormal, Independent, Laplace, LogNormal, LowRankMultivariateNormal, Multinomial,
+    MultivariateNormal, Normal, Poisson, StudentT,
+)
+
+from .operators import (
+    DiagonalFisher, DiagPlusRankOneFisher, ElementBlockFisher, GaussianFisher,
+    LowRankGaussianFisher, ZeroFisher,
+)
+from .params import ParamSpec
+from .registry import register_fisher
+
+
+def _trigamma(x):
+    return torch.polygamma(1, x)
+
+
+def passed_argument(d, candidates):
+    """Which of ``candidates`` the constructor received.
+
+    Alternatives such as ``probs``/``logits`` are lazy properties of each other;
+    the constructor sets its own argument first, so it comes first in ``vars(d)``.
+    """
+    for key in vars(d):
+        if key in candidates:
+            return key
+    raise ValueError(f"cannot tell which of {candidates} {type(d).__name__} was built with")
+
+
+def _elementwise(d, names, diag):
+    specs = [ParamSpec(n, getattr(d, n), 0) for n in names]
+    return DiagonalFisher(specs, d.batch_shape, dict(zip(names, diag)))
+
+
+def _block(d, names, rows):
+    specs = [ParamSpec(n, getattr(d, n), 0) for n in names]
+    matrix = torch.stack([torch.stack(torch.broadcast_tensors(*r), -1) for r in rows], -2)
+    return ElementBlockFisher(specs, d.batch_shape, matrix)
+
+
+@register_fisher(Normal)
+def _normal(d):
+    """``(loc, scale)``: ``diag(1/sigma^2, 2/sigma^2)``."""
+    prec = d.scale.reciprocal().square()
+    return _elementwise(d, ("loc", "scale"), (prec, 2 * prec))
+
+
+@register_fisher(LogNormal)
+def _lognormal(d):
+    """``(loc, scale)`` of ``log x``: as the normal (Fisher ignores maps of the data)."""
+    prec = d.scale.reciprocal().square()
+    return _elementwise(d, ("loc", "scale"), (prec, 2 * prec))
+
+
+@register_fisher(Laplace)
+def _laplace(d):
+    """``(loc, scale)``: ``diag(1/b^2, 1/b^2)``."""
+    prec = d.scale.reciprocal().square()
+    return _elementwise(d, ("loc", "scale"), (prec, prec))
+
+
+@register_fisher(HalfNormal)
+def _halfnormal(d):
+    """``scale``: ``2/sigma^2``."""
+    return _elementwise(d, ("scale",), (2 * d.scale.reciprocal().square(),))
+
+
+@register_fisher(Exponential)
+def _exponential(d):
+    """``rate``: ``1/lambda^2``."""
+    return _elementwise(d, ("rate",), (d.rate.reciprocal().square(),))
+
+
+@register_fisher(Poisson)
+def _poisson(d):
+    """``rate``: ``1/lambda``."""
+    return _elementwise(d, ("rate",), (d.rate.reciprocal(),))
+
+
+@register_fisher(Bernoulli)
+def _bernoulli(d):
+    """``probs``: ``1/(p(1-p))``; ``logits``: ``p(1-p)``."""
+    name = passed_argument(d, ("probs", "logits"))
+    var = d.probs * (1 - d.probs)
+    return _elementwise(d, (name,), (var.reciprocal() if name == "probs" else var,))
+
+
+@register_fisher(Binomial)
+def _binomial(d):
+    """``probs``: ``n/(p(1-p))``; ``logits``: ``n p(1-p)``; ``total_count`` is fixed."""
+    name = passed_argument(d, ("probs", "logits"))
+    var = d.probs * (1 - d.probs)
+    n = d.total_count
+    return _elementwise(d, (name,), (n / var if name == "probs" else n * var,))
+
+
+@register_fisher(Geometric)
+def _geometric(d):
+    """Failures before the first success. ``probs``: ``1/(p^2(1-p))``; ``logits``: ``1-p``."""
+    name = passed_argument(d, ("probs", "logits"))
+    p = d.probs
+    return _elementwise(d, (name,), ((p.square() * (1 - p)).reciprocal() if name == "probs"
+                                     else 1 - p,))
+
+
+@register_fisher(Gamma)
+def _gamma(d):
+    """``(concentration a, rate b)``: ``[[psi'(a), -1/b], [-1/b, a/b^2]]``."""
+    a, b = d.concentration, d.rate
+    return _block(d, ("concentration", "rate"),
+                  ((_trigamma(a), -b.reciprocal()), (-b.reciprocal(), a / b.square())))
+
+
+@register_fisher(pdist.InverseGamma)
+def _inverse_gamma(d):
+    """``(concentration, rate)``: as the gamma of ``1/x`` (Fisher ignores maps of the data)."""
+    return _gamma(d)
+
+
+@register_fisher(Beta)
+def _beta(d):
+    """``(concentration1 a, concentration0 b)``:
+    ``[[psi'(a) - psi'(a+b), -psi'(a+b)], [-psi'(a+b), psi'(b) - psi'(a+b)]]``."""
+    a, b = d.concentration1, d.concentration0
+    t = _trigamma(a + b)
+    return _block(d, ("concentration1", "concentration0"),
+                  ((_trigamma(a) - t, -t), (-t, _trigamma(b) - t)))
+
+
+@register_fisher(StudentT)
+def _student_t(d):
+    """``(df nu, loc, scale sigma)``. Select ``params=("loc", "scale")`` for a fixed df.
+
+    ``F_loc = (nu+1)/((nu+3) sigma^2)``, ``F_scale = 2 nu/((nu+3) sigma^2)``,
+    ``F_df,scale = -2/(sigma (nu+1)(nu+3))``,
+    ``F_df = (psi'(nu/2) - psi'((nu+1)/2))/4 - (nu+5)/(2 nu (nu+1)(nu+3))``; loc decouples.
+    """
+    nu, s = d.df, d.scale
+    zero = torch.zeros_like(s)
+    f_df = 0.25 * (_trigamma(nu / 2) - _trigamma((nu + 1) / 2)) - (nu + 5) / (
+        2 * nu * (nu + 1) * (nu + 3))
+    f_ds = -2 / (s * (nu + 1) * (nu + 3))
+    f_loc = (nu + 1) / ((nu + 3) * s.square())
+    f_s = 2 * nu / ((nu + 3) * s.square())
+    return _block(d, ("df", "loc", "scale"),
+                  ((f_df, zero, f_ds), (zero, f_loc, zero), (f_ds, zero, f_s)))
+
+
+@register_fisher(Dirichlet)
+def _dirichlet(d):
+    """``concentration``: ``diag(psi'(alpha)) - psi'(alpha_0) 1 1^T``."""
+    a = d.concentration
+    spec = ParamSpec("concentration", a, 1)
+    return DiagPlusRankOneFisher([spec], d.batch_shape, _trigamma(a), torch.ones_like(a),
+                                 -_trigamma(a.sum(-1)))
+
+
+def _categorical_like(d, probs, n, spec_source):
+    name = passed_argument(spec_source, ("probs", "logits"))
+    spec = ParamSpec(name, getattr(d, name), 1)
+    c = -n * torch.ones_like(probs[..., 0])
+    if name == "probs":  # n (diag(1/p) - 1 1^T), null vector p
+        return DiagPlusRankOneFisher([spec], d.batch_shape, n.unsqueeze(-1) / probs,
+                                     torch.ones_like(probs), c, singular=True)
+    # n (diag(p) - p p^T), null vector 1
+    return DiagPlusRankOneFisher([spec], d.batch_shape, n.unsqueeze(-1) * probs, probs, c,
+                                 singular=True)
+
+
+@register_fisher(Categorical)
+def _categorical(d):
+    """``probs`` (all k; torch normalises them, so F is singular along ``p``):
+    ``diag(1/p) - 1 1^T``; ``logits`` (singular along ``1``): ``diag(p) - p p^T``.
+    Undamped solves return the minimum-norm solution."""
+    p = d.probs
+    return _categorical_like(d, p, torch.ones_like(p[..., 0]), d)
+
+
+@register_fisher(Multinomial)
+def _multinomial(d):
+    """As the categorical, times ``total_count`` (which is fixed)."""
+    p = d.probs
+    n = torch.as_tensor(d.total_count, dtype=p.dtype, device=p.device).expand(p.shape[:-1])
+    return _categorical_like(d, p, n, d._categorical)
+
+
+@register_fisher(MultivariateNormal)
+def _mvn(d):
+    """``loc`` and whichever of ``scale_tril``, ``covariance_matrix`` or
+    ``precision_matrix`` was passed (lower-triangle coordinates). See
+    :class:`~pyro_natgrad.fisher.operators.GaussianFisher`."""
+    name = passed_argument(d, ("scale_tril", "covariance_matrix", "precision_matrix"))
+    specs = [ParamSpec("loc", d.loc, 1), ParamSpec(name, getattr(d, name), 2, "tril")]
+    return GaussianFisher(specs, d.batch_shape, d._unbroadcasted_scale_tril, name)
+
+
+@register_fisher(LowRankMultivariateNormal)
+def _lowrank_mvn(d):
+    """``(loc, cov_factor, cov_diag)``. See
+    :class:`~pyro_natgrad.fisher.operators.LowRankGaussianFisher`."""
+    W, D = d.cov_factor, d.cov_diag
+    # Woodbury: Sigma^{-1} = D^{-1} - D^{-1} W C^{-1} W^T D^{-1}, C = I + W^T D^{-1} W.
+    Wt_Dinv = (W / D.unsqueeze(-1)).mT
+    Y = torch.linalg.solve_triangular(d._capacitance_tril.expand(
+        Wt_Dinv.shape[:-2] + d._capacitance_tril.shape[-2:]), Wt_Dinv, upper=False)
+    P = torch.diag_embed(D.reciprocal()) - Y.mT @ Y
+    specs = [ParamSpec("loc", d.loc, 1), ParamSpec("cov_factor", W, 2),
+             ParamSpec("cov_diag", D, 1)]
+    return LowRankGaussianFisher(specs, d.batch_shape, W, D, P)
+
+
+@register_fisher(pdist.Delta)
+def _delta(d):
+    """A point mass: zero information about ``v`` (solves need damping > 0)."""
+    return ZeroFisher([ParamSpec("v", d.v, d.event_dim)], d.batch_shape)
+
+
+@register_fisher(Independent)
+def _independent(d):
+    """Block diagonal over the reinterpreted batch dims."""
+    from . import fisher_operator
+
+    return fisher_operator(d.base_dist).reinterpret(d.reinterpreted_batch_ndims)

@@ -1,0 +1,494 @@
+"""Fisher information matrices as structured linear operators.
+
+Every operator acts on the coordinates described by its :class:`ParamSpec` list
+and supports, for a batch of distributions of shape ``batch_shape``:
+
+* ``mv(v)``: ``F v`` for ``v`` of shape ``extra + batch_shape + (k,)``;
+* ``solve(v, damping)``: ``(F + damping I)^{-1} v``;
+* ``dense()``: the matrix, ``batch_shape + (k, k)``, formed only when asked for;
+* the same products on per-parameter tensors: ``mv_dict`` and ``solve_dict``.
+
+Subclasses implement ``_mv`` (dict form) and, where the structure gives one, an
+exact ``_solve``. Without one, ``solve`` uses a dense Cholesky factorisation for
+small ``k`` and preconditioned conjugate gradients otherwise.
+"""
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .params import ParamSpec, flatten, symmetrize, tril_half_diag, unflatten
+
+Tensors = Dict[str, torch.Tensor]
+
+#: Above this many coordinates per batch element, solves without a structured
+#: inverse use conjugate gradients instead of a dense Cholesky factorisation.
+DENSE_SOLVE_MAX_DIM = 512
+
+
+class SingularFisherError(ValueError):
+    """Raised when an undamped solve is asked of a Fisher matrix with no inverse."""
+
+
+class FisherOperator:
+    """Base class: the Fisher information of a batch of distributions.
+
+    :param specs: the coordinate blocks, in order.
+    :param torch.Size batch_shape: shape of the batch of distributions.
+    """
+
+    def __init__(self, specs: Sequence[ParamSpec], batch_shape: torch.Size):
+        self.specs: List[ParamSpec] = list(specs)
+        self.batch_shape = torch.Size(batch_shape)
+
+    # ---- bookkeeping -----------------------------------------------------------
+    @property
+    def names(self):
+        return tuple(s.name for s in self.specs)
+
+    @property
+    def dim(self) -> int:
+        """Number of coordinates ``k`` per batch element."""
+        return sum(s.size for s in self.specs)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.specs[0].value.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.specs[0].value.device
+
+    def values(self) -> Tensors:
+        """The current coordinate values, per parameter."""
+        return {s.name: s.value for s in self.specs}
+
+    def flatten(self, tensors: Tensors) -> torch.Tensor:
+        return flatten(self.specs, tensors)
+
+    def unflatten(self, flat: torch.Tensor) -> Tensors:
+        if flat.shape[-1] != self.dim:
+            raise ValueError(f"expected a vector with last dimension {self.dim} "
+                             f"(coordinates {self.names}), got shape {tuple(flat.shape)}")
+        return unflatten(self.specs, flat)
+
+    def reinterpret(self, n: int) -> "FisherOperator":
+        """The operator of ``Independent(d, n)``: same products, ``n`` batch dims
+        moved into each coordinate block (a block-diagonal Fisher)."""
+        if n == 0:
+            return self
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.specs = [s.reinterpret(n) for s in self.specs]
+        new.batch_shape = self.batch_shape[: len(self.batch_shape) - n]
+        return new
+
+    def restrict(self, names) -> "FisherOperator":
+        """The sub-block over the parameters ``names``, the others held fixed."""
+        if tuple(names) == self.names:
+            return self
+        return RestrictedFisher(self, names)
+
+    def _with_specs(self, names):
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.specs = [s for s in self.specs if s.name in names]
+        return new
+
+    # ---- products ----------------------------------------------------------------
+    def _mv(self, v: Tensors) -> Tensors:
+        raise NotImplementedError
+
+    def _solve(self, v: Tensors, damping: float) -> Optional[Tensors]:
+        """Exact structured solve, or ``None`` when the structure has none for
+        this damping (the caller then falls back)."""
+        return None
+
+    def mv_dict(self, v: Tensors) -> Tensors:
+        """``F v`` on per-parameter tensors."""
+        return self._mv(v)
+
+    def solve_dict(self, v: Tensors, damping: float = 0.0) -> Tensors:
+        """``(F + damping I)^{-1} v`` on per-parameter tensors."""
+        return self.unflatten(self.solve(self.flatten(v), damping))
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        """``F v``; ``v`` has shape ``extra + batch_shape + (k,)``."""
+        return self.flatten(self._mv(self.unflatten(v)))
+
+    def solve(self, v: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
+        """``(F + damping I)^{-1} v``; ``v`` has shape ``extra + batch_shape + (k,)``."""
+        if damping < 0 or not math.isfinite(damping):
+            raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+        exact = self._solve(self.unflatten(v), damping)
+        if exact is not None:
+            return self.flatten(exact)
+        if self.dim <= DENSE_SOLVE_MAX_DIM:
+            return self._dense_solve(v, damping)
+        return self._cg_solve(v, damping)
+
+    def dense(self) -> torch.Tensor:
+        """The Fisher matrix, shape ``batch_shape + (k, k)``."""
+        k, nb = self.dim, len(self.batch_shape)
+        eye = torch.eye(k, dtype=self.dtype, device=self.device)
+        cols = eye.reshape((k,) + (1,) * nb + (k,)).expand((k,) + self.batch_shape + (k,))
+        out = self.mv(cols)  # out[j, ..., i] = F_ij
+        return out.movedim(0, -1)
+
+    # ---- generic solves ---------------------------------------------------------
+    def _dense_solve(self, v: torch.Tensor, damping: float) -> torch.Tensor:
+        F = self.dense()
+        if damping:
+            F = F + damping * torch.eye(self.dim, dtype=F.dtype, device=F.device)
+        chol, info = torch.linalg.cholesky_ex(F)
+        if bool((info != 0).any()):
+            raise SingularFisherError(
+                f"the Fisher matrix of {self.names} is singular or not positive definite "
+                f"here; pass damping > 0")
+        # v: extra + batch + (k,) -> batch + (k, m) with the extra dims as columns.
+        extra = v.dim() - 1 - len(self.batch_shape)
+        rhs = v.reshape((-1,) + self.batch_shape + (self.dim,)).movedim(0, -1)
+        sol = torch.cholesky_solve(rhs, chol).movedim(-1, 0)
+        return sol.reshape(v.shape[:extra] + self.batch_shape + (self.dim,))
+
+    def _cg_solve(self, v: torch.Tensor, damping: float, tol: float = None,
+                  max_iter: int = None) -> torch.Tensor:
+        """Conjugate gradients on ``F + damping I``, preconditioned by the
+        undamped structured inverse where one exists."""
+        if tol is None:
+            tol = 1e-10 if v.dtype == torch.float64 else 1e-5
+        max_iter = max_iter or 10 * self.dim
+
+        def matvec(x):
+            return self.mv(x) + damping * x
+
+        def precond(r):
+            exact = self._solve(self.unflatten(r), 0.0) if damping else None
+            return self.flatten(exact) if exact is not None else r
+
+        from ..linalg import conjugate_gradient  # local: linalg imports nothing of ours
+
+        return conjugate_gradient(matvec, v, precond=precond, tol=tol, max_iter=max_iter)
+
+
+# ---------------------------------------------------------------------------------
+# Structures
+# ---------------------------------------------------------------------------------
+
+
+class ZeroFisher(FisherOperator):
+    """A distribution whose parameters carry no information (``Delta``)."""
+
+    def _mv(self, v):
+        return {k: torch.zeros_like(x) for k, x in v.items()}
+
+    def _solve(self, v, damping):
+        if damping == 0:
+            raise SingularFisherError(
+                f"the Fisher information of {self.names} is zero (a point mass carries no "
+                f"information about its location); pass damping > 0")
+        return {k: x / damping for k, x in v.items()}
+
+
+class DiagonalFisher(FisherOperator):
+    """``F = diag(a)``, one entry per coordinate; all products are elementwise.
+
+    :param diag: per-parameter tensors ``a`` with the parameters' shapes.
+    """
+
+    def __init__(self, specs, batch_shape, diag: Tensors):
+        super().__init__(specs, batch_shape)
+        self.diag = diag
+
+    def _mv(self, v):
+        return {k: self.diag[k] * x for k, x in v.items()}
+
+    def _solve(self, v, damping):
+        return {k: x / (self.diag[k] + damping) for k, x in v.items()}
+
+    def dense(self):
+        return torch.diag_embed(self.flatten(self.diag))
+
+    def restrict(self, names):
+        return self._with_specs(names)
+
+
+class ElementBlockFisher(FisherOperator):
+    """``p`` elementwise parameters of one shape, coupled only at the same
+    element: a ``p x p`` matrix per element, ``M`` of shape ``shape + (p, p)``.
+    Used for two- and three-parameter families (Gamma, Beta, StudentT)."""
+
+    def __init__(self, specs, batch_shape, matrix: torch.Tensor):
+        super().__init__(specs, batch_shape)
+        self.matrix = matrix
+
+    def restrict(self, names):
+        idx = [i for i, n in enumerate(self.names) if n in names]
+        new = self._with_specs(names)
+        new.matrix = self.matrix[..., idx, :][..., :, idx]
+        return new
+
+    def _stack(self, v):
+        return torch.stack([v[n] for n in self.names], dim=-1)
+
+    def _unstack(self, x):
+        return {n: x[..., i] for i, n in enumerate(self.names)}
+
+    def _mv(self, v):
+        return self._unstack((self.matrix @ self._stack(v).unsqueeze(-1)).squeeze(-1))
+
+    def _solve(self, v, damping):
+        M = self.matrix
+        if damping:
+            M = M + damping * torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+        chol, info = torch.linalg.cholesky_ex(M)
+        if bool((info != 0).any()):
+            raise SingularFisherError(f"the Fisher matrix of {self.names} is not positive "
+                                      f"definite here; pass damping > 0")
+        x = self._stack(v).unsqueeze(-1)
+        chol = chol.expand(x.shape[:-2] + chol.shape[-2:])
+        return self._unstack(torch.cholesky_solve(x, chol).squeeze(-1))
+
+
+class DiagPlusRankOneFisher(FisherOperator):
+    """``F = diag(a) + c u u^T`` along the last dim of one vector parameter
+    (Dirichlet; Categorical and Multinomial, where it is singular).
+
+    :param a, u: shape of the parameter; ``c``: its shape without the last dim.
+    :param null: for a singular ``F``, the null vector ``a^{-1} u``; the undamped
+        solve then returns the minimum-norm solution, orthogonal to it.
+    """
+
+    def __init__(self, specs, batch_shape, a, u, c, singular=False):
+        super().__init__(specs, batch_shape)
+        (self.name,) = self.names
+        self.a, self.u, self.c, self.singular = a, u, c, singular
+
+    def _mv(self, v):
+        x = v[self.name]
+        uv = (self.u * x).sum(-1, keepdim=True)
+        return {self.name: self.a * x + self.c.unsqueeze(-1) * self.u * uv}
+
+    def _solve(self, v, damping):
+        g = v[self.name]
+        a = self.a + damping
+        ainv_g, ainv_u = g / a, self.u / a
+        if self.singular and damping == 0:
+            # In the range of F, x = a^{-1} g solves F x = g; project out the null space.
+            null = ainv_u
+            coef = (null * ainv_g).sum(-1, keepdim=True) / (null * null).sum(-1, keepdim=True)
+            return {self.name: ainv_g - coef * null}
+        c = self.c.unsqueeze(-1)
+        denom = 1 + c * (self.u * ainv_u).sum(-1, keepdim=True)
+        return {self.name: ainv_g - c * ainv_u * (self.u * ainv_g).sum(-1, keepdim=True) / denom}
+
+
+class GaussianFisher(FisherOperator):
+    """Multivariate normal with ``loc`` and one matrix parameter.
+
+    With ``Sigma = L L^T``, ``F_loc = Sigma^{-1}`` and no loc-matrix coupling. For the
+    matrix block (all products O(d^3), never a d^2 x d^2 matrix):
+
+    * ``scale_tril``: with ``M = L^{-1} V``, ``v^T F v = |M|^2 + |diag M|^2``, so
+      ``F V = tril(L^{-T}(M + Diag M))`` and ``F^{-1} G = L Phi(tril(L^T G))``,
+      ``Phi`` halving the diagonal;
+    * ``covariance_matrix`` (and ``precision_matrix`` with ``Sigma`` and ``Lambda``
+      swapped): ``v^T F v = 1/2 tr(Sigma^{-1} S Sigma^{-1} S)`` with ``S = sym(V)``, so
+      ``F V = trilhalf(Sigma^{-1} S Sigma^{-1})`` and ``F^{-1} G = tril(Sigma (G + G^T) Sigma)``.
+
+    Damped solves run conjugate gradients preconditioned by the exact inverse.
+    """
+
+    def __init__(self, specs, batch_shape, scale_tril, matrix_param):
+        super().__init__(specs, batch_shape)
+        self.L = scale_tril
+        self.matrix_param = matrix_param  # "scale_tril", "covariance_matrix" or "precision_matrix"
+
+    def restrict(self, names):
+        return self._with_specs(names)  # loc and matrix blocks do not couple
+
+    def _tri(self, A, B, left=True, upper=False):
+        return torch.linalg.solve_triangular(
+            A.expand(B.shape[:-2] + A.shape[-2:]), B, upper=upper, left=left)
+
+    def _prec_mv(self, x):  # Sigma^{-1} x for vectors
+        y = self._tri(self.L, x.unsqueeze(-1))
+        return self._tri(self.L.mT, y, upper=True).squeeze(-1)
+
+    def _cov_mv(self, x):  # Sigma x for vectors
+        return (self.L @ (self.L.mT @ x.unsqueeze(-1))).squeeze(-1)
+
+    def _sandwich_inv(self, S):  # Sigma^{-1} S Sigma^{-1}
+        A = self._tri(self.L.mT, self._tri(self.L, S), upper=True)  # Sigma^{-1} S
+        return self._tri(self.L.mT, self._tri(self.L, A.mT), upper=True).mT
+
+    def _sandwich(self, S):  # Sigma S Sigma
+        Sig = self.L @ self.L.mT
+        return Sig @ S @ Sig
+
+    def _mv(self, v):
+        out = {}
+        if "loc" in v:
+            out["loc"] = self._prec_mv(v["loc"])
+        name = self.matrix_param
+        if name in v:
+            V = v[name].tril()
+            if name == "scale_tril":
+                M = self._tri(self.L, V)
+                N = M + torch.diag_embed(M.diagonal(dim1=-2, dim2=-1))
+                out[name] = self._tri(self.L.mT, N, upper=True).tril()
+            elif name == "covariance_matrix":
+                out[name] = tril_half_diag(self._sandwich_inv(symmetrize(V)))
+            else:
+                out[name] = tril_half_diag(self._sandwich(symmetrize(V)))
+        return out
+
+    def _solve(self, v, damping):
+        if damping:
+            return None
+        out = {}
+        if "loc" in v:
+            out["loc"] = self._cov_mv(v["loc"])
+        name = self.matrix_param
+        if name in v:
+            G = v[name].tril()
+            if name == "scale_tril":
+                N = (self.L.mT @ G).tril()
+                N = N - 0.5 * torch.diag_embed(N.diagonal(dim1=-2, dim2=-1))
+                out[name] = self.L @ N
+            elif name == "covariance_matrix":
+                out[name] = self._sandwich(G + G.mT).tril()
+            else:
+                out[name] = self._sandwich_inv(G + G.mT).tril()
+        return out
+
+
+class LowRankGaussianFisher(FisherOperator):
+    """``LowRankMultivariateNormal(loc, W, D)``, ``Sigma = W W^T + diag(D)``.
+
+    ``F_loc = Sigma^{-1}``; for ``(W, D)``, with ``A = Sigma^{-1} dSigma Sigma^{-1}`` and
+    ``dSigma = dW W^T + W dW^T + diag(dD)``: ``F [dW, dD] = [A W, diag(A)/2]``.
+    Products cost O(d^2 r) through the Woodbury identity; solves have no closed
+    form and use dense Cholesky (small) or conjugate gradients (large).
+    """
+
+    def __init__(self, specs, batch_shape, cov_factor, cov_diag, precision):
+        super().__init__(specs, batch_shape)
+        self.W, self.D, self.P = cov_factor, cov_diag, precision
+
+    def _mv(self, v):
+        out = {}
+        if "loc" in v:
+            out["loc"] = (self.P @ v["loc"].unsqueeze(-1)).squeeze(-1)
+        if "cov_factor" in v or "cov_diag" in v:
+            dS = 0
+            if "cov_factor" in v:
+                dWWt = v["cov_factor"] @ self.W.mT
+                dS = dWWt + dWWt.mT
+            if "cov_diag" in v:
+                dS = dS + torch.diag_embed(v["cov_diag"])
+            A = self.P @ dS @ self.P
+            if "cov_factor" in v:
+                out["cov_factor"] = A @ self.W
+            if "cov_diag" in v:
+                out["cov_diag"] = 0.5 * A.diagonal(dim1=-2, dim2=-1)
+        return out
+
+
+class ReparamFisher(FisherOperator):
+    """The Fisher in coordinates ``u`` with parameters ``theta = phi(u)``:
+    ``F_u = J^T F_theta J``, ``J = d phi / d u``, never forming ``J``.
+
+    With ``elementwise=True`` (each coordinate maps to its own parameter entry, as
+    for ``exp``, ``softplus`` or ``LowerCholeskyTransform``), ``J = diag(j)`` and
+    the solve is ``j^{-1} F_theta^{-1} j^{-1}``; otherwise products go through
+    forward- and reverse-mode autograd and solves are dense or CG.
+    """
+
+    def __init__(self, specs, batch_shape, base: FisherOperator, phi, elementwise: bool):
+        super().__init__(specs, batch_shape)
+        self.base, self.phi, self.elementwise = base, phi, elementwise
+        self._u = {s.name: s.value.detach() for s in specs}
+        if elementwise:
+            ones = {k: torch.ones_like(x) for k, x in self._u.items()}
+            _, self.jac = torch.func.jvp(self.phi, (self._u,), (ones,))
+
+    def reinterpret(self, n):
+        new = super().reinterpret(n)
+        new.base = self.base.reinterpret(n)
+        return new
+
+    def _jvp(self, v):
+        if self.elementwise:
+            return {k: self.jac[k] * x for k, x in v.items()}
+        return self._batched(lambda t: torch.func.jvp(self.phi, (self._u,), (t,))[1], v)
+
+    def _vjp(self, w):
+        if self.elementwise:
+            return {k: self.jac[k] * x for k, x in w.items()}
+        _, pullback = torch.func.vjp(self.phi, self._u)
+        return self._batched(lambda t: pullback(t)[0], w)
+
+    def _batched(self, fn, v):
+        """Apply a map defined on tensors of the coordinates' own shapes to
+        tensors that may carry extra leading dims (vmapped over them)."""
+        ref = next(iter(v))
+        base_shape = self._u[ref].shape if ref in self._u else self.base.values()[ref].shape
+        extra = v[ref].dim() - len(base_shape)
+        if extra == 0:
+            return fn(v)
+        lead = v[ref].shape[:extra]
+        flat = {k: x.reshape((-1,) + x.shape[extra:]) for k, x in v.items()}
+        out = torch.func.vmap(fn)(flat)
+        return {k: x.reshape(lead + x.shape[1:]) for k, x in out.items()}
+
+    def _mv(self, v):
+        return self._vjp(self.base.mv_dict(self._jvp(v)))
+
+    def _solve(self, v, damping):
+        if not self.elementwise or damping:
+            return None
+        scaled = {k: x / self.jac[k] for k, x in v.items()}
+        inner = self.base._solve(scaled, 0.0)
+        if inner is None:
+            inner = self.base.solve_dict(scaled)
+        return {k: x / self.jac[k] for k, x in inner.items()}
+
+
+class DenseFisher(FisherOperator):
+    """A Fisher matrix held densely, ``batch_shape + (k, k)``: the fallback's result."""
+
+    def __init__(self, specs, batch_shape, matrix: torch.Tensor):
+        super().__init__(specs, batch_shape)
+        self.matrix = matrix
+
+    def mv(self, v):
+        return (self.matrix @ v.unsqueeze(-1)).squeeze(-1)
+
+    def _mv(self, v):
+        return self.unflatten(self.mv(self.flatten(v)))
+
+    def dense(self):
+        return self.matrix
+
+
+class RestrictedFisher(FisherOperator):
+    """The sub-block of ``base`` over some of its parameters, the others held fixed."""
+
+    def __init__(self, base: FisherOperator, names):
+        super().__init__([s for s in base.specs if s.name in names], base.batch_shape)
+        self.base = base
+
+    def reinterpret(self, n):
+        new = super().reinterpret(n)
+        new.base = self.base.reinterpret(n)
+        return new
+
+    def _mv(self, v):
+        ref = next(s for s in self.specs if s.name in v)
+        lead = v[ref.name].shape[: v[ref.name].dim() - ref.value.dim()]
+        full = {s.name: v[s.name] if s.name in v else s.value.new_zeros(lead + s.value.shape)
+                for s in self.base.specs}
+        out = self.base.mv_dict(full)
+        return {k: out[k] for k in self.names}

@@ -1,0 +1,54 @@
+"""Small batched linear-algebra routines shared by the Fisher and GGN operators."""
+
+from typing import Callable, Optional
+
+import torch
+
+
+def conjugate_gradient(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    precond: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    tol: float = 1e-10,
+    max_iter: int = 1000,
+    raise_on_fail: bool = True,
+) -> torch.Tensor:
+    """Solve ``A x = b`` for symmetric positive definite ``A`` given as ``matvec``.
+
+    Batched over all leading dims of ``b`` (shape ``... + (k,)``); each system
+    stops when ``|r| <= tol * |b|``.
+
+    :param precond: applies an approximation of ``A^{-1}`` (identity if None).
+    :raises RuntimeError: if some system does not meet ``tol`` in ``max_iter``
+        iterations and ``raise_on_fail``.
+    """
+    precond = precond or (lambda r: r)
+    x = torch.zeros_like(b)
+    r = b.clone()
+    z = precond(r)
+    p = z.clone()
+    rz = (r * z).sum(-1, keepdim=True)
+    bnorm = b.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(b.dtype).tiny)
+    for _ in range(max_iter):
+        if bool((r.norm(dim=-1, keepdim=True) <= tol * bnorm).all()):
+            return x
+        Ap = matvec(p)
+        pAp = (p * Ap).sum(-1, keepdim=True)
+        alpha = torch.where(pAp > 0, rz / pAp.where(pAp > 0, torch.ones_like(pAp)),
+                            torch.zeros_like(pAp))
+        x = x + alpha * p
+        r = r - alpha * Ap
+        z = precond(r)
+        rz_new = (r * z).sum(-1, keepdim=True)
+        beta = torch.where(rz > 0, rz_new / rz.where(rz > 0, torch.ones_like(rz)),
+                           torch.zeros_like(rz))
+        p = z + beta * p
+        rz = rz_new
+    if bool((r.norm(dim=-1, keepdim=True) <= tol * bnorm).all()):
+        return x
+    if raise_on_fail:
+        worst = (r.norm(dim=-1, keepdim=True) / bnorm).max().item()
+        raise RuntimeError(f"conjugate gradients did not reach relative residual {tol:g} in "
+                           f"{max_iter} iterations (reached {worst:.3g}); raise damping or "
+                           f"max_iter")
+    return x
