@@ -10,11 +10,11 @@ torch tensors, and a Pyro model written from the reference's description
     from pyro_natgrad.datasets import list_references, load_reference
 
     ref = load_reference("kidiq-kidscore_momhsiq")
-    guide = AutoNormal(ref.model, init_loc_fn=ref.init_loc_fn)
-    ...                                  # fit
-    draws = guide.get_posterior().sample((1000,))   # or any dict of site values
-    flat = ref.extract(samples_dict)     # [..., ref.n_params] in ref.param_names order
-    z = (flat.mean(0).numpy() - ref.mean) / ref.sd
+    guide = AutoNormal(ref.model)
+    ...                                  # fit, e.g. with SVI(ref.model, guide, ...)
+    draws = Predictive(ref.model, guide=guide, num_samples=1000)()
+    flat = ref.extract(draws)            # [1000, 1, n_params], ref.param_names order
+    z = (flat.mean(0).squeeze(0).numpy() - ref.mean) / ref.sd
 
 Parameter names follow the reference, with 1-based indices (``beta[1]`` is
 element 0 of site ``beta``); values are in the constrained space, as reported.
@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .reference_models import MODEL_SPECS, ModelSpec, make_init_loc_fn
+from .reference_models import MODEL_SPECS, ModelSpec
 
 __all__ = ["Reference", "list_references", "load_reference"]
 
@@ -166,11 +166,6 @@ class Reference:
         """Number of observations in the likelihood."""
         return int(self.data[self.spec.obs].shape[0])
 
-    @property
-    def init_loc_fn(self) -> Callable:
-        """AutoGuide ``init_loc_fn`` that also handles the model's flat-prior sites."""
-        return make_init_loc_fn(self.dtype)
-
     def site_sizes(self) -> Dict[str, Optional[int]]:
         """Reported sites: ``{site: length}`` (``None`` for a scalar site)."""
         return _layout(self.param_names)[1]
@@ -191,14 +186,17 @@ class Reference:
         missing = [s for s in sizes if s not in samples]
         if missing:
             raise KeyError("samples lack site(s) %s" % missing)
+        batch_shapes = {}
         for s, n in sizes.items():
             v = samples[s]
             if n is not None and (v.dim() == 0 or v.shape[-1] != n):
                 raise ValueError("site %r should end in size %d, got shape %s"
                                  % (s, n, tuple(v.shape)))
+            batch_shapes[s] = tuple(v.shape if n is None else v.shape[:-1])
+        if len(set(batch_shapes.values())) > 1:
+            raise ValueError("sites have different batch shapes: %s" % batch_shapes)
         out = [samples[s] if i is None else samples[s][..., i] for s, i in cols]
-        out = torch.broadcast_tensors(*out)
-        return torch.stack(out, dim=-1)
+        return torch.stack(torch.broadcast_tensors(*out), dim=-1)
 
     def to_sites(self, flat) -> Dict[str, torch.Tensor]:
         """Inverse of :meth:`extract`: latent sample-site values from a flat ``[..., n_params]``.

@@ -9,10 +9,10 @@ Each model is written from the description recorded with its reference
 * Vector parameters are single sample sites with an event dimension
   (``.to_event(1)``), named as in the reference (``beta`` for ``beta[1..D]``);
   only the observations sit inside a ``pyro.plate`` (site ``"obs"``).
-* Improper flat priors use :class:`pyro.distributions.ImproperUniform` (log
-  density 0 on the support). Such sites cannot be sampled, so an AutoGuide needs
-  an ``init_loc_fn`` that does not sample them: use
-  :func:`make_init_loc_fn` (also available as ``Reference.init_loc_fn``).
+* Improper flat priors use :class:`FlatPrior`, an
+  :class:`~pyro.distributions.ImproperUniform` (log density 0 on the support)
+  whose ``sample()`` returns a fixed feasible point, so that AutoGuide
+  initialisation, ``Predictive`` and MCMC initialisation work unchanged.
 * Stan's ``transformed data`` step lives in each spec's ``prepare`` (run once at
   load time on numpy arrays); ``transformed parameters`` that the reference
   reports (e.g. ``theta`` in non-centred eight schools, ``f`` in the GP) are
@@ -29,18 +29,47 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.infer.autoguide.initialization import init_to_median
 
-__all__ = ["ModelSpec", "MODEL_SPECS", "make_init_loc_fn"]
+__all__ = ["FlatPrior", "ModelSpec", "MODEL_SPECS"]
 
 
 def _const(like, value):
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
 
 
-def _flat(event_shape=(), support=constraints.real):
-    """Improper flat prior on ``support`` with the given event shape."""
-    return dist.ImproperUniform(support, torch.Size(), torch.Size(event_shape))
+class FlatPrior(dist.ImproperUniform):
+    """Improper flat prior: ``log_prob`` is 0 everywhere on ``support``.
+
+    As :class:`~pyro.distributions.ImproperUniform`, except that :meth:`sample`
+    returns a fixed feasible point -- the image of 0 under
+    ``transform_to(support)`` (0 for a real site, 1 for a positive one) -- in
+    ``dtype``, so that tools which need *some* value of every site (AutoGuide
+    initialisation, ``Predictive``'s structure trace, MCMC initialisation) work.
+    That value is not a draw from the (improper) prior.
+    """
+
+    def __init__(self, support, batch_shape=(), event_shape=(), dtype=None):
+        self.dtype = torch.get_default_dtype() if dtype is None else dtype
+        super().__init__(support, torch.Size(batch_shape), torch.Size(event_shape))
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(FlatPrior, _instance)
+        new.dtype = self.dtype
+        return super().expand(batch_shape, _instance=new)
+
+    def log_prob(self, value):
+        batch_shape = value.shape[: value.dim() - self.event_dim]
+        return value.new_zeros(torch.broadcast_shapes(batch_shape, self.batch_shape))
+
+    def sample(self, sample_shape=torch.Size()):
+        shape = torch.Size(sample_shape) + self.batch_shape + self.event_shape
+        zero = torch.zeros(shape, dtype=self.dtype)
+        return torch.distributions.transform_to(self.support)(zero)
+
+
+def _flat(like, event_shape=(), support=constraints.real):
+    """Improper flat prior on ``support`` with the given event shape, in ``like``'s dtype."""
+    return FlatPrior(support, (), event_shape, dtype=like.dtype)
 
 
 def _normal_vec(like, loc, scale, n):
@@ -50,31 +79,6 @@ def _normal_vec(like, loc, scale, n):
 def _half_student_t(df, scale):
     # Stan: student_t(df, 0, scale) restricted to sigma > 0 (density doubled).
     return dist.FoldedDistribution(dist.StudentT(df, torch.zeros_like(scale), scale))
-
-
-def make_init_loc_fn(dtype=torch.float64, fallback=None):
-    """AutoGuide ``init_loc_fn`` for models with :class:`~pyro.distributions.ImproperUniform` sites.
-
-    Flat-prior sites are initialised at the point whose unconstrained value is
-    zero (``0`` for a real site, ``1`` for a positive one), in ``dtype``; every
-    other site uses ``fallback`` (default :func:`~pyro.infer.autoguide.init_to_median`).
-    """
-    fallback = init_to_median if fallback is None else fallback
-
-    def init_loc_fn(site):
-        fn = site["fn"]
-        base = fn
-        while hasattr(base, "base_dist"):  # Independent / masked wrappers
-            base = base.base_dist
-        if isinstance(base, dist.ImproperUniform):
-            shape = fn.batch_shape + fn.event_shape
-            t = torch.distributions.transform_to(fn.support)
-            value = t(torch.zeros(shape, dtype=dtype))
-            value._pyro_custom_init = False
-            return value
-        return fallback(site)
-
-    return init_loc_fn
 
 
 # --------------------------------------------------------------------------- models
@@ -111,15 +115,15 @@ def diamonds(Xc, Y):
 
 def flat_linear_regression(X, y):
     """``y ~ N(X beta, sigma)`` with improper flat priors on ``beta`` and on ``sigma > 0``."""
-    beta = pyro.sample("beta", _flat((X.shape[-1],)))
-    sigma = pyro.sample("sigma", _flat((), constraints.positive))
+    beta = pyro.sample("beta", _flat(X, (X.shape[-1],)))
+    sigma = pyro.sample("sigma", _flat(X, (), constraints.positive))
     with pyro.plate("data", X.shape[0]):
         pyro.sample("obs", dist.Normal(X @ beta, sigma), obs=y)
 
 
 def kidscore_momhsiq(X, y):
     """posteriordb ``kidscore_momhsiq``: flat ``beta``, ``sigma ~ HalfCauchy(2.5)``."""
-    beta = pyro.sample("beta", _flat((X.shape[-1],)))
+    beta = pyro.sample("beta", _flat(X, (X.shape[-1],)))
     sigma = pyro.sample("sigma", dist.HalfCauchy(_const(X, 2.5)))
     with pyro.plate("data", X.shape[0]):
         pyro.sample("obs", dist.Normal(X @ beta, sigma), obs=y)
@@ -129,7 +133,7 @@ def kilpisjarvi(x, y, pmualpha, psalpha, pmubeta, psbeta):
     """posteriordb ``kilpisjarvi``: uncentred year, Normal priors from data, flat ``sigma``."""
     alpha = pyro.sample("alpha", dist.Normal(pmualpha, psalpha))
     beta = pyro.sample("beta", dist.Normal(pmubeta, psbeta))
-    sigma = pyro.sample("sigma", _flat((), constraints.positive))
+    sigma = pyro.sample("sigma", _flat(x, (), constraints.positive))
     with pyro.plate("data", x.shape[0]):
         pyro.sample("obs", dist.Normal(alpha + beta * x, sigma), obs=y)
 
@@ -145,6 +149,9 @@ def eight_schools_noncentered(y, sigma):
         pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
 
 
+GP_JITTER = 1e-10  # diagonal jitter of posteriordb's gp_pois_regr.stan
+
+
 def _gp_cholesky(x, rho, alpha, jitter):
     d = x.unsqueeze(-1) - x.unsqueeze(-2)
     rho = rho.unsqueeze(-1).unsqueeze(-1)
@@ -154,8 +161,13 @@ def _gp_cholesky(x, rho, alpha, jitter):
     return torch.linalg.cholesky(K)
 
 
-def gp_pois_regr(x, k, jitter=1e-10):
-    """posteriordb ``gp_pois_regr``: latent GP (non-centred) with Poisson log link."""
+def gp_pois_regr(x, k, jitter=GP_JITTER):
+    """posteriordb ``gp_pois_regr``: latent GP (non-centred) with Poisson log link.
+
+    Needs float64: the description's ``1e-10`` jitter is below float32 resolution and
+    the Cholesky factorisation then fails. (``jitter`` can be raised, e.g. ``1e-5`` for
+    float32, at the cost of a slightly different model.)
+    """
     N = x.shape[0]
     rho = pyro.sample("rho", dist.Gamma(_const(x, 25.0), _const(x, 4.0)))
     alpha = pyro.sample("alpha", dist.HalfNormal(_const(x, 2.0)))
@@ -328,12 +340,12 @@ def _underive_eight_schools(reported, data):
 
 
 def _derive_gp(samples, data):
-    L = _gp_cholesky(data["x"], samples["rho"], samples["alpha"], 1e-10)
+    L = _gp_cholesky(data["x"], samples["rho"], samples["alpha"], GP_JITTER)
     return {"f": (L @ samples["f_tilde"].unsqueeze(-1)).squeeze(-1)}
 
 
 def _underive_gp(reported, data):
-    L = _gp_cholesky(data["x"], reported["rho"], reported["alpha"], 1e-10)
+    L = _gp_cholesky(data["x"], reported["rho"], reported["alpha"], GP_JITTER)
     f_tilde = torch.linalg.solve_triangular(L, reported["f"].unsqueeze(-1), upper=False)
     out = {k: v for k, v in reported.items() if k != "f"}
     out["f_tilde"] = f_tilde.squeeze(-1)

@@ -8,7 +8,7 @@ does not depend on shifts of ``eta``, so ``alpha - 1`` versus ``alpha`` is immat
 family             ``eta``                       ``T(x)``
 =================  ============================  ==============================
 Normal, LogNormal  ``(mu/s^2, -1/(2 s^2))``      ``(y, y^2)``, ``y = x`` or ``log x``
-MultivariateNormal ``(Lambda mu, -Lambda/2)``    ``(x, x x^T)`` (tril coordinates)
+MultivariateNormal ``(Lambda mu, -Lambda/2)``    ``(x, x x^T)`` (tril; ``2 x_i x_j`` below)
 Gamma              ``(a - 1, -b)``               ``(log x, x)``
 InverseGamma       ``(-a - 1, -b)``              ``(log x, 1/x)``
 Beta               ``(a - 1, b - 1)``            ``(log x, log(1-x))``
@@ -119,14 +119,19 @@ def _mvn(d):
         cov = _spd_inverse(prec)
         return from_cov((cov @ e["eta1"].unsqueeze(-1)).squeeze(-1), cov, prec)
 
+    # <eta2, x x^T> over tril coordinates counts each off-diagonal pair twice, so the
+    # dual mean coordinates are E[x_i x_j] on the diagonal and 2 E[x_i x_j] below it.
     def to_mean(t):
         cov = _mvn_cov(t, name)
         loc = t["loc"]
-        return {"mean1": loc, "mean2": (cov + loc.unsqueeze(-1) * loc.unsqueeze(-2)).tril()}
+        second = cov + loc.unsqueeze(-1) * loc.unsqueeze(-2)
+        return {"mean1": loc, "mean2": second.tril() + second.tril(-1)}
 
     def from_mean(m):
         loc = m["mean1"]
-        cov = symmetrize(m["mean2"]) - loc.unsqueeze(-1) * loc.unsqueeze(-2)
+        half = m["mean2"].tril(-1) * 0.5
+        second = half + half.mT + torch.diag_embed(m["mean2"].diagonal(dim1=-2, dim2=-1))
+        cov = second - loc.unsqueeze(-1) * loc.unsqueeze(-2)
         prec = _spd_inverse(cov) if name == "precision_matrix" \
             else None
         return from_cov(loc, cov, prec)

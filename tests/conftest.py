@@ -1,0 +1,38 @@
+"""Shared fixtures for the pyro_natgrad test suite."""
+
+import pyro
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+@pytest.fixture
+def rng():
+    """Reset the torch and pyro RNGs so that every test is reproducible on its own."""
+    torch.manual_seed(0)
+    pyro.set_rng_seed(0)
+    yield
+
+
+@pytest.fixture
+def float64():
+    """Use float64 as the default dtype for the duration of one test only."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield torch.float64
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    """Guard against a test (or the library) leaking global torch/pyro state."""
+    dtype = torch.get_default_dtype()
+    validation = pyro.distributions.is_validation_enabled()
+    yield
+    torch.set_default_dtype(dtype)
+    pyro.enable_validation(validation)

@@ -1,0 +1,146 @@
+"""README.md's set-up commands, and .ci/run running the test command verbatim.
+
+README.md carries exactly two set-up commands, each a single line in a ```bash
+block right after an HTML comment marker (``<!-- command:run -->`` and
+``<!-- command:test -->``). CI (.ci/run) must run the *test* command as written
+there, so the two cannot drift apart.
+"""
+
+import os
+import pathlib
+import re
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = REPO_ROOT / "README.md"
+CI_RUN = REPO_ROOT / ".ci" / "run"
+
+
+def readme_command(text, name):
+    """The single command line of the ```bash block right after <!-- command:NAME -->."""
+    lines = text.splitlines()
+    marker = f"<!-- command:{name} -->"
+    hits = [i for i, line in enumerate(lines) if line.strip() == marker]
+    assert len(hits) == 1, f"expected exactly one {marker!r} line in README.md, found {len(hits)}"
+    i = hits[0]
+    assert i + 1 < len(lines) and lines[i + 1].strip() == "```bash", (
+        f"the line right after {marker!r} must open a ```bash block"
+    )
+    body = []
+    for line in lines[i + 2 :]:
+        if line.strip() == "```":
+            break
+        body.append(line)
+    else:
+        pytest.fail(f"the ```bash block after {marker!r} is never closed")
+    commands = [line.strip() for line in body if line.strip()]
+    assert len(commands) == 1, f"the block after {marker!r} must hold one command, got {commands}"
+    return commands[0]
+
+
+def ci_print_command(ci_run, name):
+    proc = subprocess.run(
+        ["bash", str(ci_run), "--print-command", name],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def readme_text():
+    return README.read_text(encoding="utf-8")
+
+
+def test_readme_has_exactly_two_setup_commands(readme_text):
+    assert len(re.findall(r"^```bash\s*$", readme_text, flags=re.M)) == 2
+    run = readme_command(readme_text, "run")
+    test = readme_command(readme_text, "test")
+    assert run == (
+        "pip install torch==2.13.0 && pip install -e '.[examples]' && python examples/quickstart.py"
+    )
+    assert test == "pip install torch==2.13.0 && pip install -e '.[test]' && python -m pytest"
+    assert (REPO_ROOT / "examples" / "quickstart.py").is_file()
+
+
+def test_readme_keeps_benchmarks_section(readme_text):
+    assert re.search(r"^## Benchmarks\s*$", readme_text, flags=re.M)
+
+
+def test_ci_run_is_an_executable_bash_script():
+    mode = CI_RUN.stat().st_mode
+    assert mode & stat.S_IXUSR, ".ci/run must be executable"
+    text = CI_RUN.read_text(encoding="utf-8")
+    assert text.startswith("#!/usr/bin/env bash")
+    assert "set -euo pipefail" in text
+
+
+@pytest.mark.parametrize("name", ["test", "run"])
+def test_ci_run_extracts_the_readme_command(readme_text, name):
+    assert ci_print_command(CI_RUN, name) == readme_command(readme_text, name)
+
+
+def _fake_repo(tmp_path, readme):
+    """A repository containing only the real .ci/run and the given README."""
+    repo = tmp_path / "repo"
+    (repo / ".ci").mkdir(parents=True)
+    shutil.copy2(CI_RUN, repo / ".ci" / "run")
+    (repo / "README.md").write_text(readme, encoding="utf-8")
+    return repo
+
+
+def _run_ci(repo, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env.update(CI="true", TMPDIR=str(tmp_path), PYTHON=sys.executable)
+    return subprocess.run(
+        ["bash", ".ci/run"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+
+
+def test_ci_run_runs_the_extracted_command_in_a_fresh_venv(tmp_path):
+    # The test command of this fake README records where and how it ran, then
+    # exits 3: .ci/run must run exactly it, in a new venv, from the repo root,
+    # and exit with its status.
+    command = (
+        'printf "%s\\n" "$VIRTUAL_ENV" "$(command -v python)" "$MPLBACKEND" "$(pwd)" '
+        "> ran.txt; exit 3"
+    )
+    readme = (
+        "# fake\n\n<!-- command:run -->\n```bash\necho not-this-one > wrong.txt\n```\n\n"
+        f"<!-- command:test -->\n```bash\n{command}\n```\n"
+    )
+    repo = _fake_repo(tmp_path, readme)
+    assert ci_print_command(repo / ".ci" / "run", "test") == command
+
+    proc = _run_ci(repo, tmp_path)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert command in proc.stdout, "the command must be printed before it runs"
+    assert not (repo / "wrong.txt").exists()
+    venv, python, backend, cwd = (repo / "ran.txt").read_text().splitlines()
+    assert pathlib.Path(venv).parent.parent == tmp_path, venv  # $TMPDIR/<workdir>/venv
+    assert python == str(pathlib.Path(venv) / "bin" / "python")
+    assert backend == "Agg"
+    assert pathlib.Path(cwd).resolve() == repo.resolve()
+    # The temporary venv is removed afterwards.
+    assert not pathlib.Path(venv).exists()
+
+
+def test_ci_run_refuses_a_readme_without_a_test_command(tmp_path):
+    repo = _fake_repo(tmp_path, "# no markers here\n\n```bash\necho hi\n```\n")
+    proc = _run_ci(repo, tmp_path)
+    assert proc.returncode != 0
+    assert "marker not found" in proc.stderr
