@@ -1,9 +1,14 @@
 """Natural-gradient variational inference for Pyro.
 
+* :class:`NaturalGradient`: the optimizer to pass to ``pyro.infer.SVI``.
 * :mod:`pyro_natgrad.fisher`: closed-form Fisher information matrices, in any
   coordinates, with structured products and solves.
+* :func:`natural_gradient`: the natural gradient of one distribution's parameters.
 """
 
+from .natural import natural_gradient
+from .optim import NaturalGradient, NaturalGradientWarning
+from .schedule import StepSize
 from .fisher import (
     FisherFallbackWarning, FisherOperator, fisher_information, fisher_operator, fisher_solve,
     fisher_vp, register_fisher,
@@ -12,6 +17,7 @@ from .fisher import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "NaturalGradient", "NaturalGradientWarning", "StepSize", "natural_gradient",
     "FisherFallbackWarning", "FisherOperator", "fisher_information", "fisher_operator",
     "fisher_solve", "fisher_vp", "register_fisher",
 ]

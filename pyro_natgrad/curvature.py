@@ -1,0 +1,102 @@
+"""Model curvature for natural-gradient steps on Gaussian guides.
+
+By Price's theorem ``d/dSigma E_q[f] = E_q[grad^2 f] / 2``, so the precision that a
+Gaussian natural-gradient step moves towards is ``-E_q[grad^2 f(z)]``, with
+``f(z) = log p(x, T(z)) + log|det dT/dz|`` the model's log joint on the
+unconstrained latent ``z``. A single-draw estimate ``-grad^2 f(z)`` is full-rank
+and, for a linear-Gaussian model, exact; the gradient-only estimate from the
+same draw is rank one, which is why this is the default for small latents.
+
+:class:`ModelCurvature` captures the model's arguments as the guide is called
+(a forward pre-hook) and computes the Hessian by ``D`` Hessian-vector products
+(``D`` backward passes through the model: cost ``O(D)`` gradients per draw).
+"""
+
+from typing import Callable, List, Tuple
+
+import torch
+from pyro import poutine
+from pyro.distributions.util import sum_rightmost
+from pyro.infer.autoguide import AutoContinuous, AutoNormal
+from torch.distributions import biject_to
+
+
+class ModelCurvature:
+    """Hessians of the model log joint on an autoguide's unconstrained latent.
+
+    :param guide: an ``AutoContinuous`` guide or an ``AutoNormal`` without
+        subsampled sites; its ``.model`` is the model.
+    """
+
+    def __init__(self, guide):
+        if not isinstance(guide, (AutoContinuous, AutoNormal)):
+            raise TypeError(f"model curvature needs an AutoContinuous or AutoNormal guide, got "
+                            f"{type(guide).__name__}")
+        self.guide = guide
+        self.args: Tuple = ()
+        self.kwargs = {}
+        self.seen = False
+        self._handle = guide.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def _capture(self, module, args, kwargs):
+        self.args, self.kwargs, self.seen = args, kwargs, True
+
+    def remove(self):
+        self._handle.remove()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(args=(), kwargs={}, _handle=None)
+        return state
+
+    # ---- the unconstrained latent --------------------------------------------------
+    def _sites(self) -> List[Tuple[str, dict, torch.Size]]:
+        out = []
+        for name, site in self.guide.prototype_trace.iter_stochastic_nodes():
+            if isinstance(self.guide, AutoNormal):
+                shape = getattr(self.guide.locs, name).shape
+            else:
+                shape = self.guide._unconstrained_shapes[name]
+            out.append((name, site, torch.Size(shape)))
+        return out
+
+    def unpack(self, z: torch.Tensor):
+        """``{site: unconstrained value}`` from a packed latent ``(D,)``."""
+        values, pos = {}, 0
+        for name, site, shape in self._sites():
+            n = shape.numel()
+            values[name] = z[pos:pos + n].reshape(shape)
+            pos += n
+        return values
+
+    def pack(self, values) -> torch.Tensor:
+        return torch.cat([values[name].reshape(-1) for name, _, _ in self._sites()])
+
+    def log_joint(self, z: torch.Tensor) -> torch.Tensor:
+        """``f(z)``: the model's log joint at the constrained values plus the log
+        Jacobian determinant of the constraining transforms."""
+        values, logdet = {}, 0.0
+        for name, u in self.unpack(z).items():
+            site = self.guide.prototype_trace.nodes[name]
+            t = biject_to(site["fn"].support)
+            x = t(u)
+            values[name] = x
+            ladj = t.log_abs_det_jacobian(u, x)
+            ladj = sum_rightmost(ladj, ladj.dim() - x.dim() + site["fn"].event_dim)
+            logdet = logdet + ladj.sum()
+        with poutine.block():  # invisible to any handler the caller is inside
+            model = poutine.condition(self.guide.model, values)
+            tr = poutine.trace(model).get_trace(*self.args, **self.kwargs)
+        return tr.log_prob_sum() + logdet
+
+    def hessian(self, z: torch.Tensor) -> torch.Tensor:
+        """``grad^2 f(z)``, ``(D, D)``, by ``D`` Hessian-vector products."""
+        if not self.seen:
+            raise RuntimeError("the guide has not been called yet, so the model's arguments "
+                               "are unknown; run svi.step(...) first")
+        with torch.enable_grad():
+            z = z.detach().requires_grad_()
+            (g,) = torch.autograd.grad(self.log_joint(z), z, create_graph=True)
+            rows = [torch.autograd.grad(g[i], z, retain_graph=True)[0] for i in range(z.numel())]
+        H = torch.stack(rows)
+        return 0.5 * (H + H.mT)

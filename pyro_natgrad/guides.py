@@ -1,0 +1,250 @@
+"""Reading Pyro guides: which parameters feed which Gaussian, and the draws behind
+each gradient.
+
+A *group* is the set of unconstrained parameter tensors of one variational
+distribution, with the maps from them to the distribution's parameters:
+
+* :class:`DiagonalGaussianGroup`: ``N(loc, scale^2)`` elementwise (one
+  :class:`~pyro.infer.autoguide.AutoNormal` site, or
+  :class:`~pyro.infer.autoguide.AutoDiagonalNormal`);
+* :class:`FullGaussianGroup`: ``N(loc, L L^T)`` with ``L = diag(scale) U``, ``U`` unit
+  lower triangular (:class:`~pyro.infer.autoguide.AutoMultivariateNormal`).
+
+Groups are identified by tensor identity, so they work with the global param
+store and with ``pyro.settings.set(module_local_params=True)`` alike.
+
+:class:`DrawRecorder` hooks a guide module and records, for each call, the
+auxiliary latent draws and their plates, from which the optimizer forms the
+control variate of :mod:`pyro_natgrad.gaussian`.
+"""
+
+from operator import attrgetter
+from typing import Dict, List, Optional
+
+import torch
+from pyro import poutine
+from pyro.infer.autoguide import (
+    AutoDiagonalNormal, AutoGuide, AutoGuideList, AutoMultivariateNormal, AutoNormal,
+)
+from torch.distributions import transform_to
+
+
+class DrawRecorder:
+    """Forward hooks that trace each call of a guide module and keep the values
+    of its auxiliary latent sites and subsampling indices (detached).
+
+    The hooks hold no reference to the optimizer, and pickling drops the
+    records, so a hooked guide still saves with ``torch.save``.
+    """
+
+    def __init__(self, module: torch.nn.Module, sites):
+        self.sites = set(sites)
+        self.records: List[Dict] = []
+        self._tracer = None
+        self._handles = [
+            module.register_forward_pre_hook(self._pre),
+            module.register_forward_hook(self._post, always_call=True),
+        ]
+
+    def _pre(self, module, args):
+        self._tracer = poutine.trace()
+        self._tracer.__enter__()
+
+    def _post(self, module, args, output):
+        tracer, self._tracer = self._tracer, None
+        if tracer is None:
+            return
+        tracer.__exit__(None, None, None)
+        tr = tracer.trace
+        record = {}
+        for name, node in tr.nodes.items():
+            if node["type"] != "sample":
+                continue
+            if node["infer"].get("is_auxiliary") or name in self.sites:
+                record[name] = (node["value"].detach(), node["cond_indep_stack"])
+            elif node["fn"].__class__.__name__ == "_Subsample":
+                record[name] = node["value"].detach()
+        self.records.append(record)
+
+    def take(self) -> List[Dict]:
+        records, self.records = self.records, []
+        return records
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(records=[], _tracer=None, _handles=[])
+        return state
+
+
+def _elementwise_derivative(transform, x):
+    _, d = torch.func.jvp(transform, (x,), (torch.ones_like(x),))
+    return d
+
+
+class _Group:
+    kind = ""
+
+    def __init__(self, key: str, site: str, params: Dict[str, torch.Tensor], transforms):
+        self.key, self.site = key, site
+        self.params = params  # role -> unconstrained tensor (a leaf of the param store)
+        self.transforms = transforms  # role -> Transform (unconstrained -> constrained)
+
+    def tensors(self):
+        return list(self.params.values())
+
+    def grads(self):
+        return {k: p.grad for k, p in self.params.items()}
+
+
+class DiagonalGaussianGroup(_Group):
+    """``N(loc, T(scale_raw)^2)`` elementwise; ``plates`` maps a tensor dim to the
+    name of a plate that may subsample it."""
+
+    kind = "diagonal Gaussian"
+
+    def __init__(self, key, site, loc, scale_raw, scale_transform, event_dim, plates=None):
+        super().__init__(key, site, {"loc": loc, "scale": scale_raw},
+                         {"scale": scale_transform})
+        self.event_dim = event_dim
+        self.plates = plates or {}
+
+    def scale(self):
+        raw = self.params["scale"].detach()
+        return self.transforms["scale"](raw), _elementwise_derivative(self.transforms["scale"], raw)
+
+    def eps_moments(self, records, loc, scale):
+        """``(E[eps], E[eps^2], visits)`` over the recorded draws, full-size tensors
+        (elements outside a subsample get 0, 1 and 0); None without records."""
+        m1 = torch.zeros_like(loc)
+        m2 = torch.zeros_like(loc)
+        visits = torch.zeros_like(loc)
+        found = False
+        for record in records:
+            if self.site not in record:
+                continue
+            value, stack = record[self.site]
+            index = []
+            for frame in stack:
+                if frame.full_size is not None and frame.full_size != frame.size \
+                        and frame.name in record:
+                    index.append((frame.dim - self.event_dim, record[frame.name]))
+            loc_s, scale_s = loc, scale
+            for dim, idx in index:
+                loc_s, scale_s = loc_s.index_select(dim, idx), scale_s.index_select(dim, idx)
+            eps = (value - loc_s) / scale_s
+            lead = eps.dim() - loc.dim()  # vectorised particles
+            n = eps.shape[:lead].numel() if lead > 0 else 1
+            e1 = eps.reshape((-1,) + eps.shape[lead:]).sum(0) if lead else eps
+            e2 = eps.square().reshape((-1,) + eps.shape[lead:]).sum(0) if lead else eps.square()
+            ones = torch.full_like(e1, float(n))
+            if index:
+                e1, e2, ones = (_scatter(loc, x, index) for x in (e1, e2, ones))
+            m1, m2, visits = m1 + e1, m2 + e2, visits + ones
+            found = True
+        if not found:
+            return None
+        seen = visits > 0
+        denom = visits.clamp_min(1)
+        return m1 / denom, torch.where(seen, m2 / denom, torch.ones_like(m2)), visits
+
+
+def _scatter(full, x, index):
+    """Embed ``x`` (indexed along ``index``'s dims) into zeros shaped like ``full``."""
+    out = x
+    for dim, idx in reversed(index):
+        shape = list(out.shape)
+        shape[dim] = full.shape[dim]
+        out = out.new_zeros(shape).index_add(dim, idx, out)
+    return out
+
+
+class FullGaussianGroup(_Group):
+    """``N(loc, L L^T)``, ``L = diag(T(scale_raw)) U``, ``U`` unit lower triangular
+    (the parameterisation of ``AutoMultivariateNormal``)."""
+
+    kind = "full-rank Gaussian"
+
+    def __init__(self, key, site, loc, scale_raw, scale_transform, tril_raw, tril_transform):
+        super().__init__(key, site, {"loc": loc, "scale": scale_raw, "scale_tril": tril_raw},
+                         {"scale": scale_transform, "scale_tril": tril_transform})
+
+    def factors(self):
+        raw = self.params["scale"].detach()
+        s = self.transforms["scale"](raw)
+        ds = _elementwise_derivative(self.transforms["scale"], raw)
+        U = self.transforms["scale_tril"](self.params["scale_tril"].detach())
+        return s, ds, U
+
+    def eps_moments(self, records, loc, L):
+        eps = []
+        for record in records:
+            if self.site in record:
+                z = record[self.site][0]
+                z = z.reshape((-1, z.shape[-1]))
+                eps.append(torch.linalg.solve_triangular(
+                    L, (z - loc).unsqueeze(-1), upper=False).squeeze(-1))
+        if not eps:
+            return None
+        eps = torch.cat(eps)
+        return eps.mean(0), eps.mT @ eps / eps.shape[0]
+
+
+def _pyro_param(module, name):
+    """The unconstrained tensor and constraint of a PyroParam or nn.Parameter."""
+    owner_path, _, leaf = name.rpartition(".")
+    owner = attrgetter(owner_path)(module) if owner_path else module
+    if leaf in getattr(owner, "_pyro_params", {}):
+        constraint, event_dim = owner._pyro_params[leaf]
+        return getattr(owner, leaf + "_unconstrained"), constraint
+    from torch.distributions import constraints
+
+    return owner._parameters[leaf], constraints.real
+
+
+def read_guide(guide, prefix="") -> List[_Group]:
+    """The Gaussian groups of an autoguide (recursing into ``AutoGuideList``).
+
+    :raises RuntimeError: if the guide has not been run yet.
+    """
+    if isinstance(guide, AutoGuideList):
+        groups = []
+        for i, part in enumerate(guide):
+            groups += read_guide(part, prefix=f"{prefix}{i}.")
+        return groups
+    if isinstance(guide, AutoGuide) and getattr(guide, "prototype_trace", None) is None:
+        raise RuntimeError(
+            f"{type(guide).__name__} has not been run yet, so its parameters do not exist; "
+            f"call svi.step(...) (or the guide once) before the optimizer")
+    if isinstance(guide, AutoNormal):
+        groups = []
+        for name, site in guide.prototype_trace.iter_stochastic_nodes():
+            loc, _ = _pyro_param(guide.locs, name)
+            raw, constraint = _pyro_param(guide.scales, name)
+            event_dim = guide._event_dims[name]
+            plates = {f.dim - event_dim: f.name for f in site["cond_indep_stack"]
+                      if f.vectorized}
+            groups.append(DiagonalGaussianGroup(
+                f"{prefix}{name}", name + "_unconstrained", loc, raw, transform_to(constraint),
+                event_dim, plates))
+        return groups
+    latent = f"_{getattr(guide, '_pyro_name', '')}_latent"
+    if type(guide) is AutoDiagonalNormal:
+        loc, _ = _pyro_param(guide, "loc")
+        raw, constraint = _pyro_param(guide, "scale")
+        return [DiagonalGaussianGroup(f"{prefix}latent", latent, loc, raw,
+                                      transform_to(constraint), 1)]
+    if type(guide) is AutoMultivariateNormal:
+        loc, _ = _pyro_param(guide, "loc")
+        raw, constraint = _pyro_param(guide, "scale")
+        tril, tril_constraint = _pyro_param(guide, "scale_tril")
+        return [FullGaussianGroup(f"{prefix}latent", latent, loc, raw, transform_to(constraint),
+                                  tril, transform_to(tril_constraint))]
+    return []
+
+
+def aux_sites(groups) -> List[str]:
+    return [g.site for g in groups]

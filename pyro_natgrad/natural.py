@@ -1,0 +1,46 @@
+"""The natural gradient of one distribution, for users who write their own loops.
+
+::
+
+    q = dist.Gamma(alpha, beta)
+    loss = ...                                     # any differentiable function of q
+    g = torch.autograd.grad(loss, [alpha, beta])
+    nat = natural_gradient(q, {"concentration": g[0], "rate": g[1]})
+    # step: alpha -= lr * nat["concentration"], ...
+"""
+
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch.distributions import Distribution
+
+from .fisher import fisher_operator
+
+
+def natural_gradient(d: Distribution, grads: Dict[str, torch.Tensor], coords="standard",
+                     damping: float = 0.0) -> Dict[str, torch.Tensor]:
+    """``(F + damping I)^{-1} g``: the natural gradient of a loss with respect to the
+    parameters of ``d``.
+
+    :param d: the distribution at the current parameters.
+    :param grads: ``{parameter name: gradient}``, each shaped like the parameter (in
+        the chosen coordinates); names not given are held fixed. For a
+        multivariate normal's matrix parameter, only the lower triangle of the
+        gradient is read.
+    :param coords: as in :func:`~pyro_natgrad.fisher.fisher_information`, e.g.
+        ``"unconstrained"`` when the gradients are with respect to ``log`` scales.
+    :param damping: added to the Fisher's diagonal; needed for families whose
+        Fisher is singular (``Delta``) and useful when it is near-singular.
+    :returns: ``{parameter name: natural gradient}``, shaped like ``grads``. Uses
+        the structured solve of the family (elementwise for diagonal families,
+        ``O(d^3)`` for a full-rank Gaussian).
+    """
+    names = _names(d, grads)
+    op = fisher_operator(d, coords=coords, params=names)
+    return op.solve_dict({n: grads[n] for n in op.names}, damping)
+
+
+def _names(d, grads) -> Sequence[str]:
+    if not grads:
+        raise ValueError("grads is empty; pass {parameter name: gradient}")
+    return tuple(grads)

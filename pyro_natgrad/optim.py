@@ -1,0 +1,416 @@
+"""``NaturalGradient``: a natural-gradient optimizer to pass to Pyro's ``SVI``.
+
+::
+
+    guide = AutoMultivariateNormal(model)
+    svi = SVI(model, guide, NaturalGradient(guide), Trace_ELBO())
+
+Gaussian guide parameters take mirror-descent steps in natural parameters
+(:mod:`pyro_natgrad.gaussian`) with a decaying step size and a control variate
+against the noise of single-sample gradients; every other parameter goes to a
+base optimizer (Adam by default). :meth:`NaturalGradient.routing` says which.
+"""
+
+import math
+import warnings
+from typing import Dict, Optional
+
+import torch
+import pyro
+from pyro.optim import PyroOptim
+
+from pyro.infer.autoguide import AutoContinuous, AutoGuideList, AutoNormal
+
+from .curvature import ModelCurvature
+from .gaussian import diagonal_gaussian_step, full_gaussian_step
+from .guides import DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide
+from .schedule import StepSize
+
+#: Largest latent dimension for which ``curvature="auto"`` computes the model's Hessian.
+MAX_CURVATURE_DIM = 256
+
+
+class NaturalGradientWarning(UserWarning):
+    """A natural-gradient step was skipped or a parameter fell back to the base optimizer."""
+
+
+class NaturalGradient(PyroOptim):
+    """Natural-gradient optimizer for Gaussian variational guides.
+
+    Supported guides: :class:`~pyro.infer.autoguide.AutoNormal`,
+    :class:`~pyro.infer.autoguide.AutoDiagonalNormal`,
+    :class:`~pyro.infer.autoguide.AutoMultivariateNormal`, and
+    :class:`~pyro.infer.autoguide.AutoGuideList` of these. Other parameters
+    (of the model, of other guide parts) are updated by ``base_optimizer``.
+
+    Each Gaussian ``q = N(mu, Sigma)`` takes the step
+    ``Lambda' = Lambda + 2 rho dl/dSigma``, ``mu' = mu - rho Sigma' dl/dmu`` on the loss
+    ``l = -ELBO``: the natural gradient, exact in one step at ``rho = 1`` for a
+    Gaussian posterior and exact gradients. Positive-definiteness holds by
+    construction.
+
+    :param guide: the guide that ``SVI`` is given.
+    :param step_size: a :class:`~pyro_natgrad.schedule.StepSize`, or a float for a
+        constant ``rho``. Default: ``StepSize()``, which starts at 1 and decays like
+        ``1/t`` so that late iterates average out gradient noise.
+    :param max_kl: optional trust region: each step's quadratic estimate of
+        ``KL(q' || q)`` is at most this (per element for diagonal Gaussians).
+    :param control_variate: subtract the zero-mean term that the current
+        precision predicts from each gradient, using the guide's own draws
+        (recorded by forward hooks on the guide). Default True.
+    :param base_optimizer: a :class:`pyro.optim.PyroOptim` for every other
+        parameter. Default ``pyro.optim.Adam({"lr": 0.01})``.
+    :param str curvature: where the precision target comes from. ``"hessian"``:
+        the model's Hessian at the guide's draw (Price's theorem; exact for
+        linear-Gaussian models; ``D`` backward passes per step); for mean-field
+        guides the mean then takes a Newton step with the full Hessian, since the
+        mean-field natural gradient alone is a Jacobi iteration that needs
+        ``O(condition number)`` steps. ``"none"``: the ELBO gradient only (a rank-one
+        estimate per draw). ``"auto"`` (default): ``"hessian"`` for an
+        ``AutoContinuous`` or unsubsampled ``AutoNormal`` guide with at most
+        :data:`MAX_CURVATURE_DIM` latent dimensions, else ``"none"``.
+    """
+
+    def __init__(self, guide, step_size=None, max_kl: Optional[float] = 10.0,
+                 control_variate: bool = True, base_optimizer: Optional[PyroOptim] = None,
+                 curvature: str = "auto"):
+        if curvature not in ("auto", "hessian", "none"):
+            raise ValueError(f"curvature must be 'auto', 'hessian' or 'none', got {curvature!r}")
+        if not callable(guide):
+            raise TypeError(f"NaturalGradient expects the guide, got {type(guide).__name__}")
+        if isinstance(step_size, (int, float)):
+            step_size = StepSize(initial=float(step_size), decay=0.0)
+        self.guide = guide
+        self.step_size = step_size or StepSize()
+        self.max_kl = max_kl
+        self.control_variate = control_variate
+        self.curvature = curvature
+        self._curvature = None  # ModelCurvature when the model's Hessian is used
+        self.base_optimizer = base_optimizer or pyro.optim.Adam({"lr": 0.01})
+        if not isinstance(self.base_optimizer, PyroOptim):
+            raise TypeError("base_optimizer must be a pyro.optim.PyroOptim, e.g. "
+                            "pyro.optim.Adam({'lr': 0.01})")
+        self._groups = None
+        self._owner: Dict[torch.Tensor, object] = {}
+        self._state: Dict[str, Dict] = {}
+        self._waiting_state: Dict[str, Dict] = {}
+        self._recorders = []
+        self._skipped = 0
+        self._warned_params = set()
+        self._use_curvature = False
+        self._attach()
+        # PyroOptim's bookkeeping, used by get_state/set_state of the base class API.
+        self.optim_objs, self.grad_clip, self._state_waiting_to_be_consumed = {}, {}, {}
+
+    # ---- guide structure ------------------------------------------------------------
+    def _attach(self):
+        """Hook every guide module so each call records its draws."""
+        if not self.control_variate or not isinstance(self.guide, torch.nn.Module):
+            return
+        modules = list(self.guide) if isinstance(self.guide, pyro.infer.autoguide.AutoGuideList) \
+            else [self.guide]
+        for m in modules:
+            self._recorders.append(DrawRecorder(m, sites=()))
+        if self.curvature != "none" and isinstance(self.guide, (AutoContinuous, AutoNormal)):
+            self._curvature = ModelCurvature(self.guide)
+
+    def detach(self):
+        """Remove the hooks this optimizer placed on the guide."""
+        for r in self._recorders:
+            r.remove()
+        self._recorders = []
+        if self._curvature is not None:
+            self._curvature.remove()
+            self._curvature = None
+
+    def _discover(self):
+        groups = read_guide(self.guide)
+        self._groups = {g.key: g for g in groups}
+        self._owner = {p: g for g in groups for p in g.tensors()}
+        sites = [g.site for g in groups]
+        for r in self._recorders:
+            r.sites = set(sites)
+        for key in list(self._groups) + ["curvature"]:
+            self._state.setdefault(key, self._waiting_state.pop(key, {"t": 0}))
+        self._use_curvature = self._curvature_applies(groups)
+
+    def _curvature_applies(self, groups) -> bool:
+        if self._curvature is None or not self.control_variate:
+            return False
+        dim = sum(g.params["loc"].numel() for g in groups)
+        if self.curvature == "auto" and dim > MAX_CURVATURE_DIM:
+            return False
+        for _, site in self.guide.prototype_trace.iter_stochastic_nodes():
+            if any(f.full_size is not None and f.full_size != f.size
+                   for f in site["cond_indep_stack"]):
+                if self.curvature == "hessian":
+                    raise ValueError("curvature='hessian' does not support subsampled plates; "
+                                     "use curvature='none'")
+                return False
+        return True
+
+    def routing(self) -> Dict[str, str]:
+        """Which parameter goes where: ``{parameter name: description}``."""
+        if self._groups is None:
+            self._discover()
+        names = {}
+        if isinstance(self.guide, torch.nn.Module):
+            for name, p in self.guide.named_parameters():
+                names[p] = name
+        out = {}
+        for g in self._groups.values():
+            for role, p in g.params.items():
+                out[names.get(p, f"{g.key}.{role}")] = f"natural gradient ({g.kind}, {g.key})"
+        for p, name in names.items():
+            if p not in self._owner:
+                out[name] = f"base optimizer ({type(self.base_optimizer).__name__})"
+        return out
+
+    # ---- the step -------------------------------------------------------------------
+    def __call__(self, params, *args, **kwargs):
+        params = list(params)
+        if self._groups is None:
+            self._discover()
+        self._warn_fallback(params)
+        records = []
+        for r in self._recorders:
+            records += r.take()
+        if not self.control_variate:
+            records = []
+        seen = set()
+        rest = []
+        if self._use_curvature and records:
+            owned = [p for p in params if p in self._owner]
+            if owned and self._step_with_curvature(records):
+                seen.update(self._groups)
+        for p in params:
+            group = self._owner.get(p)
+            if group is None:
+                rest.append(p)
+            elif group.key not in seen:
+                seen.add(group.key)
+                self._step_group(group, records)
+        if rest:
+            self.base_optimizer(rest, *args, **kwargs)
+
+    def _warn_fallback(self, params):
+        """Warn once about parameters that take base-optimizer steps."""
+        new = [p for p in params if p not in self._owner and p not in self._warned_params]
+        if not new:
+            return
+        self._warned_params.update(new)
+        store = pyro.get_param_store()
+        names = [store.param_name(p) or f"<tensor {tuple(p.shape)}>" for p in new]
+        warnings.warn(f"NaturalGradient: {len(new)} parameter(s) feed no supported Gaussian guide "
+                      f"and take {type(self.base_optimizer).__name__} steps: {names[:8]}"
+                      f"{' ...' if len(names) > 8 else ''}. That is expected for model "
+                      f"parameters; see NaturalGradient.routing().", NaturalGradientWarning)
+
+    def _step_group(self, group, records):
+        grads = group.grads()
+        if any(g is None for g in grads.values()):
+            return  # a part of the guide unused in this step
+        if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+            self._skipped += 1
+            warnings.warn(f"non-finite gradient for {group.key}: step skipped "
+                          f"({self._skipped} skipped so far); the parameters are unchanged",
+                          NaturalGradientWarning)
+            return
+        state = self._state[group.key]
+        with torch.no_grad():
+            if isinstance(group, DiagonalGaussianGroup):
+                self._step_diagonal(group, grads, records, state)
+            elif isinstance(group, FullGaussianGroup):
+                self._step_full(group, grads, records, state)
+
+    def _step_diagonal(self, group, grads, records, state):
+        loc = group.params["loc"]
+        raw = group.params["scale"]
+        scale, dscale = group.scale()
+        g_loc, g_scale = grads["loc"], grads["scale"] / dscale
+        moments = group.eps_moments(records, loc.detach(), scale) if records else None
+        if group.plates:
+            # Subsampled local latents: only the visited elements have gradients, scaled
+            # like the ELBO by full_size / size; the natural step uses the unscaled ones.
+            active = (g_loc != 0) | (g_scale != 0)
+            visits = moments[2] if moments is not None else None
+            if visits is not None:
+                active = active | (visits > 0)
+            t = state.get("t_elem")
+            if t is None or not torch.is_tensor(t):
+                t = torch.zeros_like(loc.detach())
+            c = self._plate_scale(group, records, loc)
+            g_loc, g_scale = g_loc / c, g_scale / c
+            rho = self.step_size(t)
+        else:
+            active = None
+            rho = self.step_size(state["t"])
+        step = diagonal_gaussian_step(loc.detach(), scale, g_loc, g_scale, rho,
+                                      moments[:2] if moments is not None else None, self.max_kl)
+        new_raw = group.transforms["scale"].inv(step.scale_tril)
+        if active is None:
+            self._write(loc, step.loc)
+            self._write(raw, new_raw)
+            state["t"] += 1
+        else:
+            self._write(loc, torch.where(active, step.loc, loc))
+            self._write(raw, torch.where(active, new_raw, raw))
+            state["t_elem"] = t + active.to(t.dtype)
+            state["t"] += 1
+
+    def _plate_scale(self, group, records, loc):
+        for record in records:
+            if group.site in record:
+                stack = record[group.site][1]
+                c = 1.0
+                for f in stack:
+                    if f.full_size is not None and f.size:
+                        c *= f.full_size / f.size
+                return c
+        return 1.0
+
+    def _step_full(self, group, grads, records, state, target=None, correction=None, rho=None):
+        loc = group.params["loc"]
+        s, ds, U = group.factors()
+        L = s.unsqueeze(-1) * U
+        g_s = grads["scale"] / ds
+        g_U = grads["scale_tril"].tril(-1)
+        # L = diag(s) U: dl/dL_ij = (dl/dU_ij) / s_i below the diagonal, and
+        # dl/ds_i = sum_j dl/dL_ij U_ij gives the diagonal.
+        G = g_U / s.unsqueeze(-1)
+        G = G + torch.diag_embed(g_s - (G * U).sum(-1))
+        moments = group.eps_moments(records, loc.detach(), L) if records else None
+        if rho is None:
+            rho = self.step_size(state["t"])
+            state["t"] += 1
+        step = full_gaussian_step(loc.detach(), L, grads["loc"], G, rho, moments, self.max_kl,
+                                  precision_target=target, loc_correction=correction)
+        L_new = step.scale_tril
+        s_new = L_new.diagonal(dim1=-2, dim2=-1)
+        U_new = L_new / s_new.unsqueeze(-1)
+        raw_tril = group.params["scale_tril"]
+        self._write(loc, step.loc)
+        self._write(group.params["scale"], group.transforms["scale"].inv(s_new))
+        self._write(raw_tril, raw_tril.detach().triu() + U_new.tril(-1))
+
+    def _step_with_curvature(self, records) -> bool:
+        """One step of every group of the guide, with the model's Hessian as the
+        precision target. Returns False (and changes nothing) when the draws or
+        gradients do not allow it, so the caller takes gradient-only steps."""
+        groups = list(self._groups.values())
+        grads = [g.grads() for g in groups]
+        if any(v is None for gr in grads for v in gr.values()):
+            return False
+        if not all(bool(torch.isfinite(v).all()) for gr in grads for v in gr.values()):
+            self._skipped += 1
+            warnings.warn(f"non-finite gradient: step skipped ({self._skipped} skipped so far); "
+                          f"the parameters are unchanged", NaturalGradientWarning)
+            return True
+        curv = self._curvature
+        draws = []
+        for record in records:
+            if not all(g.site in record for g in groups):
+                return False
+            parts = [record[g.site][0] for g in groups]
+            lead = parts[0].dim() - groups[0].params["loc"].dim()
+            flat = [x.reshape(x.shape[:lead].numel() if lead else 1, -1) for x in parts]
+            draws.append(torch.cat(flat, -1))
+        draws = torch.cat(draws)
+        state = self._state["curvature"]
+        rho = self.step_size(state["t"])
+        with torch.no_grad():
+            locs = torch.cat([g.params["loc"].detach().reshape(-1) for g in groups])
+            target = -torch.stack([curv.hessian(z) for z in draws]).mean(0)
+            # The control variate must not depend on the draw: the current precision
+            # (E[Lambda (z - mu)] = 0), not the draw's own Hessian (E[H(z)(z - mu)] != 0).
+            offset = (draws - locs).mean(0)
+            if not bool(torch.isfinite(target).all()):
+                return False
+            if isinstance(groups[0], FullGaussianGroup):
+                s_, _, U = groups[0].factors()
+                L = s_.unsqueeze(-1) * U
+                correction = torch.cholesky_solve(offset.unsqueeze(-1), L).squeeze(-1)
+                self._step_full(groups[0], grads[0], [], state, target, correction, rho)
+            else:
+                P = self._state["curvature"].get("precision")
+                if P is None:
+                    scale = torch.cat([g.scale()[0].reshape(-1) for g in groups])
+                    correction = offset / scale.square()
+                else:  # the running full precision: a better, still draw-independent, variate
+                    correction = P @ offset
+                self._step_diagonal_newton(groups, grads, target, correction, rho, state)
+        state["t"] += 1
+        return True
+
+    def _step_diagonal_newton(self, groups, grads, target, correction, rho, state):
+        """Mean-field variances move towards ``diag(target)``; the mean steps with a
+        running average ``P`` of the full ``target`` as in the full-rank case (see the
+        ``curvature`` option), ``P' = (1 - rho) P + rho target``, ``mu' = mu - rho P'^{-1} g``."""
+        loc = torch.cat([g.params["loc"].detach().reshape(-1) for g in groups])
+        scales, dscales = zip(*(g.scale() for g in groups))
+        scale = torch.cat([s.reshape(-1) for s in scales])
+        g_loc = torch.cat([gr["loc"].reshape(-1) for gr in grads]) - correction
+        g_scale = torch.cat([(gr["scale"] / ds).reshape(-1) for gr, ds in zip(grads, dscales)])
+        P0 = state.get("precision")
+        if P0 is None:
+            P0 = torch.diag(scale.square().reciprocal())
+        S = scale.square() * target.diagonal() - 1
+
+        def newton(r):
+            P = (1 - r) * P0 + r * target
+            chol, info = torch.linalg.cholesky_ex(P)
+            if info != 0:
+                return P, P.diagonal().reciprocal() * g_loc
+            return P, torch.cholesky_solve(g_loc.unsqueeze(-1), chol).squeeze(-1)
+
+        P, direction = newton(rho)
+        if self.max_kl is not None:
+            # One trust region for the whole step, so the Newton direction is not
+            # distorted elementwise: KL(q' || q) ~ rho^2 (|d / scale|^2 / 2 + |S|^2 / 4).
+            size = 0.5 * (direction / scale).square().sum() + 0.25 * S.square().sum()
+            limit = float((self.max_kl / size.clamp_min(1e-300)).sqrt())
+            if limit < rho:
+                rho = limit
+                P, direction = newton(rho)
+        state["precision"] = P
+        step = diagonal_gaussian_step(loc, scale, g_loc, g_scale, rho, None, None,
+                                      precision_target=target.diagonal(), loc_step=direction)
+        pos = 0
+        for g in groups:
+            n = g.params["loc"].numel()
+            shape = g.params["loc"].shape
+            self._write(g.params["loc"], step.loc[pos:pos + n].reshape(shape))
+            self._write(g.params["scale"],
+                        g.transforms["scale"].inv(step.scale_tril[pos:pos + n].reshape(shape)))
+            pos += n
+
+    @staticmethod
+    def _write(param, value):
+        if not bool(torch.isfinite(value).all()):
+            raise FloatingPointError("a natural-gradient step produced non-finite values; "
+                                     "this is a bug, please report it")
+        param.data.copy_(value)
+
+    # ---- state ----------------------------------------------------------------------
+    def get_state(self) -> Dict:
+        """Step counts of every group and the base optimizer's state."""
+        state = {k: {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
+                 for k, v in self._state.items()}
+        return {"natural_gradient": state, "base": self.base_optimizer.get_state(),
+                "skipped": self._skipped}
+
+    def set_state(self, state: Dict) -> None:
+        ng = state.get("natural_gradient", {})
+        for key, value in ng.items():
+            if self._groups is not None and key in self._groups:
+                self._state[key] = dict(value)
+            else:
+                self._waiting_state[key] = dict(value)
+        self.base_optimizer.set_state(state.get("base", {}))
+        self._skipped = state.get("skipped", 0)
+
+    def save(self, filename: str) -> None:
+        torch.save(self.get_state(), filename)
+
+    def load(self, filename: str, map_location=None) -> None:
+        self.set_state(torch.load(filename, map_location=map_location, weights_only=False))

@@ -1,0 +1,47 @@
+"""Step-size schedules for natural-gradient steps.
+
+With exact gradients, a step of 1 on a Gaussian posterior is exact. With
+single-sample gradients each step's target is noisy, and a step ``rho`` keeps a
+fraction ``rho`` of the new target's noise; decaying ``rho ~ c/t`` turns the
+iterates into a weighted running average of the targets, whose noise falls
+like ``1/t``. ``c > 1`` weights recent targets more, so early targets (computed
+far from the optimum of a non-conjugate model) are forgotten faster.
+"""
+
+import torch
+
+
+class StepSize:
+    """``rho_t = max(floor, min(initial, c / (t + c) ... ))``: starts at ``initial``,
+    then decays like ``decay_c / t`` after ``warmup`` steps.
+
+    :param float initial: step size of the first steps (1 is exact for a Gaussian
+        posterior with exact gradients).
+    :param float decay: the ``c`` of ``c/t``; 0 for a constant step.
+    :param int warmup: steps taken at ``initial`` before the decay starts.
+    :param float floor: smallest step size.
+    """
+
+    def __init__(self, initial: float = 1.0, decay: float = 2.0, warmup: int = 5,
+                 floor: float = 0.0):
+        if not 0 < initial <= 1:
+            raise ValueError(f"initial step size must be in (0, 1], got {initial}")
+        if decay < 0 or warmup < 0 or not 0 <= floor <= initial:
+            raise ValueError("need decay >= 0, warmup >= 0 and 0 <= floor <= initial")
+        self.initial, self.decay, self.warmup, self.floor = initial, decay, warmup, floor
+
+    def __call__(self, t):
+        """The step size of step ``t`` (0-based); ``t`` may be a tensor."""
+        if self.decay == 0:
+            return self.initial if not torch.is_tensor(t) else torch.full_like(t, self.initial)
+        k = (t - self.warmup) if not torch.is_tensor(t) else (t - self.warmup).clamp_min(0)
+        if not torch.is_tensor(k):
+            k = max(k, 0)
+        rho = self.decay / (k + self.decay / self.initial)
+        if torch.is_tensor(rho):
+            return rho.clamp(self.floor, self.initial)
+        return min(self.initial, max(self.floor, rho))
+
+    def __repr__(self):
+        return (f"StepSize(initial={self.initial}, decay={self.decay}, warmup={self.warmup}, "
+                f"floor={self.floor})")
