@@ -12,13 +12,26 @@ same draw is rank one, which is why this is the default for small latents.
 (``D`` backward passes through the model: cost ``O(D)`` gradients per draw).
 """
 
-from typing import Callable, List, Tuple
+import functools
+from typing import List, Tuple
 
 import torch
 from pyro import poutine
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous, AutoNormal
 from torch.distributions import biject_to
+
+
+def _without_init(model):
+    """The model inside an autoguide's ``InitMessenger`` wrapper: the wrapper would
+    draw an initial value for every latent before it is conditioned (wasted work,
+    and a random draw that ``vmap`` refuses)."""
+    from pyro.infer.autoguide.initialization import InitMessenger
+
+    while isinstance(model, functools.partial) and len(model.args) == 2 \
+            and isinstance(model.args[0], InitMessenger):
+        model = model.args[1]
+    return model
 
 
 class ModelCurvature:
@@ -72,9 +85,10 @@ class ModelCurvature:
     def pack(self, values) -> torch.Tensor:
         return torch.cat([values[name].reshape(-1) for name, _, _ in self._sites()])
 
-    def log_joint(self, z: torch.Tensor) -> torch.Tensor:
+    def log_joint(self, z: torch.Tensor, prior_only: bool = False) -> torch.Tensor:
         """``f(z)``: the model's log joint at the constrained values plus the log
-        Jacobian determinant of the constraining transforms."""
+        Jacobian determinant of the constraining transforms (without the observed
+        sites if ``prior_only``)."""
         values, logdet = {}, 0.0
         for name, u in self.unpack(z).items():
             site = self.guide.prototype_trace.nodes[name]
@@ -87,16 +101,33 @@ class ModelCurvature:
         with poutine.block():  # invisible to any handler the caller is inside
             model = poutine.condition(self.guide.model, values)
             tr = poutine.trace(model).get_trace(*self.args, **self.kwargs)
+        if prior_only:
+            # condition() marks the latents observed too, so select them by name.
+            return tr.log_prob_sum(lambda name, site: name in values) + logdet
         return tr.log_prob_sum() + logdet
 
-    def hessian(self, z: torch.Tensor) -> torch.Tensor:
-        """``grad^2 f(z)``, ``(D, D)``, by ``D`` Hessian-vector products."""
+    def hessian(self, z: torch.Tensor, prior_only: bool = False) -> torch.Tensor:
+        """``grad^2 f(z)``, ``(D, D)``, by ``D`` Hessian-vector products; with
+        ``prior_only`` the observed sites are left out."""
         if not self.seen:
             raise RuntimeError("the guide has not been called yet, so the model's arguments "
                                "are unknown; run svi.step(...) first")
         with torch.enable_grad():
             z = z.detach().requires_grad_()
-            (g,) = torch.autograd.grad(self.log_joint(z), z, create_graph=True)
-            rows = [torch.autograd.grad(g[i], z, retain_graph=True)[0] for i in range(z.numel())]
-        H = torch.stack(rows)
+            (g,) = torch.autograd.grad(self.log_joint(z, prior_only), z, create_graph=True)
+            rows = [torch.autograd.grad(g[i], z, retain_graph=True, allow_unused=True)[0]
+                    for i in range(z.numel())]
+        H = torch.stack([r if r is not None else torch.zeros_like(z) for r in rows])
         return 0.5 * (H + H.mT)
+
+    def ggn_precision(self, z: torch.Tensor) -> torch.Tensor:
+        """``G_lik(z) - grad^2 log prior(z)``: the generalized Gauss-Newton matrix of the
+        likelihood (:class:`~pyro_natgrad.ggn.ModelGGN`, positive semi-definite) plus the
+        exact curvature of the prior and of the constraining transforms."""
+        from .ggn import ModelGGN
+
+        values = {}
+        for name, u in self.unpack(z.detach()).items():
+            values[name] = biject_to(self.guide.prototype_trace.nodes[name]["fn"].support)(u)
+        G = ModelGGN(_without_init(self.guide.model), values, self.args, self.kwargs).dense()
+        return G - self.hessian(z, prior_only=True)

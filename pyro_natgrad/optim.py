@@ -51,7 +51,7 @@ class NaturalGradient(PyroOptim):
 
     :param guide: the guide that ``SVI`` is given.
     :param step_size: a :class:`~pyro_natgrad.schedule.StepSize`, or a float for a
-        constant ``rho``. Default: ``StepSize()``, which starts at 1 and decays like
+        constant ``rho``. Default: ``StepSize()``, which starts at 1 (10 steps) and decays like
         ``1/t`` so that late iterates average out gradient noise.
     :param max_kl: optional trust region: each step's quadratic estimate of
         ``KL(q' || q)`` is at most this (per element for diagonal Gaussians).
@@ -68,14 +68,19 @@ class NaturalGradient(PyroOptim):
         ``O(condition number)`` steps. ``"none"``: the ELBO gradient only (a rank-one
         estimate per draw). ``"auto"`` (default): ``"hessian"`` for an
         ``AutoContinuous`` or unsubsampled ``AutoNormal`` guide with at most
-        :data:`MAX_CURVATURE_DIM` latent dimensions, else ``"none"``.
+        :data:`MAX_CURVATURE_DIM` latent dimensions, else ``"none"``. ``"ggn"``: as
+        ``"hessian"`` but the likelihood's curvature is its generalized Gauss-Newton
+        matrix ``E[J^T F_R J]`` (:mod:`pyro_natgrad.ggn`), positive semi-definite for
+        any likelihood with a closed-form Fisher; equal to the Hessian for canonical
+        links (logistic, Poisson-log, Gaussian).
     """
 
     def __init__(self, guide, step_size=None, max_kl: Optional[float] = 10.0,
                  control_variate: bool = True, base_optimizer: Optional[PyroOptim] = None,
                  curvature: str = "auto"):
-        if curvature not in ("auto", "hessian", "none"):
-            raise ValueError(f"curvature must be 'auto', 'hessian' or 'none', got {curvature!r}")
+        if curvature not in ("auto", "hessian", "ggn", "none"):
+            raise ValueError(f"curvature must be 'auto', 'hessian', 'ggn' or 'none', "
+                             f"got {curvature!r}")
         if not callable(guide):
             raise TypeError(f"NaturalGradient expects the guide, got {type(guide).__name__}")
         if isinstance(step_size, (int, float)):
@@ -143,9 +148,9 @@ class NaturalGradient(PyroOptim):
         for _, site in self.guide.prototype_trace.iter_stochastic_nodes():
             if any(f.full_size is not None and f.full_size != f.size
                    for f in site["cond_indep_stack"]):
-                if self.curvature == "hessian":
-                    raise ValueError("curvature='hessian' does not support subsampled plates; "
-                                     "use curvature='none'")
+                if self.curvature in ("hessian", "ggn"):
+                    raise ValueError(f"curvature={self.curvature!r} does not support subsampled "
+                                     f"plates; use curvature='none'")
                 return False
         return True
 
@@ -320,7 +325,10 @@ class NaturalGradient(PyroOptim):
         rho = self.step_size(state["t"])
         with torch.no_grad():
             locs = torch.cat([g.params["loc"].detach().reshape(-1) for g in groups])
-            target = -torch.stack([curv.hessian(z) for z in draws]).mean(0)
+            if self.curvature == "ggn":
+                target = torch.stack([curv.ggn_precision(z) for z in draws]).mean(0)
+            else:
+                target = -torch.stack([curv.hessian(z) for z in draws]).mean(0)
             # The control variate must not depend on the draw: the current precision
             # (E[Lambda (z - mu)] = 0), not the draw's own Hessian (E[H(z)(z - mu)] != 0).
             offset = (draws - locs).mean(0)

@@ -22,7 +22,7 @@ class StepSize:
     :param float floor: smallest step size.
     """
 
-    def __init__(self, initial: float = 1.0, decay: float = 2.0, warmup: int = 5,
+    def __init__(self, initial: float = 1.0, decay: float = 2.0, warmup: int = 10,
                  floor: float = 0.0):
         if not 0 < initial <= 1:
             raise ValueError(f"initial step size must be in (0, 1], got {initial}")

@@ -18,6 +18,7 @@ HalfNormal         ``-1/(2 s^2)``                ``x^2``
 Poisson            ``log lambda``                ``x``
 Bernoulli,Binomial ``logit p``                   ``x``
 Geometric          ``log(1 - p)``                ``x`` (failures)
+NegativeBinomial   ``log p``                     ``x`` (successes; ``r`` fixed)
 Categorical,       ``log(p_i/p_k)``, ``i < k``   one-hot (first ``k-1``)
 Multinomial
 =================  ============================  ==============================
@@ -36,7 +37,7 @@ import torch
 import pyro.distributions as pdist
 from torch.distributions import (
     Bernoulli, Beta, Binomial, Categorical, Dirichlet, Exponential, Gamma, Geometric,
-    HalfNormal, LogNormal, Multinomial, MultivariateNormal, Normal, Poisson,
+    HalfNormal, LogNormal, Multinomial, MultivariateNormal, NegativeBinomial, Normal, Poisson,
 )
 
 from .families import passed_argument
@@ -256,6 +257,15 @@ def _geometric(d):
     return _one_param(torch.log1p(-d.probs), lambda e: _probs_from(name, -torch.expm1(e)),
                       lambda t: (1 - _probs_of(name, t)) / _probs_of(name, t),
                       lambda m: _probs_from(name, (1 + m).reciprocal()))
+
+
+@register_exponential_family(NegativeBinomial)
+def _negative_binomial(d):
+    name = passed_argument(d, ("probs", "logits"))
+    r = d.total_count
+    return _one_param(d.probs.log(), lambda e: _probs_from(name, e.exp()),
+                      lambda t: r * _probs_of(name, t) / (1 - _probs_of(name, t)),
+                      lambda m: _probs_from(name, m / (r + m)))
 
 
 def _categorical_coords(d, name, n):

@@ -11,7 +11,7 @@ import pyro.distributions as pdist
 from torch.distributions import (
     Bernoulli, Beta, Binomial, Categorical, Dirichlet, Exponential, Gamma, Geometric,
     HalfNormal, Independent, Laplace, LogNormal, LowRankMultivariateNormal, Multinomial,
-    MultivariateNormal, Normal, Poisson, StudentT,
+    MultivariateNormal, NegativeBinomial, Normal, Poisson, StudentT,
 )
 
 from .operators import (
@@ -112,6 +112,15 @@ def _geometric(d):
     p = d.probs
     return _elementwise(d, (name,), ((p.square() * (1 - p)).reciprocal() if name == "probs"
                                      else 1 - p,))
+
+
+@register_fisher(NegativeBinomial)
+def _negative_binomial(d):
+    """Successes before ``total_count = r`` failures (``r`` fixed). ``probs``:
+    ``r/(p(1-p)^2)``; ``logits``: ``r p``."""
+    name = passed_argument(d, ("probs", "logits"))
+    p, r = d.probs, d.total_count
+    return _elementwise(d, (name,), (r / (p * (1 - p).square()) if name == "probs" else r * p,))
 
 
 @register_fisher(Gamma)

@@ -1,0 +1,91 @@
+"""Model curvature for the optimizer: Hessian and GGN precision targets against
+closed forms."""
+
+import pytest
+import torch
+import pyro
+import pyro.distributions as dist
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+
+from pyro_natgrad.curvature import ModelCurvature
+
+
+def _data(n=40, d=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return X, (X @ torch.tensor([1.0, -0.5, 0.2], dtype=torch.float64)
+               + 0.3 * torch.randn(n, generator=g, dtype=torch.float64))
+
+
+def _linear_model(X, y, sigma=0.5):
+    def model():
+        w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1], dtype=X.dtype), 2.0).to_event(1))
+        pyro.sample("y", dist.Normal(X @ w, sigma).to_event(1), obs=y)
+    return model
+
+
+def _glm(X, y, link):
+    def model():
+        w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1], dtype=X.dtype), 1.0).to_event(1))
+        eta = X @ w
+        probs = torch.sigmoid(eta) if link == "logit" else dist.Normal(0.0, 1.0).cdf(eta)
+        pyro.sample("y", dist.Bernoulli(probs=probs.clamp(1e-12, 1 - 1e-12)).to_event(1), obs=y)
+    return model
+
+
+@pytest.mark.parametrize("Guide", [AutoMultivariateNormal, AutoNormal])
+def test_hessian_of_linear_gaussian_model_is_exact_precision(Guide):
+    X, y = _data()
+    model = _linear_model(X, y)
+    guide = Guide(model)
+    curv = ModelCurvature(guide)
+    guide()
+    z = torch.randn(3, dtype=torch.float64)
+    exact = X.T @ X / 0.5**2 + torch.eye(3, dtype=torch.float64) / 2.0**2
+    assert torch.allclose(-curv.hessian(z), exact, atol=1e-10)
+    assert torch.allclose(curv.ggn_precision(z), exact, atol=1e-10)
+
+
+def test_ggn_equals_hessian_for_logistic_and_differs_for_probit():
+    X, _ = _data()
+    y = (X[:, 0] > 0).to(torch.float64)
+    z = torch.tensor([0.7, -0.4, 1.1], dtype=torch.float64)
+    out = {}
+    for link in ("logit", "probit"):
+        guide = AutoMultivariateNormal(_glm(X, y, link))
+        curv = ModelCurvature(guide)
+        guide()
+        out[link] = (-curv.hessian(z), curv.ggn_precision(z))
+    H, G = out["logit"]
+    # Canonical link: the Hessian does not depend on y, so it is the GGN; and the
+    # closed form is X^T diag(p(1-p)) X + I.
+    p = torch.sigmoid(X @ z)
+    closed = X.T @ ((p * (1 - p)).unsqueeze(-1) * X) + torch.eye(3, dtype=torch.float64)
+    assert torch.allclose(H, closed, atol=1e-8) and torch.allclose(G, closed, atol=1e-8)
+    H, G = out["probit"]
+    assert (H - G).abs().max() > 1e-3 * G.abs().max()
+    assert torch.linalg.eigvalsh(G).min() > 0
+
+
+def test_positive_latents_include_the_log_jacobian():
+    # x ~ Gamma(a, b), no data: f(u) = log Gamma(e^u; a, b) + u, whose second derivative
+    # in u is -b e^u, so the precision target is b e^u.
+    a, b = 3.0, 2.0
+
+    def model():
+        pyro.sample("x", dist.Gamma(torch.tensor(a, dtype=torch.float64),
+                                    torch.tensor(b, dtype=torch.float64)))
+
+    guide = AutoNormal(model)
+    curv = ModelCurvature(guide)
+    guide()
+    u = torch.tensor([0.3], dtype=torch.float64)
+    assert torch.allclose(-curv.hessian(u), b * u.exp().reshape(1, 1), atol=1e-10)
+
+
+def test_curvature_needs_the_guide_to_have_run():
+    X, y = _data()
+    guide = AutoMultivariateNormal(_linear_model(X, y))
+    curv = ModelCurvature(guide)
+    with pytest.raises(RuntimeError, match="svi.step"):
+        curv.hessian(torch.zeros(3, dtype=torch.float64))

@@ -1,0 +1,39 @@
+"""NegativeBinomial (fixed total_count): closed form against exact sums over the support."""
+
+import pytest
+import torch
+import pyro.distributions as dist
+
+from pyro_natgrad.fisher import fisher_information
+
+
+def _exact_fisher(r, param, name):
+    """E[s^2] by summing over k = 0..K-1, the score by autograd through torch's log_prob
+    (one leaf copy of the parameter per k gives every score in one backward pass)."""
+    k = torch.arange(0, 1500, dtype=torch.float64)
+    theta = param.detach().expand(k.shape).clone().requires_grad_()
+    logp = dist.NegativeBinomial(r, **{name: theta}).log_prob(k)
+    (scores,) = torch.autograd.grad(logp.sum(), theta)
+    probs = logp.detach().exp()
+    assert abs(float(probs.sum()) - 1) < 1e-10  # the truncation loses nothing
+    return float((probs * scores.square()).sum())
+
+
+@pytest.mark.parametrize("name,value", [("probs", 0.3), ("probs", 0.8), ("logits", -1.0),
+                                        ("logits", 0.7)])
+@pytest.mark.parametrize("r", [0.5, 3.0, 20.0])
+def test_negative_binomial_matches_exact_sum(name, value, r):
+    param = torch.tensor(value, dtype=torch.float64)
+    d = dist.NegativeBinomial(torch.tensor(r, dtype=torch.float64), **{name: param})
+    F = fisher_information(d)
+    assert F.shape == (1, 1)
+    assert float(F) == pytest.approx(_exact_fisher(r, param, name), rel=1e-9)
+
+
+def test_negative_binomial_natural_coordinates_are_log_p():
+    # eta = log p, A(eta) = -r log(1 - e^eta): F_eta = A'' = r p / (1 - p)^2.
+    r, p = 4.0, torch.tensor(0.35, dtype=torch.float64)
+    F = fisher_information(dist.NegativeBinomial(r, probs=p), coords="natural")
+    assert float(F) == pytest.approx(float(r * p / (1 - p) ** 2), rel=1e-12)
+    Fm = fisher_information(dist.NegativeBinomial(r, probs=p), coords="mean")
+    assert float(Fm) == pytest.approx(1 / float(F), rel=1e-10)
