@@ -13,9 +13,11 @@ With ``Sigma = L L^T`` and ``G_L = dl/dL`` (lower triangular) the precision upda
 is, in the whitened coordinates of the current ``q``,
 ``Lambda' = L^{-T} B L^{-1}``, ``B = I + rho (K + K^T)``, ``K = Phi(L^T G_L)``, ``Phi``
 keeping the lower triangle with the diagonal halved. If ``B`` is not positive
-definite the step uses the improved Bayesian learning rule retraction
-``B = (I + (I + rho S)^2) / 2``, ``S = K + K^T`` (Lin, Schmidt & Khan 2020), which
-always is.
+definite with room to spare (``B >= I/2``, when a trust region ``max_kl`` is set;
+positive definite, without one), the step applies ``f(x) = 1 + x + x^2/2`` to the
+negative eigenvalues of ``rho S`` instead, ``S = K + K^T`` (the retraction of the
+improved Bayesian learning rule, Lin, Schmidt & Khan 2020), which is always positive
+definite; with the trust region no step more than doubles the variance in any direction.
 
 Single-sample gradients are noisy. With the whitened draws ``eps = L^{-1}(z - mu)``
 that produced them, the control variate ``dl/dmu -= L^{-T} E[eps]``,
@@ -90,13 +92,18 @@ def full_gaussian_step(loc, scale_tril, grad_loc, grad_scale_tril, rho,
         rho = torch.minimum(rho, (max_kl / size).sqrt())
     r = rho[..., None, None]
     B = eye + r * S
-    # UL factorisation B = U U^T (U upper) via the Cholesky factor of the reversed matrix.
-    C, info = torch.linalg.cholesky_ex(B.flip(-1, -2))
+    # With a trust region, B = I + rho S while B >= I/2, otherwise B = f(rho S) with
+    # f(x) = 1 + x for x >= 0 and 1 + x + x^2/2 below (the iBLR retraction), so no step
+    # more than doubles the variance in any direction however noisy S is. Without one
+    # (exact gradients), I + rho S whenever it is positive definite. One Cholesky checks.
+    _, info = torch.linalg.cholesky_ex(B - 0.5 * eye if max_kl is not None else B)
     retract = info != 0
     if bool(retract.any()):
-        A = eye + r * S
-        B = torch.where(retract[..., None, None], 0.5 * (eye + A @ A), B)
-        C = torch.linalg.cholesky(B.flip(-1, -2))
+        lam, Q = torch.linalg.eigh(r * S)
+        f = torch.where(lam < 0, 1 + lam + 0.5 * lam.square(), 1 + lam)
+        B = torch.where(retract[..., None, None], (Q * f.unsqueeze(-2)) @ Q.mT, B)
+    # UL factorisation B = U U^T (U upper) via the Cholesky factor of the reversed matrix.
+    C = torch.linalg.cholesky(B.flip(-1, -2))
     U = C.flip(-1, -2)
     # Sigma' = L B^{-1} L^T = (L U^{-T})(L U^{-T})^T and L U^{-T} is lower triangular.
     L_new = torch.linalg.solve_triangular(U.mT, L, upper=False, left=False)
@@ -106,7 +113,7 @@ def full_gaussian_step(loc, scale_tril, grad_loc, grad_scale_tril, rho,
 
 def diagonal_gaussian_step(loc, scale, grad_loc, grad_scale, rho,
                            eps_moments=None, max_kl: Optional[float] = None,
-                           precision_target=None, loc_step=None):
+                           precision_target=None, loc_step=None, floor=None):
     """Elementwise natural-gradient step for independent ``N(loc, scale^2)``.
 
     Shapes broadcast elementwise; ``eps_moments = (E[eps], E[eps^2])``. Same maths
@@ -115,7 +122,8 @@ def diagonal_gaussian_step(loc, scale, grad_loc, grad_scale, rho,
     ``loc' = loc - rho scale'^2 dl/dloc``. ``max_kl`` bounds each element's step.
     ``precision_target`` (elementwise ``-E[f'']``) replaces the precision target
     from ``grad_scale``; ``loc_step`` replaces the mean's step direction
-    ``scale'^2 dl/dloc`` (e.g. by a Newton direction).
+    ``scale'^2 dl/dloc`` (e.g. by a Newton direction). ``floor`` (default: whether
+    ``max_kl`` is set) keeps each variance from more than doubling.
     """
     g = grad_loc
     if precision_target is not None:
@@ -131,9 +139,13 @@ def diagonal_gaussian_step(loc, scale, grad_loc, grad_scale, rho,
         size = (0.5 * (scale * g).square() + 0.25 * S.square()).clamp_min(
             torch.finfo(loc.dtype).tiny)
         rho = torch.minimum(rho, (max_kl / size).sqrt())
-    A = 1 + rho * S
-    retract = A <= 0
-    B = torch.where(retract, 0.5 * (1 + A.square()), A)
+    x = rho * S
+    # With a trust region: 1 + x, continued below 0 by 1 + x + x^2/2 (the iBLR
+    # retraction), smooth and >= 1/2, so no step more than doubles a variance however
+    # noisy S is. Without one (exact gradients): 1 + x wherever it is positive.
+    floor = max_kl is not None if floor is None else floor
+    retract = x < 0 if floor else 1 + x <= 0
+    B = torch.where(retract, 1 + x + 0.5 * x.square(), 1 + x)
     scale_new = scale * B.rsqrt()
     direction = scale_new.square() * g if loc_step is None else loc_step
     return GaussianStep(loc - rho * direction, scale_new, rho, retract)

@@ -46,7 +46,15 @@ class DrawRecorder:
             module.register_forward_hook(self._post, always_call=True),
         ]
 
+    #: Records kept at most; a guide called many times without an optimizer step
+    #: (e.g. in a custom loop) keeps only its latest draws.
+    MAX_RECORDS = 64
+
     def _pre(self, module, args):
+        # Only calls that can produce gradients: Predictive and other sampling run
+        # under no_grad, and their draws must not be mistaken for the step's.
+        if not torch.is_grad_enabled():
+            return
         self._tracer = poutine.trace()
         self._tracer.__enter__()
 
@@ -65,6 +73,7 @@ class DrawRecorder:
             elif node["fn"].__class__.__name__ == "_Subsample":
                 record[name] = node["value"].detach()
         self.records.append(record)
+        del self.records[:-self.MAX_RECORDS]
 
     def take(self) -> List[Dict]:
         records, self.records = self.records, []

@@ -53,8 +53,10 @@ class NaturalGradient(PyroOptim):
     :param step_size: a :class:`~pyro_natgrad.schedule.StepSize`, or a float for a
         constant ``rho``. Default: ``StepSize()``, which starts at 1 (10 steps) and decays like
         ``1/t`` so that late iterates average out gradient noise.
-    :param max_kl: optional trust region: each step's quadratic estimate of
-        ``KL(q' || q)`` is at most this (per element for diagonal Gaussians).
+    :param max_kl: trust region: each step's quadratic estimate of ``KL(q' || q)`` is
+        at most this (per element for diagonal Gaussians without model curvature),
+        and no step more than doubles a variance in any direction. None turns both
+        off: right for exact gradients, risky for noisy ones.
     :param control_variate: subtract the zero-mean term that the current
         precision predicts from each gradient, using the guide's own draws
         (recorded by forward hooks on the guide). Default True.
@@ -83,6 +85,8 @@ class NaturalGradient(PyroOptim):
                              f"got {curvature!r}")
         if not callable(guide):
             raise TypeError(f"NaturalGradient expects the guide, got {type(guide).__name__}")
+        if max_kl is not None and not (isinstance(max_kl, (int, float)) and 0 < max_kl < math.inf):
+            raise ValueError(f"max_kl must be None or a positive finite number, got {max_kl!r}")
         if isinstance(step_size, (int, float)):
             step_size = StepSize(initial=float(step_size), decay=0.0)
         self.guide = guide
@@ -102,6 +106,7 @@ class NaturalGradient(PyroOptim):
         self._recorders = []
         self._skipped = 0
         self._warned_params = set()
+        self._warned_no_draws = False
         self._use_curvature = False
         self._attach()
         # PyroOptim's bookkeeping, used by get_state/set_state of the base class API.
@@ -174,7 +179,7 @@ class NaturalGradient(PyroOptim):
     # ---- the step -------------------------------------------------------------------
     def __call__(self, params, *args, **kwargs):
         params = list(params)
-        if self._groups is None:
+        if self._groups is None or self._guide_changed(params):
             self._discover()
         self._warn_fallback(params)
         records = []
@@ -182,6 +187,12 @@ class NaturalGradient(PyroOptim):
             records += r.take()
         if not self.control_variate:
             records = []
+        elif not records and self._recorders and not self._warned_no_draws:
+            self._warned_no_draws = True
+            warnings.warn("NaturalGradient: no draws of the guide were recorded for this step "
+                          "(JitTrace_ELBO, or the guide called under no_grad), so steps run "
+                          "without the control variate and model curvature, and are noisier",
+                          NaturalGradientWarning)
         seen = set()
         rest = []
         if self._use_curvature and records:
@@ -197,6 +208,17 @@ class NaturalGradient(PyroOptim):
                 self._step_group(group, records)
         if rest:
             self.base_optimizer(rest, *args, **kwargs)
+
+    def _guide_changed(self, params) -> bool:
+        """Whether the guide's parameter tensors were replaced (e.g. by loading a
+        param store), so the groups must be read again."""
+        if not isinstance(self.guide, torch.nn.Module):
+            return False
+        unknown = [p for p in params if p not in self._owner]
+        if not unknown:
+            return False
+        mine = {id(q) for q in self.guide.parameters()}
+        return any(id(p) in mine for p in unknown)
 
     def _warn_fallback(self, params):
         """Warn once about parameters that take base-optimizer steps."""
@@ -253,26 +275,33 @@ class NaturalGradient(PyroOptim):
         step = diagonal_gaussian_step(loc.detach(), scale, g_loc, g_scale, rho,
                                       moments[:2] if moments is not None else None, self.max_kl)
         new_raw = group.transforms["scale"].inv(step.scale_tril)
+        taken = _fraction_taken(step.rho, rho)
         if active is None:
             self._write(loc, step.loc)
             self._write(raw, new_raw)
-            state["t"] += 1
+            state["t"] += float(taken.mean())
         else:
             self._write(loc, torch.where(active, step.loc, loc))
             self._write(raw, torch.where(active, new_raw, raw))
-            state["t_elem"] = t + active.to(t.dtype)
+            state["t_elem"] = t + active.to(t.dtype) * taken
             state["t"] += 1
 
     def _plate_scale(self, group, records, loc):
+        """``full_size / size`` of the site's subsampled plates, from this step's draws
+        or, without them, from the guide's prototype trace."""
+        stack = None
         for record in records:
             if group.site in record:
                 stack = record[group.site][1]
-                c = 1.0
-                for f in stack:
-                    if f.full_size is not None and f.size:
-                        c *= f.full_size / f.size
-                return c
-        return 1.0
+                break
+        if stack is None:
+            name = group.site[: -len("_unconstrained")]
+            stack = self.guide.prototype_trace.nodes[name]["cond_indep_stack"]
+        c = 1.0
+        for f in stack:
+            if f.full_size is not None and f.size:
+                c *= f.full_size / f.size
+        return c
 
     def _step_full(self, group, grads, records, state, target=None, correction=None, rho=None):
         loc = group.params["loc"]
@@ -285,11 +314,13 @@ class NaturalGradient(PyroOptim):
         G = g_U / s.unsqueeze(-1)
         G = G + torch.diag_embed(g_s - (G * U).sum(-1))
         moments = group.eps_moments(records, loc.detach(), L) if records else None
-        if rho is None:
+        count = rho is None
+        if count:
             rho = self.step_size(state["t"])
-            state["t"] += 1
         step = full_gaussian_step(loc.detach(), L, grads["loc"], G, rho, moments, self.max_kl,
                                   precision_target=target, loc_correction=correction)
+        if count:
+            state["t"] += float(_fraction_taken(step.rho, rho).mean())
         L_new = step.scale_tril
         s_new = L_new.diagonal(dim1=-2, dim2=-1)
         U_new = L_new / s_new.unsqueeze(-1)
@@ -297,6 +328,7 @@ class NaturalGradient(PyroOptim):
         self._write(loc, step.loc)
         self._write(group.params["scale"], group.transforms["scale"].inv(s_new))
         self._write(raw_tril, raw_tril.detach().triu() + U_new.tril(-1))
+        return step.rho
 
     def _step_with_curvature(self, records) -> bool:
         """One step of every group of the guide, with the model's Hessian as the
@@ -338,7 +370,7 @@ class NaturalGradient(PyroOptim):
                 s_, _, U = groups[0].factors()
                 L = s_.unsqueeze(-1) * U
                 correction = torch.cholesky_solve(offset.unsqueeze(-1), L).squeeze(-1)
-                self._step_full(groups[0], grads[0], [], state, target, correction, rho)
+                used = self._step_full(groups[0], grads[0], [], state, target, correction, rho)
             else:
                 P = self._state["curvature"].get("precision")
                 if P is None:
@@ -346,8 +378,10 @@ class NaturalGradient(PyroOptim):
                     correction = offset / scale.square()
                 else:  # the running full precision: a better, still draw-independent, variate
                     correction = P @ offset
-                self._step_diagonal_newton(groups, grads, target, correction, rho, state)
-        state["t"] += 1
+                used = self._step_diagonal_newton(groups, grads, target, correction, rho, state)
+        # A step the trust region shortened counts as the fraction taken, so the
+        # decay of the step size does not start before the iterates got anywhere.
+        state["t"] += float(_fraction_taken(used, rho).mean())
         return True
 
     def _step_diagonal_newton(self, groups, grads, target, correction, rho, state):
@@ -368,7 +402,9 @@ class NaturalGradient(PyroOptim):
             P = (1 - r) * P0 + r * target
             chol, info = torch.linalg.cholesky_ex(P)
             if info != 0:
-                return P, P.diagonal().reciprocal() * g_loc
+                # An indefinite Hessian (non-log-concave model): keep the last positive
+                # definite average and take the mean-field natural step instead.
+                return P0, scale.square() * g_loc
             return P, torch.cholesky_solve(g_loc.unsqueeze(-1), chol).squeeze(-1)
 
         P, direction = newton(rho)
@@ -382,7 +418,8 @@ class NaturalGradient(PyroOptim):
                 P, direction = newton(rho)
         state["precision"] = P
         step = diagonal_gaussian_step(loc, scale, g_loc, g_scale, rho, None, None,
-                                      precision_target=target.diagonal(), loc_step=direction)
+                                      precision_target=target.diagonal(), loc_step=direction,
+                                      floor=self.max_kl is not None)
         pos = 0
         for g in groups:
             n = g.params["loc"].numel()
@@ -391,6 +428,7 @@ class NaturalGradient(PyroOptim):
             self._write(g.params["scale"],
                         g.transforms["scale"].inv(step.scale_tril[pos:pos + n].reshape(shape)))
             pos += n
+        return torch.as_tensor(rho)
 
     @staticmethod
     def _write(param, value):
@@ -422,3 +460,10 @@ class NaturalGradient(PyroOptim):
 
     def load(self, filename: str, map_location=None) -> None:
         self.set_state(torch.load(filename, map_location=map_location, weights_only=False))
+
+
+def _fraction_taken(used, scheduled):
+    """``used / scheduled`` step size, in [0, 1]."""
+    used = torch.as_tensor(used, dtype=torch.float64)
+    scheduled = torch.as_tensor(scheduled, dtype=torch.float64)
+    return (used / scheduled.clamp_min(1e-300)).clamp(0, 1)

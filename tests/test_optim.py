@@ -1,0 +1,1024 @@
+"""Tests of :class:`pyro_natgrad.NaturalGradient`, checked against independent routes.
+
+The reference problem is Bayesian linear regression with known noise,
+
+    w ~ N(0, tau_w^2 I),  b ~ N(0, tau_b^2),  y ~ N(X w + b, sigma^2),
+
+whose posterior over theta = (w, b) is Gaussian with precision
+``Lam = Z^T Z / sigma^2 + diag(1/tau^2)`` (``Z = [X, 1]``) and mean ``Lam^{-1} Z^T y / sigma^2``.
+Everything the optimizer should reach is computed here in closed form, never by the
+library: the exact posterior, the exact mean-field optimum (mean = posterior mean,
+variances ``1/Lam_ii``), the exact ELBO of ``q = N(m, L L^T)`` and its gradients
+(autograd through that closed form, not through Pyro's ELBO estimators).
+
+Data: scikit-learn's diabetes set (shipped with scikit-learn, no download), standardised,
+which has strongly correlated features, so a mean-field Jacobi step and a full Newton step
+differ visibly.
+"""
+
+import copy
+import functools
+import math
+import re
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pyro.optim
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO, TraceGraph_ELBO
+from pyro.infer.autoguide import (
+    AutoDelta, AutoDiagonalNormal, AutoGuideList, AutoMultivariateNormal, AutoNormal,
+)
+
+from pyro_natgrad import NaturalGradient, NaturalGradientWarning, StepSize
+
+F64 = torch.float64
+SIGMA, TAU_W, TAU_B = 0.7, 1.0, 2.0
+GAUSSIAN_GUIDES = [AutoMultivariateNormal, AutoNormal, AutoDiagonalNormal]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (on a busy 2-core machine
+    torch.tril of an 11x11 matrix took 16 ms with 2 threads, 3 us with 1)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def _clean_param_store():
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+# ----------------------------------------------------------------------------------------
+# problem, exact answers
+# ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _diabetes():
+    from sklearn.datasets import load_diabetes
+
+    X, y = load_diabetes(return_X_y=True)
+    X = torch.as_tensor(X, dtype=F64)
+    y = torch.as_tensor(y, dtype=F64)
+    X = (X - X.mean(0)) / X.std(0)
+    y = (y - y.mean()) / y.std() + 1.0  # non-zero intercept, so b is tested too
+    return X, y
+
+
+def diabetes(dtype=F64):
+    X, y = _diabetes()
+    return X.to(dtype).clone(), y.to(dtype).clone()
+
+
+def blr_model(X, y):
+    """Broadcasts over a particle plate at dim -2 (``max_plate_nesting=1``)."""
+    d = X.shape[-1]
+    w = pyro.sample("w", dist.Normal(X.new_zeros(d), TAU_W).to_event(1))
+    b = pyro.sample("b", dist.Normal(X.new_zeros(()), TAU_B))
+    # w: batch (P, 1) + event (d,) under a particle plate at dim -2; b: (P, 1)
+    mean = (X * w).sum(-1) + b
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal(mean, SIGMA), obs=y)
+
+
+def design(X):
+    return torch.cat([X, X.new_ones(X.shape[0], 1)], -1)
+
+
+def prior_precision(X):
+    d = X.shape[1]
+    return torch.cat([X.new_full((d,), TAU_W ** -2), X.new_full((1,), TAU_B ** -2)])
+
+
+def exact_posterior(X, y):
+    """(mean, covariance, precision, h) of the exact posterior over (w, b)."""
+    Z = design(X)
+    Lam = Z.T @ Z / SIGMA ** 2 + torch.diag(prior_precision(X))
+    h = Z.T @ y / SIGMA ** 2
+    mean = torch.linalg.solve(Lam, h)
+    cov = torch.linalg.inv(Lam)
+    return mean, 0.5 * (cov + cov.T), Lam, h
+
+
+def exact_elbo(m, L, X, y):
+    """ELBO of q = N(m, L L^T) (L lower triangular), in closed form."""
+    Z = design(X)
+    n, D = Z.shape
+    S = L @ L.T
+    r = y - Z @ m
+    tau2 = prior_precision(X).reciprocal()
+    loglik = -0.5 * n * math.log(2 * math.pi * SIGMA ** 2) \
+        - 0.5 * (r @ r + ((Z.T @ Z) * S).sum()) / SIGMA ** 2
+    logprior = -0.5 * torch.log(2 * math.pi * tau2).sum() \
+        - 0.5 * ((m.square() + S.diagonal()) / tau2).sum()
+    entropy = 0.5 * D * (1 + math.log(2 * math.pi)) \
+        + torch.log(L.diagonal().abs()).sum()
+    return loglik + logprior + entropy
+
+
+def guide_moments(guide):
+    """(m, L) of the guide's q over (w, b), differentiable w.r.t. the guide's leaves."""
+    if isinstance(guide, AutoNormal):
+        m = torch.cat([guide.locs.w, guide.locs.b.reshape(1)])
+        s = torch.cat([guide.scales.w, guide.scales.b.reshape(1)])
+        return m, torch.diag(s)
+    post = guide.get_posterior()
+    if isinstance(post, dist.MultivariateNormal):
+        return post.loc, post.scale_tril
+    return post.base_dist.loc, torch.diag(post.base_dist.scale)
+
+
+def store_params():
+    return [p for _, p in pyro.get_param_store().named_parameters()]
+
+
+def store_snapshot():
+    return {k: p.detach().clone() for k, p in pyro.get_param_store().named_parameters()}
+
+
+def perturb(guide, seed, size=0.3):
+    """Move every guide parameter away from Pyro's default init (e.g. U = I)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in guide.named_parameters():
+            p.add_(size * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def assert_mean_field_optimum(m, L, X, y, rtol=1e-6):
+    mu, _, Lam, _ = exact_posterior(X, y)
+    torch.testing.assert_close(m, mu, rtol=rtol, atol=rtol * mu.abs().max())
+    torch.testing.assert_close(L.diagonal().square(), Lam.diagonal().reciprocal(),
+                               rtol=rtol, atol=0.0)
+
+
+def assert_full_posterior(m, L, X, y, rtol=1e-6):
+    mu, Sigma, _, _ = exact_posterior(X, y)
+    torch.testing.assert_close(m, mu, rtol=rtol, atol=rtol * mu.abs().max())
+    torch.testing.assert_close(L @ L.T, Sigma, rtol=rtol, atol=rtol * Sigma.abs().max())
+
+
+def assert_reached(guide, X, y, rtol=1e-6):
+    with torch.no_grad():
+        m, L = guide_moments(guide)
+    if isinstance(guide, AutoMultivariateNormal):
+        assert_full_posterior(m, L, X, y, rtol)
+    else:
+        assert_mean_field_optimum(m, L, X, y, rtol)
+
+
+def fresh(guide_cls, model=blr_model, **kwargs):
+    pyro.clear_param_store()
+    return guide_cls(model, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------
+# 1. one step with exact gradients
+# ----------------------------------------------------------------------------------------
+def test_exact_elbo_formula_self_check(float64):
+    """The test's own ELBO: its gradient in m is Lam m - h and it peaks at the posterior."""
+    X, y = diabetes()
+    mu, Sigma, Lam, h = exact_posterior(X, y)
+    m = torch.randn(mu.shape, dtype=F64, requires_grad=True)
+    L = torch.linalg.cholesky(Sigma) * 1.3
+    (g,) = torch.autograd.grad(-exact_elbo(m, L, X, y), m)
+    torch.testing.assert_close(g, Lam @ m.detach() - h)
+    best = exact_elbo(mu, torch.linalg.cholesky(Sigma), X, y)
+    assert best > exact_elbo(mu, L, X, y)
+    assert best > exact_elbo(mu + 0.01, torch.linalg.cholesky(Sigma), X, y)
+
+
+def _exact_gradient_step(guide_cls, seed):
+    X, y = diabetes()
+    guide = fresh(guide_cls)
+    guide(X, y)
+    perturb(guide, seed)
+    opt = NaturalGradient(guide, step_size=1.0, max_kl=None, control_variate=False,
+                          curvature="none")
+    params = store_params()
+    assert {id(p) for p in params} == {id(p) for p in guide.parameters()}
+    m0, L0 = guide_moments(guide)
+    loss = -exact_elbo(m0, L0, X, y)
+    for p, g in zip(params, torch.autograd.grad(loss, params)):
+        p.grad = g
+    m0, L0 = m0.detach().clone(), L0.detach().clone()  # loc may be the parameter itself
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NaturalGradientWarning)  # nothing goes to Adam
+        opt(params)
+    with torch.no_grad():
+        m1, L1 = guide_moments(guide)
+    return X, y, m0, L0, m1, L1
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_full_rank_one_exact_step_lands_on_posterior(float64, seed):
+    X, y, m0, L0, m1, L1 = _exact_gradient_step(AutoMultivariateNormal, seed)
+    mu, Sigma, _, _ = exact_posterior(X, y)
+    assert (m0 - mu).abs().max() > 0.1  # it had somewhere to go
+    assert_full_posterior(m1, L1, X, y, rtol=1e-6)
+
+
+@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoDiagonalNormal])
+def test_mean_field_one_exact_step_is_jacobi(float64, guide_cls):
+    X, y, m0, L0, m1, L1 = _exact_gradient_step(guide_cls, 2)
+    mu, _, Lam, h = exact_posterior(X, y)
+    diag = Lam.diagonal()
+    # variances: exactly the mean-field optimum 1/Lam_ii
+    torch.testing.assert_close(L1.diagonal().square(), diag.reciprocal(), rtol=1e-9, atol=0.0)
+    # mean: one Jacobi step mu' = mu - Lam_ii^{-1} d(-ELBO)/dmu_i
+    expected = m0 - (Lam @ m0 - h) / diag
+    torch.testing.assert_close(m1, expected, rtol=1e-9, atol=1e-12)
+    # correlated features: a Jacobi step is not the Newton step to the posterior mean
+    assert (m1 - mu).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------
+# 2. SVI on the conjugate model
+# ----------------------------------------------------------------------------------------
+BUG_MAX_KL_SCHEDULE = (
+    "library bug: with the default max_kl=10 the trust region clips every warm-up step "
+    "(AutoDiagonalNormal from its init_to_median start: rho = 0.16 ... 0.27 for all 10 "
+    "warm-up steps) and the 1/t decay then starts far from the optimum, so the exact "
+    "(Hessian + control variate) steps converge only algebraically: mean error 6.7e-3 "
+    "after 30 steps; with max_kl=None it is exact after 2 steps. Clipped steps should not "
+    "use up the warm-up (AMVN/AutoNormal pass only because their start is closer)")
+
+
+@pytest.mark.parametrize("guide_cls", [
+    AutoMultivariateNormal, AutoNormal,
+    AutoDiagonalNormal,
+])
+def test_svi_default_settings_reach_exact_optimum(float64, rng, guide_cls):
+    X, y = diabetes()
+    guide = fresh(guide_cls)
+    svi = SVI(blr_model, guide, NaturalGradient(guide), Trace_ELBO())
+    for _ in range(30):
+        assert math.isfinite(svi.step(X, y))
+    assert_reached(guide, X, y, rtol=1e-6)
+
+
+@pytest.mark.parametrize("guide_cls", GAUSSIAN_GUIDES)
+def test_svi_without_trust_region_reaches_exact_optimum(float64, rng, guide_cls):
+    """Default curvature ('auto' -> model Hessian) and control variate, single-particle
+    Trace_ELBO: the steps are noise-free for a linear-Gaussian model."""
+    X, y = diabetes()
+    guide = fresh(guide_cls)
+    svi = SVI(blr_model, guide, NaturalGradient(guide, max_kl=None), Trace_ELBO())
+    for _ in range(30):
+        assert math.isfinite(svi.step(X, y))
+    assert_reached(guide, X, y, rtol=1e-6)
+
+
+BUG_NEAR_SINGULAR = (
+    "library bug: the precision update B = I + rho S is used as is whenever it is positive "
+    "definite and replaced by (I + (I + rho S)^2)/2 otherwise. Near eig(B) = 0+ (a noisy "
+    "gradient with rho S ~ -1, or an indefinite model Hessian) the variance grows by 1/eig "
+    "(x1000 seen) and the mean step with it; just past 0 it shrinks instead, and for "
+    "rho S << -1 (a gradient asking for *more* variance) it collapses (A = -4.8: variance "
+    "/12). The quadratic max_kl=10 estimate allows |rho S| up to 6.3, so both happen; "
+    "fits diverge or get stranded.")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guide_cls", [
+    AutoMultivariateNormal,
+    AutoNormal,
+    AutoDiagonalNormal,
+])
+def test_svi_gradient_only_improves_elbo(float64, rng, guide_cls):
+    X, y = diabetes()
+    guide = fresh(guide_cls)
+    svi = SVI(blr_model, guide, NaturalGradient(guide, curvature="none"), Trace_ELBO())
+    guide(X, y)  # create the parameters at their init
+    with torch.no_grad():
+        elbo0 = exact_elbo(*guide_moments(guide), X, y)
+    for _ in range(200):
+        assert math.isfinite(svi.step(X, y))
+    assert all(bool(torch.isfinite(p).all()) for p in store_params())
+    with torch.no_grad():
+        elbo1 = exact_elbo(*guide_moments(guide), X, y)
+    assert torch.isfinite(elbo1)
+    assert elbo1 > elbo0, (elbo0, elbo1)
+
+
+def test_near_singular_step_is_bounded(float64):
+    """Minimal form of the bug above: one diagonal step whose precision factor
+    1 + rho S is 1e-3 (just positive) vs -1e-3 (just negative, retracted). The two steps
+    must be close; the variance may not grow by more than what the trust region allows
+    (here KL(q'||q) <= max_kl = 10 means a variance ratio below ~25)."""
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    scales = {}
+    for S in (-0.999, -1.001):
+        guide = fresh(AutoNormal, model)
+        guide()
+        opt = NaturalGradient(guide, step_size=1.0, max_kl=10.0, control_variate=False,
+                              curvature="none")
+        loc, raw = guide.locs.z_unconstrained, guide.scales.z_unconstrained
+        scale = guide.scales.z  # the guide's own constraint transform of raw
+        (dscale,) = torch.autograd.grad(scale, raw)
+        scale = scale.detach()
+        loc.grad = torch.zeros_like(loc)
+        raw.grad = (S / scale) * dscale  # d(-ELBO)/dscale = S / scale, chained to raw
+        opt([loc, raw])
+        with torch.no_grad():
+            scales[S] = float(guide.scales.z / scale)
+    assert scales[-0.999] ** 2 < 25, scales
+    assert abs(math.log(scales[-0.999] / scales[-1.001])) < 1.0, scales
+
+
+# ----------------------------------------------------------------------------------------
+# 3. guide kinds, validity, routing and the base optimizer
+# ----------------------------------------------------------------------------------------
+def noise_model(X, y):
+    """Non-conjugate: unknown positive noise scale."""
+    d = X.shape[-1]
+    w = pyro.sample("w", dist.Normal(X.new_zeros(d), 1.0).to_event(1))
+    s = pyro.sample("s", dist.LogNormal(X.new_zeros(()), 0.5))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal((X * w).sum(-1), s), obs=y)
+
+
+def _small_data(n=40, d=3, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=gen, dtype=F64)
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=F64)[:d]
+    y = X @ w + 0.5 * torch.randn(n, generator=gen, dtype=F64)
+    return X, y
+
+
+def _guide_list(first, second):
+    guide = AutoGuideList(noise_model)
+    guide.append(first(poutine.block(noise_model, expose=["w"])))
+    guide.append(second(poutine.block(noise_model, expose=["s"])))
+    return guide
+
+
+GUIDE_KINDS = {
+    "AutoNormal": lambda: AutoNormal(noise_model),
+    "AutoDiagonalNormal": lambda: AutoDiagonalNormal(noise_model),
+    "AutoMultivariateNormal": lambda: AutoMultivariateNormal(noise_model),
+    "List[AutoMultivariateNormal, AutoNormal]":
+        lambda: _guide_list(AutoMultivariateNormal, AutoNormal),
+    "List[AutoNormal, AutoDiagonalNormal]": lambda: _guide_list(AutoNormal, AutoDiagonalNormal),
+}
+
+
+def _check_valid(guide):
+    parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
+    for p in guide.parameters():
+        assert bool(torch.isfinite(p).all())
+    for part in parts:
+        with torch.no_grad():
+            if isinstance(part, AutoNormal):
+                for name, _ in part.prototype_trace.iter_stochastic_nodes():
+                    assert bool((getattr(part.scales, name) > 0).all())
+            elif isinstance(part, AutoMultivariateNormal):
+                L = part.get_posterior().scale_tril
+                assert bool((L.diagonal() > 0).all())
+                _, info = torch.linalg.cholesky_ex(L @ L.T)
+                assert int(info) == 0
+            else:
+                assert bool((part.get_posterior().base_dist.scale > 0).all())
+
+
+BUG_INDEFINITE_HESSIAN = (
+    "library bug: curvature='hessian' uses -Hessian(log joint) at the draw as the precision "
+    "target even when it is indefinite (this non-conjugate model: eigenvalue -22 at the "
+    "init); for AutoDiagonalNormal the running full precision P then passes near 0 "
+    "(eigenvalue 1.5 vs 15..180) and the Newton mean step jumps ~30 sd (loss 70 -> 5e6); "
+    "AutoMultivariateNormal hits the same with eig(I + rho S) = 0.012 in other runs")
+
+
+@pytest.mark.parametrize("kind", [
+    k for k in GUIDE_KINDS])
+def test_every_guide_kind_steps_and_stays_valid(float64, rng, kind):
+    X, y = _small_data()
+    pyro.clear_param_store()
+    guide = GUIDE_KINDS[kind]()
+    opt = NaturalGradient(guide)
+    svi = SVI(noise_model, guide, opt, Trace_ELBO())
+    guide(X, y)
+    routes = opt.routing()
+    assert routes and all(v.startswith("natural gradient") for v in routes.values()), routes
+    assert len(routes) == len(list(guide.parameters()))
+    estimator = Trace_ELBO(num_particles=400, vectorize_particles=True, max_plate_nesting=1)
+    with torch.no_grad():
+        before = estimator.loss(noise_model, guide, X, y)
+    start = store_snapshot()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NaturalGradientWarning)
+        for _ in range(25):
+            assert math.isfinite(svi.step(X, y))
+            _check_valid(guide)
+    assert all(not torch.equal(start[k], v) for k, v in store_snapshot().items())
+    with torch.no_grad():
+        after = estimator.loss(noise_model, guide, X, y)
+    assert after < before - 10.0, (before, after)
+
+
+def _delta_guide():
+    guide = AutoGuideList(noise_model)
+    guide.append(AutoNormal(poutine.block(noise_model, expose=["w"])))
+    guide.append(AutoDelta(poutine.block(noise_model, expose=["s"])))
+    return guide
+
+
+def _route(routes, module_name, store_name):
+    hits = [v for k, v in routes.items() if k in (module_name, store_name)]
+    assert len(hits) == 1, (module_name, store_name, routes)
+    return hits[0]
+
+
+def test_guide_list_with_delta_routing(float64):
+    X, y = _small_data()
+    pyro.clear_param_store()
+    guide = _delta_guide()
+    guide(X, y)
+    opt = NaturalGradient(guide)
+    routes = opt.routing()
+    store = pyro.get_param_store()
+    for module_name, p in guide.named_parameters():
+        where = _route(routes, module_name, store.param_name(p))
+        if module_name.startswith("1."):
+            assert where.startswith("base optimizer"), (module_name, where)
+        else:
+            assert where.startswith("natural gradient"), (module_name, where)
+
+
+@pytest.mark.parametrize("base", ["default", "explicit"])
+def test_guide_list_delta_params_take_adam_steps(float64, rng, base):
+    X, y = _small_data()
+    pyro.clear_param_store()
+    guide = _delta_guide()
+    guide(X, y)
+    lr = 0.01 if base == "default" else 0.05
+    kw = {} if base == "default" else {"base_optimizer": pyro.optim.Adam({"lr": lr})}
+    opt = NaturalGradient(guide, **kw)
+    reference = pyro.optim.Adam({"lr": lr})
+    delta = {n: p for n, p in guide.named_parameters() if n.startswith("1.")}
+    normal = {n: p for n, p in guide.named_parameters() if n.startswith("0.")}
+    assert delta and normal
+    shadow = {n: p.detach().clone().requires_grad_() for n, p in delta.items()}
+    elbo = Trace_ELBO()
+    for step in range(6):
+        params = list(guide.parameters())
+        for p in params:
+            p.grad = None
+        elbo.differentiable_loss(noise_model, guide, X, y).backward()
+        for n in delta:
+            shadow[n].grad = delta[n].grad.clone()
+        before_normal = {n: p.detach().clone() for n, p in normal.items()}
+        if step == 0:
+            with pytest.warns(NaturalGradientWarning, match="1 parameter"):
+                opt(params)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", NaturalGradientWarning)  # warned once only
+                opt(params)
+        reference(list(shadow.values()))
+        for n in delta:
+            torch.testing.assert_close(delta[n].detach(), shadow[n].detach(), rtol=0, atol=1e-15)
+        # the Gaussian part did take (natural-gradient) steps
+        assert all(not torch.equal(before_normal[n], normal[n]) for n in normal)
+
+
+# ----------------------------------------------------------------------------------------
+# 4. non-finite gradients
+# ----------------------------------------------------------------------------------------
+def _loss_backward(model, guide, *args):
+    for p in guide.parameters():
+        p.grad = None
+    Trace_ELBO().differentiable_loss(model, guide, *args).backward()
+
+
+def test_nan_gradient_skips_group_and_counts(float64, rng):
+    X, y = diabetes()
+    guide = fresh(AutoNormal)
+    guide(X, y)
+    opt = NaturalGradient(guide, curvature="none")
+    store = pyro.get_param_store()
+    w_names = {"AutoNormal.locs.w", "AutoNormal.scales.w"}
+    b_names = {"AutoNormal.locs.b", "AutoNormal.scales.b"}
+    assert w_names | b_names == set(store.keys())
+    for count in (1, 2):
+        _loss_backward(blr_model, guide, X, y)
+        dict(store.named_parameters())["AutoNormal.locs.w"].grad[1] = float("nan")
+        before = store_snapshot()
+        with pytest.warns(NaturalGradientWarning) as record:
+            opt(store_params())
+        messages = [str(r.message) for r in record]
+        assert any(re.search(rf"\b{count} skipped", m) for m in messages), messages
+        after = store_snapshot()
+        for k in w_names:
+            assert torch.equal(before[k], after[k])  # bitwise unchanged
+        for k in b_names:
+            assert not torch.equal(before[k], after[k])  # the healthy group still steps
+        assert opt.get_state()["skipped"] == count
+
+
+@pytest.mark.parametrize("guide_cls", [AutoMultivariateNormal, AutoNormal])
+def test_nan_gradient_default_curvature(float64, rng, guide_cls):
+    X, y = diabetes()
+    guide = fresh(guide_cls)
+    opt = NaturalGradient(guide)
+    svi = SVI(blr_model, guide, opt, Trace_ELBO())
+    svi.step(X, y)
+    for count in (1, 2):
+        _loss_backward(blr_model, guide, X, y)
+        p = store_params()[-1]
+        p.grad.view(-1)[0] = float("inf")
+        before = store_snapshot()
+        with pytest.warns(NaturalGradientWarning) as record:
+            opt(store_params())
+        messages = [str(r.message) for r in record]
+        assert any(re.search(rf"\b{count} skipped", m) for m in messages), messages
+        after = store_snapshot()
+        # the group with the bad gradient is unchanged, bit for bit
+        name = pyro.get_param_store().param_name(p)
+        assert torch.equal(before[name], after[name])
+        for k in before:
+            assert bool(torch.isfinite(after[k]).all())
+    # and the optimizer still works afterwards, once the bad gradients are gone (SVI
+    # zeroes gradients only after its own steps)
+    for q in store_params():
+        q.grad = None
+    before = store_snapshot()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NaturalGradientWarning)
+        svi.step(X, y)
+    after = store_snapshot()
+    assert all(bool(torch.isfinite(v).all()) for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert opt.get_state()["skipped"] == 2
+
+
+# ----------------------------------------------------------------------------------------
+# 5. checkpoint / resume
+# ----------------------------------------------------------------------------------------
+def ckpt_model(X, y):
+    """Non-conjugate (unknown noise) plus a model parameter (goes to Adam), so that the
+    optimizer's state (step counts, running precision, Adam moments) matters."""
+    d = X.shape[-1]
+    w = pyro.sample("w", dist.Normal(X.new_zeros(d), 1.0).to_event(1))
+    s = pyro.sample("s", dist.LogNormal(X.new_zeros(()), 0.5))
+    b = pyro.param("b", X.new_zeros(()))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal((X * w).sum(-1) + b, s), obs=y)
+
+
+def _run(svi, n, X, y):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NaturalGradientWarning)  # b goes to Adam
+        for _ in range(n):
+            svi.step(X, y)
+
+
+def _resume(guide_cls, X, y, param_state, optim_state, rng_state):
+    """What a user does in a new process. The param store is restored *before* the guide
+    is set up: Pyro's AutoContinuous guides keep ``loc`` as a plain nn.Parameter that only
+    reads the store when it is created, so restoring afterwards would not reach it."""
+    pyro.clear_param_store()
+    pyro.get_param_store().set_state(param_state)
+    guide = guide_cls(ckpt_model)
+    guide(X, y)  # set up the guide's structure (uses the RNG: before restoring it)
+    opt = NaturalGradient(guide)
+    if optim_state is not None:
+        opt.set_state(optim_state)
+    torch.set_rng_state(rng_state)
+    return guide, SVI(ckpt_model, guide, opt, Trace_ELBO())
+
+
+@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoMultivariateNormal])
+def test_checkpoint_resume_bitwise(float64, rng, tmp_path, guide_cls):
+    X, y = _small_data()
+    guide = fresh(guide_cls, ckpt_model)
+    opt = NaturalGradient(guide)
+    svi = SVI(ckpt_model, guide, opt, Trace_ELBO())
+    _run(svi, 10, X, y)
+    param_state = copy.deepcopy(pyro.get_param_store().get_state())
+    optim_state = copy.deepcopy(opt.get_state())
+    rng_state = torch.get_rng_state()
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    opt.save(tmp_path / "optim.pt")
+    torch.save(rng_state, tmp_path / "rng.pt")
+    _run(svi, 10, X, y)
+    expected = store_snapshot()
+    assert all(bool(torch.isfinite(v).all()) for v in expected.values())
+
+    # in memory
+    guide, svi = _resume(guide_cls, X, y, param_state, optim_state, rng_state)
+    _run(svi, 10, X, y)
+    got = store_snapshot()
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+
+    # via files
+    pyro.clear_param_store()
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    guide = guide_cls(ckpt_model)
+    guide(X, y)
+    opt = NaturalGradient(guide)
+    opt.load(tmp_path / "optim.pt")
+    torch.set_rng_state(torch.load(tmp_path / "rng.pt"))
+    svi = SVI(ckpt_model, guide, opt, Trace_ELBO())
+    _run(svi, 10, X, y)
+    got = store_snapshot()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+
+    # the test can fail: without the optimizer's state the continuation differs
+    guide, svi = _resume(guide_cls, X, y, param_state, None, rng_state)
+    _run(svi, 10, X, y)
+    got = store_snapshot()
+    assert any(not torch.equal(got[k], expected[k]) for k in expected)
+
+
+BUG_STALE_IDENTITY = (
+    "library bug: groups are keyed by the tensors found at the first step; after "
+    "pyro.get_param_store().set_state()/load() into the same guide (Pyro's PyroParams "
+    "re-read the store), SVI passes the new tensors, which the optimizer no longer "
+    "recognises: every Gaussian parameter silently falls back to Adam")
+
+
+@pytest.mark.xfail(strict=True, reason=BUG_STALE_IDENTITY)
+def test_rollback_param_store_in_same_process(float64, rng):
+    """Load a saved param store into the *same* AutoNormal guide and optimizer (roll
+    back): the Gaussian params must keep natural-gradient steps and the continuation must
+    equal the first continuation from the checkpoint."""
+    X, y = _small_data()
+    guide = fresh(AutoNormal, ckpt_model)
+    opt = NaturalGradient(guide)
+    svi = SVI(ckpt_model, guide, opt, Trace_ELBO())
+    _run(svi, 5, X, y)
+    param_state = copy.deepcopy(pyro.get_param_store().get_state())
+    optim_state = copy.deepcopy(opt.get_state())
+    rng_state = torch.get_rng_state()
+    _run(svi, 5, X, y)
+    expected = store_snapshot()
+    pyro.get_param_store().set_state(copy.deepcopy(param_state))
+    opt.set_state(copy.deepcopy(optim_state))
+    torch.set_rng_state(rng_state)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always", NaturalGradientWarning)
+        for _ in range(5):
+            svi.step(X, y)
+    fallbacks = [str(r.message) for r in record if "AutoNormal" in str(r.message)]
+    assert not fallbacks, fallbacks
+    got = store_snapshot()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Pyro integration. max_kl=None: the exactness checks are then sharp (1e-6); the
+# default trust region's slowness is the separate xfail above.
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss_name", ["TraceGraph_ELBO", "particles4", "vectorized4"])
+@pytest.mark.parametrize("guide_cls", [AutoMultivariateNormal, AutoNormal])
+def test_other_elbos_reach_exact_optimum(float64, rng, loss_name, guide_cls):
+    X, y = diabetes()
+    loss = {
+        "TraceGraph_ELBO": lambda: TraceGraph_ELBO(),
+        "particles4": lambda: Trace_ELBO(num_particles=4),
+        "vectorized4": lambda: Trace_ELBO(num_particles=4, vectorize_particles=True,
+                                          max_plate_nesting=1),
+    }[loss_name]()
+    guide = fresh(guide_cls)
+    svi = SVI(blr_model, guide, NaturalGradient(guide, max_kl=None), loss)
+    for _ in range(10):
+        assert math.isfinite(svi.step(X, y))
+    assert_reached(guide, X, y, rtol=1e-6)
+
+
+def test_vectorized_particles_model_broadcasts(float64, rng):
+    """Self-check of the test model: the vectorised and sequential ELBO estimates agree."""
+    X, y = diabetes()
+    guide = fresh(AutoNormal)
+    guide(X, y)
+    n = 2000
+    with torch.no_grad():
+        a = Trace_ELBO(num_particles=n, vectorize_particles=True,
+                       max_plate_nesting=1).loss(blr_model, guide, X, y)
+        m, L = guide_moments(guide)
+        exact = -float(exact_elbo(m, L, X, y))
+    assert abs(a - exact) < 0.05 * abs(exact), (a, exact)
+
+
+@pytest.mark.parametrize("guide_cls", [AutoMultivariateNormal, AutoNormal])
+def test_jit_elbo_finite_and_improves(float64, rng, guide_cls):
+    X, y = diabetes()
+    guide = fresh(guide_cls)
+    svi = SVI(blr_model, guide, NaturalGradient(guide),
+              JitTrace_ELBO(ignore_jit_warnings=True))
+    guide(X, y)
+    with torch.no_grad():
+        elbo0 = exact_elbo(*guide_moments(guide), X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        for _ in range(40):
+            assert math.isfinite(svi.step(X, y))
+    assert all(bool(torch.isfinite(p).all()) for p in store_params())
+    with torch.no_grad():
+        elbo1 = exact_elbo(*guide_moments(guide), X, y)
+    assert torch.isfinite(elbo1) and elbo1 > elbo0, (elbo0, elbo1)
+
+
+def test_module_local_params_svi(float64, rng):
+    """AutoNormal through SVI. (Pyro 1.9.2's SVI cannot run AutoContinuous guides with
+    module-local params at all -- 'Parameter' object has no attribute 'unconstrained',
+    with pyro.optim.Adam too -- so those are tested with a hand-written loop below.)"""
+    X, y = diabetes()
+    pyro.clear_param_store()
+    with pyro.settings.context(module_local_params=True):
+        guide = AutoNormal(blr_model)
+        svi = SVI(blr_model, guide, NaturalGradient(guide, max_kl=None), Trace_ELBO())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NaturalGradientWarning)
+            for _ in range(10):
+                assert math.isfinite(svi.step(X, y))
+        assert len(pyro.get_param_store()) == 0
+        assert_reached(guide, X, y, rtol=1e-6)
+
+
+@pytest.mark.parametrize("guide_cls", [AutoMultivariateNormal, AutoDiagonalNormal])
+def test_module_local_params_manual_loop(float64, rng, guide_cls):
+    X, y = diabetes()
+    pyro.clear_param_store()
+    with pyro.settings.context(module_local_params=True):
+        guide = guide_cls(blr_model)
+        guide(X, y)
+        opt = NaturalGradient(guide, max_kl=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NaturalGradientWarning)
+            for _ in range(10):
+                _loss_backward(blr_model, guide, X, y)
+                opt(list(guide.parameters()))
+        assert len(pyro.get_param_store()) == 0
+        assert_reached(guide, X, y, rtol=1e-6)
+
+
+# ---- minibatch SVI with local latents ---------------------------------------------------
+N_LOCAL, BATCH, TAU_Z, SIGMA_Z, TAU_MU = 20, 5, 1.0, 0.5, 10.0
+
+
+def hier_model(y, idx):
+    mu = pyro.sample("mu", dist.Normal(y.new_zeros(()), TAU_MU))
+    with pyro.plate("data", N_LOCAL, subsample=idx) as ind:
+        z = pyro.sample("z", dist.Normal(mu, TAU_Z))
+        pyro.sample("y", dist.Normal(z, SIGMA_Z), obs=y[ind])
+
+
+def hier_plates(y, idx):
+    return pyro.plate("data", N_LOCAL, subsample=idx)
+
+
+def hier_exact(y):
+    """Joint posterior precision and mean over theta = (mu, z_1..z_N)."""
+    n = N_LOCAL
+    Lam = torch.zeros(n + 1, n + 1, dtype=F64)
+    Lam[0, 0] = TAU_MU ** -2 + n / TAU_Z ** 2
+    Lam[0, 1:] = Lam[1:, 0] = -1 / TAU_Z ** 2
+    Lam[1:, 1:] = torch.eye(n, dtype=F64) * (1 / TAU_Z ** 2 + 1 / SIGMA_Z ** 2)
+    h = torch.cat([y.new_zeros(1), y / SIGMA_Z ** 2])
+    return Lam, torch.linalg.solve(Lam, h)
+
+
+def _hier_data():
+    gen = torch.Generator().manual_seed(11)
+    z = 2.0 + TAU_Z * torch.randn(N_LOCAL, generator=gen, dtype=F64)
+    return z + SIGMA_Z * torch.randn(N_LOCAL, generator=gen, dtype=F64)
+
+
+def test_hier_exact_self_check(float64):
+    """The test's joint precision equals minus the autograd Hessian of the log joint."""
+    y = _hier_data()
+
+    def log_joint(theta):
+        mu, z = theta[0], theta[1:]
+        return (dist.Normal(0.0, TAU_MU).log_prob(mu) + dist.Normal(mu, TAU_Z).log_prob(z).sum()
+                + dist.Normal(z, SIGMA_Z).log_prob(y).sum())
+
+    Lam, mean = hier_exact(y)
+    H = torch.autograd.functional.hessian(log_joint, torch.zeros(N_LOCAL + 1, dtype=F64))
+    torch.testing.assert_close(-H, Lam)
+    g = torch.autograd.functional.jacobian(log_joint, mean)
+    assert float(g.abs().max()) < 1e-10
+
+
+def test_minibatch_step_touches_only_subsample(float64, rng):
+    y = _hier_data()
+    pyro.clear_param_store()
+    guide = AutoNormal(hier_model, create_plates=hier_plates)
+    opt = NaturalGradient(guide)
+    svi = SVI(hier_model, guide, opt, Trace_ELBO())
+    store = pyro.get_param_store()
+    svi.step(y, torch.arange(BATCH))
+    assert set(store.keys()) == {"AutoNormal.locs.mu", "AutoNormal.scales.mu",
+                                 "AutoNormal.locs.z", "AutoNormal.scales.z"}
+    for step in range(4):
+        idx = torch.randperm(N_LOCAL)[:BATCH]
+        before = store_snapshot()
+        svi.step(y, idx)
+        after = store_snapshot()
+        outside = torch.ones(N_LOCAL, dtype=torch.bool)
+        outside[idx] = False
+        for k in ("AutoNormal.locs.z", "AutoNormal.scales.z"):
+            assert before[k].shape == (N_LOCAL,)
+            assert torch.equal(before[k][outside], after[k][outside]), k
+            assert bool((before[k][idx] != after[k][idx]).all()), (k, step)
+        assert not torch.equal(before["AutoNormal.locs.mu"], after["AutoNormal.locs.mu"])
+
+
+BUG_NO_CV_PLATE_SCALE = (
+    "library bug: with control_variate=False the subsample scale N/B is never removed from "
+    "the local gradients (it is read from the recorded draws, which exist only with the "
+    "control variate), so each visited z_i steps with an N/B-times gradient: here "
+    "1 + rho S = -2.7, retraction, scale 0.06 instead of 0.447; with the gradient divided "
+    "by N/B by hand the same step is exact")
+
+
+def test_minibatch_first_visit_exact_with_exact_gradients(float64):
+    """Subsampled locals, exact gradients set by hand (Pyro scales the subsampled terms
+    by N/B): a step with rho = 1 puts each visited z_i on its exact conditional optimum
+    given q(mu): precision 1/tau^2 + 1/sigma^2, mean (m_mu/tau^2 + y_i/sigma^2)/that."""
+    y = _hier_data()
+    pyro.clear_param_store()
+    guide = AutoNormal(hier_model, create_plates=hier_plates)
+    idx = torch.tensor([3, 7, 8, 15, 19])
+    guide(y, idx)
+    perturb(guide, 5)
+    opt = NaturalGradient(guide, step_size=1.0, max_kl=None, control_variate=False,
+                          curvature="none")
+    params = store_params()
+    locs_z, scales_z = guide.locs.z, guide.scales.z
+    m_mu, s_mu = guide.locs.mu, guide.scales.mu
+    P = 1 / TAU_Z ** 2 + 1 / SIGMA_Z ** 2
+    c = N_LOCAL / BATCH
+    # -ELBO terms that involve z_idx (expectations in closed form), scaled by N/B
+    mz, sz = locs_z[idx], scales_z[idx]
+    e_prior = ((mz - m_mu).square() + sz.square() + s_mu.square()) / (2 * TAU_Z ** 2)
+    e_lik = ((y[idx] - mz).square() + sz.square()) / (2 * SIGMA_Z ** 2)
+    loss = c * (e_prior + e_lik - torch.log(sz)).sum()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for p, g in zip(params, grads):
+        p.grad = torch.zeros_like(p) if g is None else g
+    m_mu0 = m_mu.detach().clone()  # may be the parameter itself
+    before = store_snapshot()
+    opt(params)
+    with torch.no_grad():
+        target_mean = (m_mu0 / TAU_Z ** 2 + y[idx] / SIGMA_Z ** 2) / P
+        torch.testing.assert_close(guide.scales.z[idx], torch.full((BATCH,), P ** -0.5),
+                                   rtol=1e-9, atol=0)
+        torch.testing.assert_close(guide.locs.z[idx], target_mean, rtol=1e-9, atol=1e-12)
+    after = store_snapshot()
+    out = torch.ones(N_LOCAL, dtype=torch.bool)
+    out[idx] = False
+    for k in ("AutoNormal.locs.z", "AutoNormal.scales.z"):
+        assert torch.equal(before[k][out], after[k][out])
+
+
+BUG_MINIBATCH = (
+    "library bug (the near-singular / retraction step above): a noisy first visit gives a "
+    "local z_i rho S = -5.8, the retraction divides its variance by 12, later visits "
+    "shrink it further (scale 0.004 vs 0.447) and the decayed per-element step leaves it "
+    "stranded 0.86 conditional sd off its conditional optimum after 400 steps (the others: "
+    "0.02-0.06); with seeds 1 and 2 locals end 140 and 86 sd off (variance x1000 steps)")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=BUG_MINIBATCH)
+def test_minibatch_fit_is_sensible(float64, rng):
+    y = _hier_data()
+    pyro.clear_param_store()
+    guide = AutoNormal(hier_model, create_plates=hier_plates)
+    svi = SVI(hier_model, guide, NaturalGradient(guide), Trace_ELBO())
+    for _ in range(400):
+        assert math.isfinite(svi.step(y, torch.randperm(N_LOCAL)[:BATCH]))
+    Lam, mean = hier_exact(y)
+    sd = Lam.diagonal().rsqrt()  # exact mean-field optimum sds
+    P = 1 / TAU_Z ** 2 + 1 / SIGMA_Z ** 2
+    with torch.no_grad():
+        m_mu = guide.locs.mu
+        cond = (m_mu / TAU_Z ** 2 + y / SIGMA_Z ** 2) / P  # exact conditional optimum
+        z_err = (guide.locs.z - cond) * P ** 0.5
+        z_scale = guide.scales.z * P ** 0.5
+    # the global mean within 3 (mean-field) sd of exact after 400 noisy steps
+    assert abs(float((m_mu - mean[0]) / sd[0])) < 3.0
+    # every local within 0.5 conditional sd of its conditional optimum, scale within 25%
+    assert float(z_err.abs().max()) < 0.5, z_err
+    assert float((z_scale - 1).abs().max()) < 0.25, z_scale
+
+
+# ----------------------------------------------------------------------------------------
+# guide evaluations between steps must not perturb the next step
+# ----------------------------------------------------------------------------------------
+BUG_STALE_RECORDS = (
+    "library bug: the draw recorder keeps every guide call since the last step (Predictive "
+    "adds 50) and the next step uses them all as control variate / curvature draws for a "
+    "gradient that came from one draw: the mean jumps from the exact posterior (err 1e-14) "
+    "to 0.09 (~3 sd). The records also grow without bound if the guide is evaluated "
+    "without optimizer steps")
+
+
+@pytest.mark.parametrize("guide_cls", [AutoMultivariateNormal, AutoNormal])
+def test_predictive_between_steps_does_not_perturb(float64, rng, guide_cls):
+    X, y = diabetes()
+    guide = fresh(guide_cls)
+    svi = SVI(blr_model, guide, NaturalGradient(guide, max_kl=None), Trace_ELBO())
+    for _ in range(5):
+        svi.step(X, y)
+    assert_reached(guide, X, y, rtol=1e-6)
+    with torch.no_grad():
+        Predictive(blr_model, guide=guide, num_samples=50, return_sites=["w"])(X, None)
+    svi.step(X, y)
+    # at the optimum the control variate cancels the noise of this step's own draw
+    assert_reached(guide, X, y, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# 7. errors
+# ----------------------------------------------------------------------------------------
+def test_optim_before_guide_has_run():
+    pyro.clear_param_store()
+    guide = AutoNormal(blr_model)
+    opt = NaturalGradient(guide)
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"svi\.step"):
+        opt([p])
+    with pytest.raises(RuntimeError, match=r"svi\.step"):
+        opt.routing()
+
+
+def test_bad_options():
+    pyro.clear_param_store()
+    guide = AutoNormal(blr_model)
+    with pytest.raises(ValueError, match="curvature"):
+        NaturalGradient(guide, curvature="foo")
+    with pytest.raises(ValueError, match=r"initial.*\(0, 1\]"):
+        StepSize(initial=2)
+    with pytest.raises(ValueError, match="initial"):
+        StepSize(initial=0.0)
+    with pytest.raises(ValueError, match="initial"):
+        NaturalGradient(guide, step_size=2.0)
+    with pytest.raises(TypeError, match="PyroOptim"):
+        NaturalGradient(guide, base_optimizer=torch.optim.Adam)
+    with pytest.raises(TypeError, match="PyroOptim"):
+        NaturalGradient(guide, base_optimizer=torch.optim.SGD([torch.zeros(1,
+                                                                            requires_grad=True)],
+                                                              lr=0.1))
+
+
+BUG_MAX_KL_VALIDATION = (
+    "library bug: max_kl is not validated; -1 or nan reach the first step and raise "
+    "FloatingPointError('... this is a bug, please report it'), 0 silently never moves")
+
+
+@pytest.mark.parametrize("max_kl", [0.0, -1.0, float("nan")])
+def test_bad_max_kl_rejected(max_kl):
+    pyro.clear_param_store()
+    guide = AutoNormal(blr_model)
+    with pytest.raises(ValueError, match="max_kl"):
+        NaturalGradient(guide, max_kl=max_kl)
+
+
+# ----------------------------------------------------------------------------------------
+# 9. float32
+# ----------------------------------------------------------------------------------------
+def _fit(dtype, steps, **kwargs):
+    X, y = diabetes(dtype)
+    torch.manual_seed(0)
+    guide = fresh(AutoMultivariateNormal)
+    svi = SVI(blr_model, guide, NaturalGradient(guide, **kwargs), Trace_ELBO())
+    for _ in range(steps):
+        assert math.isfinite(svi.step(X, y))
+        _check_valid(guide)
+    with torch.no_grad():
+        m, L = guide_moments(guide)
+    assert m.dtype == dtype and L.dtype == dtype
+    return m.detach().to(F64), (L @ L.T).detach().to(F64)
+
+
+def test_float32_close_to_float64():
+    m32, S32 = _fit(torch.float32, 20, max_kl=None)
+    _fit(torch.float32, 20)  # default settings: finite and valid throughout
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(F64)
+    try:
+        m64, S64 = _fit(F64, 20, max_kl=None)
+        mu, Sigma, _, _ = exact_posterior(*diabetes())
+    finally:
+        torch.set_default_dtype(old)
+    torch.testing.assert_close(m64, mu, rtol=1e-6, atol=1e-8)
+    # float32 with condition number ~1e2: means to 1e-3 of their scale, covariance to 1e-2
+    torch.testing.assert_close(m32, m64, rtol=0, atol=1e-3 * float(m64.abs().max()))
+    torch.testing.assert_close(S32, S64, rtol=0, atol=1e-2 * float(S64.abs().max()))
