@@ -19,7 +19,7 @@ control variate of :mod:`pyro_natgrad.gaussian`.
 """
 
 from operator import attrgetter
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from pyro import poutine

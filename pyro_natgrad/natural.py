@@ -9,7 +9,7 @@
     # step: alpha -= lr * nat["concentration"], ...
 """
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 from torch.distributions import Distribution

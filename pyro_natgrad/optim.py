@@ -19,7 +19,7 @@ import torch
 import pyro
 from pyro.optim import PyroOptim
 
-from pyro.infer.autoguide import AutoContinuous, AutoGuideList, AutoNormal
+from pyro.infer.autoguide import AutoContinuous, AutoNormal
 
 from .curvature import ModelCurvature
 from .gaussian import diagonal_gaussian_step, full_gaussian_step
