@@ -409,7 +409,8 @@ class ReparamFisher(FisherOperator):
     def __init__(self, specs, batch_shape, base: FisherOperator, phi, elementwise: bool):
         super().__init__(specs, batch_shape)
         self.base, self.phi, self.elementwise = base, phi, elementwise
-        self._u = {s.name: s.value.detach() for s in specs}
+        # Contiguous copies: jvp cannot differentiate through an expanded (stride-0) view.
+        self._u = {s.name: s.value.detach().clone() for s in specs}
         if elementwise:
             ones = {k: torch.ones_like(x) for k, x in self._u.items()}
             _, self.jac = torch.func.jvp(self.phi, (self._u,), (ones,))

@@ -1,4 +1,5 @@
-"""NegativeBinomial (fixed total_count): closed form against exact sums over the support."""
+"""Fisher library checks beyond the cross-check table: NegativeBinomial against exact sums,
+and regressions."""
 
 import pytest
 import torch
@@ -37,3 +38,15 @@ def test_negative_binomial_natural_coordinates_are_log_p():
     assert float(F) == pytest.approx(float(r * p / (1 - p) ** 2), rel=1e-12)
     Fm = fisher_information(dist.NegativeBinomial(r, probs=p), coords="mean")
     assert float(Fm) == pytest.approx(1 / float(F), rel=1e-10)
+
+
+def test_dict_coords_with_an_expanded_untransformed_parameter():
+    # Regression: an expanded (stride-0) parameter left in standard coordinates used to
+    # make torch.func.jvp fail. F_loc in loc = 2u is 4 / sigma^2; scale is untouched.
+    from torch.distributions.transforms import AffineTransform
+
+    d = dist.Normal(torch.zeros(3, dtype=torch.float64),
+                    torch.tensor(0.5, dtype=torch.float64).expand(3))
+    F = fisher_information(d, coords={"loc": AffineTransform(0.0, 2.0)})
+    expected = torch.diag(torch.tensor([16.0, 8.0], dtype=torch.float64)).expand(3, 2, 2)
+    assert torch.allclose(F, expected)

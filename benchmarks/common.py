@@ -1,0 +1,110 @@
+"""Helpers shared by the benchmark scripts: seeding, posterior draws from a guide,
+markdown tables and environment notes."""
+
+import math
+import os
+import platform
+import sys
+import warnings
+
+import numpy as np
+import torch
+import pyro
+from pyro.infer.autoguide import AutoContinuous, AutoNormal
+from torch.distributions import biject_to
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy, torch and pyro (``pyro.set_rng_seed`` covers all three)."""
+    pyro.set_rng_seed(seed)
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+
+
+def guide_draws(guide, num_samples: int):
+    """``{site: constrained value}`` with a leading ``num_samples`` dimension, drawn from
+    an ``AutoContinuous`` or ``AutoNormal`` guide in one vectorised pass.
+
+    This is what ``Predictive(model, guide=guide, num_samples=n)`` returns for the
+    latent sites (the guide draws the unconstrained latent and maps it through
+    ``biject_to(site["fn"].support)``), without running guide and model ``n`` times
+    each. Deterministic sites are recomputed by ``Reference.extract``.
+    """
+    out = {}
+    with torch.no_grad():
+        if isinstance(guide, AutoContinuous):
+            latent = guide.get_posterior().sample((num_samples,))
+            for site, u in guide._unpack_latent(latent):
+                out[site["name"]] = biject_to(site["fn"].support)(u)
+        elif isinstance(guide, AutoNormal):
+            for name, site in guide.prototype_trace.iter_stochastic_nodes():
+                loc = getattr(guide.locs, name).detach()
+                scale = getattr(guide.scales, name).detach()
+                u = loc + scale * torch.randn((num_samples,) + loc.shape, dtype=loc.dtype)
+                out[name] = biject_to(site["fn"].support)(u)
+        else:
+            raise TypeError(f"unsupported guide {type(guide).__name__}")
+    return out
+
+
+def predictive_draws(model, guide, num_samples: int, sites):
+    """The same draws through ``pyro.infer.Predictive`` (slow: runs the guide and the
+    model ``num_samples`` times each)."""
+    from pyro.infer import Predictive
+
+    with torch.no_grad():
+        return Predictive(model, guide=guide, num_samples=num_samples, return_sites=list(sites))()
+
+
+def markdown_table(header, rows) -> str:
+    """A GitHub markdown table from a header list and rows of strings."""
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
+              for i, h in enumerate(header)]
+    line = "| " + " | ".join(str(h).ljust(w) for h, w in zip(header, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    return "\n".join([line, sep] + body)
+
+
+def fmt(x, spec=".3g") -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return format(x, spec)
+
+
+def environment_line() -> str:
+    return (f"python {platform.python_version()}, torch {torch.__version__}, pyro "
+            f"{pyro.__version__}, numpy {np.__version__}; {os.cpu_count()} CPU core(s), "
+            f"torch threads {torch.get_num_threads()}; {platform.machine()}")
+
+
+def log(*args) -> None:
+    """Progress messages go to stderr, tables to stdout."""
+    print(*args, file=sys.stderr, flush=True)
+
+
+class WarningLog:
+    """Record warnings raised inside a ``with`` block (all of them, not once per place)."""
+
+    def __enter__(self):
+        self._cm = warnings.catch_warnings(record=True)
+        self.records = self._cm.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+    def summary(self, limit=3):
+        """``[(category name, first line of message, count)]`` of the distinct warnings."""
+        counts = {}
+        for w in self.records:
+            if issubclass(w.category, DeprecationWarning) and "torch.jit" in str(w.message):
+                continue  # torch's own, raised once when torch.func.jvp first loads
+            key = (w.category.__name__, str(w.message).splitlines()[0][:160])
+            counts[key] = counts.get(key, 0) + 1
+        return [(c, m, n) for (c, m), n in list(counts.items())[:limit]]

@@ -1,0 +1,179 @@
+"""Smoke tests of the example scripts: each runs as a user would run it (a subprocess,
+from the repository root, with a small ``--steps``), and the numbers it prints are
+checked, not only its exit status."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = REPO_ROOT / "examples"
+SCRIPTS = ["linear_regression.py", "logistic_regression.py", "poisson_regression.py",
+           "hierarchical.py", "seeds_demos.py"]
+NUM = r"(-?[0-9]+(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?)"
+
+
+def run_example(script, *args, timeout=240):
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    cmd = [sys.executable, str(EXAMPLES / script), *args]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, (f"{' '.join(cmd)} exited {proc.returncode}\n"
+                                  f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc.stdout
+
+
+def numbers(pattern, text):
+    """The numbers captured by the first match of ``pattern`` (``NUM`` marks a number)."""
+    m = re.search(pattern.replace("{NUM}", NUM), text)
+    assert m is not None, f"no match for {pattern!r} in:\n{text}"
+    return [float(g) for g in m.groups()]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script):
+    out = run_example(script, "--help", timeout=60)
+    assert "usage:" in out and "--steps" in out
+    if script != "seeds_demos.py":  # no SVI there: both methods are always shown
+        for option in ("--optimizer", "--lr", "--seed", "--plot", "--quiet"):
+            assert option in out, f"{script} --help lacks {option}"
+
+
+@pytest.mark.slow
+def test_linear_known_noise_reaches_the_exact_posterior():
+    out = run_example("linear_regression.py", "--steps", "30", "--quiet", "--samples", "2000")
+    (kl,) = numbers(r"KL\(q \|\| exact\) = {NUM} nats", out)
+    err, lo, hi = numbers(r"max \|mean err\| = {NUM} exact sd; sd ratio q/exact = "
+                          r"{NUM}\.\.{NUM}", out)
+    assert kl < 0.05
+    assert err < 0.2 and 0.9 < lo <= hi < 1.1
+    assert "w[bmi]" in out and "exact mean" in out
+
+
+@pytest.mark.slow
+def test_linear_unknown_noise_matches_quadrature():
+    out = run_example("linear_regression.py", "--unknown-noise", "--steps", "30", "--quiet",
+                      "--samples", "2000")
+    err, lo, hi = numbers(r"max \|mean err\| = {NUM} exact sd; sd ratio q/exact = "
+                          r"{NUM}\.\.{NUM}", out)
+    assert err < 0.25 and 0.85 < lo <= hi < 1.15
+    assert re.search(r"^sigma\s", out, re.M), "sigma row missing from the table"
+
+
+def test_linear_adam_option_runs():
+    out = run_example("linear_regression.py", "--optimizer", "adam", "--lr", "0.05",
+                      "--steps", "200", "--quiet", "--samples", "500")
+    assert "Adam (200 steps" in out
+    (kl,) = numbers(r"KL\(q \|\| exact\) = {NUM} nats", out)
+    assert 0 <= kl < 100
+
+
+@pytest.mark.slow
+def test_linear_plot_writes_png(tmp_path):
+    png = tmp_path / "linear.png"
+    out = run_example("linear_regression.py", "--steps", "10", "--compare-steps", "50",
+                      "--quiet", "--samples", "500", "--plot", str(png))
+    assert png.is_file() and png.stat().st_size > 10_000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {png}" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("link", ["logit", "probit"])
+def test_german_credit_against_gold_standard(link):
+    out = run_example("logistic_regression.py", "--link", link, "--steps", "100", "--quiet",
+                      "--samples", "2000")
+    err, lo, hi = numbers(r"max \|mean err\| = {NUM} ref sd; sd ratio q/ref = {NUM}\.\.{NUM}",
+                          out)
+    assert err < 0.2
+    assert 0.9 < lo <= hi < 1.1
+    assert "w[25]" in out
+
+
+@pytest.mark.slow
+def test_poisson_glm_against_statsmodels_mle():
+    out = run_example("poisson_regression.py", "--steps", "100", "--quiet", "--samples", "2000")
+    assert "randhie" in out and "b[lncoins]" in out
+    err, lo, hi = numbers(r"max \|mean - MLE\| = {NUM} SE; sd ratio q/SE = {NUM}\.\.{NUM}", out)
+    # n = 20,190 and a weak prior: posterior ~ N(MLE, SE^2)
+    assert err < 0.5
+    assert 0.9 < lo <= hi < 1.1
+
+
+@pytest.mark.slow
+def test_poisson_gp_against_reference():
+    out = run_example("poisson_regression.py", "--gp", "--steps", "100", "--quiet",
+                      "--samples", "2000")
+    err_f, lo_f, hi_f = numbers(r"f \(latent GP\)\s*: max \|mean err\| = {NUM} ref sd; "
+                                r"sd ratio q/ref = {NUM}\.\.{NUM}", out)
+    _, lo_k, hi_k = numbers(r"rho, alpha \(kernel\)\s*: max \|mean err\| = {NUM} ref sd; "
+                            r"sd ratio q/ref = {NUM}\.\.{NUM}", out)
+    assert err_f < 0.75 and 0.8 < lo_f <= hi_f < 1.4
+    # the kernel parameters' posterior is not Gaussian: the guide is too narrow there
+    assert hi_k < 1.0
+    (loss,) = numbers(r"-ELBO = {NUM} nats", out)
+    assert loss < 65
+
+
+@pytest.mark.slow
+def test_eight_schools_tau_is_out_of_reach_of_a_gaussian_guide():
+    out = run_example("hierarchical.py", "--model", "eight_schools", "--steps", "100",
+                      "--quiet", "--samples", "4000")
+    err, lo, hi = numbers(r"eight schools theta, mu: max \|mean err\| = {NUM} ref sd; "
+                          r"sd ratio q/ref = {NUM}\.\.{NUM}", out)
+    assert err < 0.3 and 0.8 < lo <= hi < 1.25
+    q05_ratio, sd_ratio = numbers(r"q 5% quantile / reference 5% quantile = {NUM}; "
+                                  r"sd ratio = {NUM}", out)
+    assert q05_ratio > 2.0  # the guide misses tau's mass near zero
+    assert "cannot match" in out
+
+
+@pytest.mark.slow
+def test_radon_good_except_the_county_scale():
+    out = run_example("hierarchical.py", "--model", "radon", "--steps", "120", "--quiet",
+                      "--samples", "2000", timeout=300)
+
+    def group(label):
+        return numbers(label + r"\s*: max \|mean err\| = {NUM} ref sd \(median {NUM}\); "
+                       r"sd ratio q/ref = {NUM}\.\.{NUM}", out)
+
+    err, _, lo, hi = group(r"radon weights, noise scale")
+    assert err < 0.5 and 0.8 < lo <= hi < 1.25
+    err, median, lo, hi = group(r"radon county effects \(85\)")
+    assert median < 0.3 and err < 1.0 and 0.75 < lo <= hi < 1.35
+    err, _, lo, _ = group(r"radon county_effect_scale")
+    assert lo < 0.6  # the Gaussian guide is far too narrow for the skewed scale
+    assert "funnel" in out
+
+
+@pytest.mark.slow
+def test_seeds_demos(tmp_path):
+    out = run_example("seeds_demos.py", "--out", str(tmp_path), "--pg-steps", "40")
+    n_euclid, n_metric = numbers(r"Euclidean steepest descent {NUM}, A-metric steepest "
+                                 r"descent {NUM}", out)
+    assert n_metric <= 2 < n_euclid
+    n_gd, n_nat = numbers(r"gradient ascent {NUM} \(best fixed step .*natural-gradient "
+                          r"ascent {NUM} \(step 1\)", out)
+    assert n_nat < n_gd
+    (dev,) = numbers(r"\|Fisher - diag\(1/sigma\^2, 2\)\| <= {NUM}", out)
+    assert dev < 1e-6
+    j_van, j_nat, j_star = numbers(r"vanilla J = {NUM}, natural J = {NUM}, optimum J\* = {NUM}",
+                                   out)
+    assert j_van < j_nat <= j_star + 1e-12
+    for name in ("seeds_a_steepest_descent.png", "seeds_b_fisher_ellipses.png",
+                 "seeds_c_policy_gradient.png"):
+        png = tmp_path / name
+        assert png.is_file() and png.stat().st_size > 10_000, name
+
+
+def test_seeds_policy_gradient_discounted(tmp_path):
+    out = run_example("seeds_demos.py", "--out", str(tmp_path), "--steps", "30",
+                      "--gamma", "0.9", "--theta0-pg", "-1.2", "0.5", "--pg-steps", "30")
+    j_van, j_nat, j_star = numbers(r"vanilla J = {NUM}, natural J = {NUM}, optimum J\* = {NUM}",
+                                   out)
+    assert j_van < j_nat <= j_star
+    assert j_nat - j_van > 0.1  # the gap of Peters & Schaal's figure
