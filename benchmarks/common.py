@@ -8,8 +8,8 @@ import sys
 import warnings
 
 import numpy as np
-import torch
 import pyro
+import torch
 from pyro.infer.autoguide import AutoContinuous, AutoNormal
 from torch.distributions import biject_to
 
@@ -76,8 +76,24 @@ def fmt(x, spec=".3g") -> str:
     return format(x, spec)
 
 
+def library_version() -> str:
+    """The git commit of the working tree, and whether ``pyro_natgrad/`` differs from it."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                                capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pyro_natgrad"], cwd=root,
+                               text=True, capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "git commit unknown"
+    return f"git {commit}" + (" + uncommitted changes in pyro_natgrad/" if dirty else "")
+
+
 def environment_line() -> str:
-    return (f"python {platform.python_version()}, torch {torch.__version__}, pyro "
+    return (f"{library_version()}; "
+            f"python {platform.python_version()}, torch {torch.__version__}, pyro "
             f"{pyro.__version__}, numpy {np.__version__}; {os.cpu_count()} CPU core(s), "
             f"torch threads {torch.get_num_threads()}; {platform.machine()}")
 

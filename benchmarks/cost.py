@@ -38,16 +38,21 @@ import statistics
 import sys
 import time
 
-import torch
 import pyro
 import pyro.distributions as dist
+import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
-    WarningLog, environment_line, log, markdown_table, seed_everything, set_threads,
+    WarningLog,
+    environment_line,
+    log,
+    markdown_table,
+    seed_everything,
+    set_threads,
 )
 
 from pyro_natgrad import NaturalGradient  # noqa: E402
@@ -79,12 +84,16 @@ def plate_model(n, dtype):
 
 
 def vector_model(d, dtype):
+    """``z ~ N(0, I_d)``, ``x ~ N(z, I_d)`` observed: the posterior is ``N(x / 2, I / 2)``
+    (``model.posterior_guide_kwargs`` starts an autoguide exactly there)."""
     data = torch.randn(d, dtype=dtype)
 
     def model():
         z = pyro.sample("z", dist.Normal(torch.zeros(d, dtype=dtype), 1.0).to_event(1))
         pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=data)
 
+    model.posterior_guide_kwargs = {"init_loc_fn": lambda site: data / 2,
+                                    "init_scale": 0.5 ** 0.5}
     return model
 
 
@@ -95,11 +104,11 @@ class Setup:
     hooks, so each natural-gradient call sees the draw behind its gradients, as in a
     real step."""
 
-    def __init__(self, model, guide_cls, seed, **ng_kwargs):
+    def __init__(self, model, guide_cls, seed, guide_kwargs=None, **ng_kwargs):
         pyro.clear_param_store()
         seed_everything(seed)
         self.model = model
-        self.guide = guide_cls(model)
+        self.guide = guide_cls(model, **(guide_kwargs or {}))
         self.ng = NaturalGradient(self.guide, **ng_kwargs)
         self.adam = pyro.optim.Adam({"lr": 0.01})
         self.elbo = Trace_ELBO()
@@ -179,22 +188,56 @@ def profile_call(prepare, call, repeats=5, top=12):
     return py_table, op_table
 
 
+class LinalgLog:
+    """While installed, logs the names of the dense factorisations called through
+    ``torch.linalg`` (benchmark instrumentation: the originals run unchanged).
+    ``path(call)`` runs ``call`` and returns the factorisations it used, in order, e.g.
+    ``"cholesky_ex > eigh > cholesky"``: which branch of the step was taken."""
+
+    NAMES = ("cholesky", "cholesky_ex", "eigh", "eig", "qr", "svd")
+    calls = []
+    _originals = {}
+
+    def __enter__(self):
+        for name in self.NAMES:
+            original = getattr(torch.linalg, name)
+            LinalgLog._originals[name] = original
+
+            def wrapped(*args, _name=name, _original=original, **kwargs):
+                LinalgLog.calls.append(_name)
+                return _original(*args, **kwargs)
+
+            setattr(torch.linalg, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in LinalgLog._originals.items():
+            setattr(torch.linalg, name, original)
+        LinalgLog._originals = {}
+
+    @staticmethod
+    def mark():
+        return len(LinalgLog.calls)
+
+    @staticmethod
+    def since(mark):
+        return " > ".join(LinalgLog.calls[mark:]) or "none"
+
+
 class TimedOptim(pyro.optim.PyroOptim):
-    """Wraps an optimizer so that ``SVI`` calls it as usual while the call is timed.
-    ``paths`` records, per call, how many times ``torch.linalg.cholesky`` ran inside it
-    (the natural gradient's full-rank step calls it only in its PD-preserving
-    retraction; the plain step uses ``cholesky_ex``)."""
+    """Wraps an optimizer so that ``SVI`` calls it as usual while the call is timed;
+    ``paths`` keeps :meth:`LinalgLog.since` of each call."""
 
     def __init__(self, inner):  # no PyroOptim.__init__: nothing of its own to set up
         self.inner = inner
         self.times, self.paths = [], []
 
     def __call__(self, params, *args, **kwargs):
-        calls = _CholeskyCounter.calls
+        mark = LinalgLog.mark()
         start = time.perf_counter()
         self.inner(params, *args, **kwargs)
         self.times.append(time.perf_counter() - start)
-        self.paths.append(_CholeskyCounter.calls - calls)
+        self.paths.append(LinalgLog.since(mark))
 
     def get_state(self):
         return self.inner.get_state()
@@ -203,24 +246,12 @@ class TimedOptim(pyro.optim.PyroOptim):
         self.inner.set_state(state)
 
 
-class _CholeskyCounter:
-    """Counts ``torch.linalg.cholesky`` calls while installed (benchmark instrumentation;
-    the wrapped function is the original, so results are unchanged)."""
-
-    calls = 0
-    original = torch.linalg.cholesky
-
-    @classmethod
-    def wrapped(cls, *args, **kwargs):
-        cls.calls += 1
-        return cls.original(*args, **kwargs)
-
-    def __enter__(self):
-        torch.linalg.cholesky = _CholeskyCounter.wrapped
-        return self
-
-    def __exit__(self, *exc):
-        torch.linalg.cholesky = _CholeskyCounter.original
+def by_path(times, paths):
+    """``{path: [times]}`` in order of first appearance."""
+    out = {}
+    for t, p in zip(times, paths):
+        out.setdefault(p, []).append(t)
+    return out
 
 
 def in_svi(model, guide_cls, seed, steps, baseline=None, skip=SVI_SKIP):
@@ -238,7 +269,7 @@ def in_svi(model, guide_cls, seed, steps, baseline=None, skip=SVI_SKIP):
     adam = TimedOptim(pyro.optim.Adam({"lr": 0.01}))
     svis = [SVI(model, ng_guide, ng, Trace_ELBO()), SVI(model, adam_guide, adam, Trace_ELBO())]
     base_times = []
-    with WarningLog(), _CholeskyCounter():
+    with WarningLog(), LinalgLog():
         for i in range(skip + steps):
             for svi in svis:
                 svi.step()
@@ -252,13 +283,12 @@ def in_svi(model, guide_cls, seed, steps, baseline=None, skip=SVI_SKIP):
 
 
 def context_rows(setup, repeats):
-    """Hook overhead on a guide call, and whole SVI steps (informational)."""
+    """Cost of the optimizer's draw-recording hooks on a guide call (informational)."""
     rows = []
-    guide, model = setup.guide, setup.model
+    guide = setup.guide
 
     def guide_call():
-        with torch.no_grad():
-            guide()
+        guide()  # with grad enabled, as in a step (the hooks skip no_grad calls)
 
     # (the draws recorded here are dropped by detach() below)
     with_hooks = interleaved({"g": (lambda: None, guide_call)}, repeats)["g"]
@@ -376,15 +406,39 @@ def main(argv=None):
                    baseline=lambda: torch.linalg.cholesky(spd))
         log(f"[AutoMultivariateNormal d={args.d} {dname}] fresh gradients ...")
         s = Setup(model, AutoMultivariateNormal, args.seed)
-        with _CholeskyCounter():
-            before = _CholeskyCounter.calls
-            t = interleaved({"ng": (s.prepare, s.ng_call),
+        fresh_paths = []
+
+        def ng_logged(s=s, log_to=fresh_paths):
+            mark = LinalgLog.mark()
+            s.ng_call()
+            log_to.append(LinalgLog.since(mark))
+
+        with LinalgLog():
+            t = interleaved({"ng": (s.prepare, ng_logged),
                              "chol": (lambda: None, lambda: torch.linalg.cholesky(spd)),
                              "adam": (s.prepare, s.adam_call)}, args.repeats)
-            # every chol call is the baseline's; the rest came from natural-gradient steps
-            retractions = _CholeskyCounter.calls - before - (args.repeats + 3)
+        fresh_paths = fresh_paths[3:]  # the timed calls only
+        log(f"[AutoMultivariateNormal d={args.d} {dname}] fresh gradients at the optimum ...")
+        s.ng.detach()
+        o = Setup(model, AutoMultivariateNormal, args.seed,
+                  guide_kwargs=model.posterior_guide_kwargs)
+        opt_paths = []
+
+        def opt_logged(o=o, log_to=opt_paths):
+            mark = LinalgLog.mark()
+            o.ng_call()
+            log_to.append(LinalgLog.since(mark))
+
+        with LinalgLog():
+            to = interleaved({"ng": (o.prepare, opt_logged),
+                              "chol": (lambda: None, lambda: torch.linalg.cholesky(spd))},
+                             args.repeats)
+        opt_paths = opt_paths[3:]
         ok_all = True
-        for setting, ng_t, chol_t in (("fresh gradients", t["ng"], t["chol"]),
+        for setting, ng_t, chol_t in (("fresh gradients, guide at its start", t["ng"],
+                                       t["chol"]),
+                                      ("fresh gradients, guide at the optimum", to["ng"],
+                                       to["chol"]),
                                       (svi_setting, r["ng"], r["base"])):
             ratio = med(ng_t) / med(chol_t)
             verdicts.append(ratio <= 5)
@@ -393,44 +447,33 @@ def main(argv=None):
                          "torch.linalg.cholesky (d x d)", f"{med(ng_t) * 1e3:.1f}",
                          f"{med(chol_t) * 1e3:.1f}", f"{ratio:.2f}", "<= 5",
                          verdict(ratio, 5)])
-        plain = [x for x, n in zip(r["ng"], r["ng_paths"]) if n == 0]
-        retr = [x for x, n in zip(r["ng"], r["ng_paths"]) if n > 0]
-        for label, ts in (("plain steps", plain), ("steps with the PD retraction", retr)):
-            if ts:
-                context.append([mv_case, dname, f"inside SVI: NaturalGradient {label} "
-                                f"({len(ts)} of {len(r['ng'])}) vs one Cholesky",
-                                f"{med(ts) * 1e3:.1f}", f"{med(r['base']) * 1e3:.1f}",
-                                f"{med(ts) / med(r['base']):.2f}"])
-        context.append([mv_case, dname, f"fresh gradients: {retractions} of "
-                        f"{args.repeats + 3} natural-gradient calls took the PD retraction",
-                        "", "", ""])
-        for setting, ng_t, adam_t in (("fresh gradients", t["ng"], t["adam"]),
+        for setting, times, paths, base in (
+                ("fresh gradients, guide at its start", t["ng"], fresh_paths, t["chol"]),
+                ("fresh gradients, guide at the optimum", to["ng"], opt_paths, to["chol"]),
+                ("inside SVI", r["ng"], r["ng_paths"], r["base"])):
+            for path, ts in by_path(times, paths).items():
+                context.append([mv_case, dname, f"{setting}: NaturalGradient calls using "
+                                f"`{path}` ({len(ts)} of {len(times)}) vs one Cholesky",
+                                f"{med(ts) * 1e3:.1f}", f"{med(base) * 1e3:.1f}",
+                                f"{med(ts) / med(base):.2f}"])
+        for setting, ng_t, adam_t in (("fresh gradients, guide at its start", t["ng"],
+                                       t["adam"]),
                                       ("inside SVI", r["ng"], r["adam"])):
             context.append([mv_case, dname, f"{setting}: NaturalGradient update vs "
                             f"pyro.optim.Adam update", f"{med(ng_t) * 1e3:.1f}",
                             f"{med(adam_t) * 1e3:.1f}", f"{med(ng_t) / med(adam_t):.2f}"])
-        if not args.quick:
-            log(f"[AutoMultivariateNormal d={args.d} {dname}] plain path ...")
-            s.ng.detach()
-            p = Setup(model, AutoMultivariateNormal, args.seed, step_size=1e-3)
-            with _CholeskyCounter():
-                before = _CholeskyCounter.calls
-                tp = interleaved({"ng": (p.prepare, p.ng_call),
-                                  "chol": (lambda: None, lambda: torch.linalg.cholesky(spd))},
-                                 args.repeats)
-                retr_p = _CholeskyCounter.calls - before - (args.repeats + 3)
-            context.append([mv_case, dname, "fresh gradients, constant step_size=1e-3 (plain "
-                            f"path; {retr_p} retractions): NaturalGradient update vs one "
-                            "Cholesky", f"{med(tp['ng']) * 1e3:.1f}",
-                            f"{med(tp['chol']) * 1e3:.1f}",
-                            f"{med(tp['ng']) / med(tp['chol']):.2f}"])
-            p.ng.detach()
-            del p, tp
-            s = Setup(model, AutoMultivariateNormal, args.seed)  # the default again
         if want_profile(ok_all):
             log(f"[AutoMultivariateNormal d={args.d} {dname}] profiling ...")
-            profiles.append((f"AutoMultivariateNormal d={args.d} {dname}",
+            profiles.append((f"AutoMultivariateNormal d={args.d} {dname}, guide at the "
+                             f"optimum (path `{opt_paths[0]}`)",
+                             profile_call(o.prepare, o.ng_call)))
+            o.ng.detach()
+            s = Setup(model, AutoMultivariateNormal, args.seed)
+            profiles.append((f"AutoMultivariateNormal d={args.d} {dname}, guide at its start "
+                             f"(path `{fresh_paths[0]}`)",
                              profile_call(s.prepare, s.ng_call)))
+        o.ng.detach()
+        del o
         if dname == args.dtypes[0] and not args.quick:
             label, a, b = svi_step_rows(model, AutoMultivariateNormal, args.seed,
                                         max(5, args.repeats // 3))

@@ -26,16 +26,23 @@ import sys
 import time
 
 import numpy as np
-import torch
 import pyro
+import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
-    WarningLog, environment_line, fmt, guide_draws, log, markdown_table, predictive_draws,
-    seed_everything, set_threads,
+    WarningLog,
+    environment_line,
+    fmt,
+    guide_draws,
+    log,
+    markdown_table,
+    predictive_draws,
+    seed_everything,
+    set_threads,
 )
 
 from pyro_natgrad import NaturalGradient  # noqa: E402
