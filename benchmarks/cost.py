@@ -122,6 +122,10 @@ class Setup:
             for p, v in zip(self.params, self.values):
                 p.data.copy_(v)
                 p.grad = None
+        # Drop the draws recorded by other contenders' prepare() calls (each SVI step
+        # records one guide call: the one behind its gradients).
+        for recorder in self.ng._recorders:
+            recorder.take()
         self.elbo.differentiable_loss(self.model, self.guide).backward()
 
     def ng_call(self):
@@ -315,6 +319,144 @@ def svi_step_rows(model, guide_cls, seed, repeats):
     return ("whole svi.step(), natural gradient vs Adam", med(out["natgrad"]), med(out["adam"]))
 
 
+def autonormal_case(args, dname, dtype, case, svi_setting, rows, context, profiles, verdicts,
+                    want_profile):
+    """AutoNormal, n latent dimensions: natural gradient vs Adam."""
+    model = plate_model(args.n, dtype)
+    log(f"[AutoNormal n={args.n} {dname}] inside SVI steps ...")
+    r = in_svi(model, AutoNormal, args.seed, args.repeats)
+    log(f"[AutoNormal n={args.n} {dname}] fresh gradients ...")
+    s = Setup(model, AutoNormal, args.seed)
+    t = interleaved({"ng": (s.prepare, s.ng_call),
+                     "adam": (s.prepare, s.adam_call)}, args.repeats)
+    ok_all = True
+    for setting, ng_t, adam_t in (("fresh gradients", t["ng"], t["adam"]),
+                                  (svi_setting, r["ng"], r["adam"])):
+        ratio = med(ng_t) / med(adam_t)
+        verdicts.append(ratio <= 1.5)
+        ok_all &= ratio <= 1.5
+        rows.append([case, dname, setting, "NaturalGradient update",
+                     "pyro.optim.Adam update", f"{med(ng_t) * 1e3:.1f}",
+                     f"{med(adam_t) * 1e3:.1f}", f"{ratio:.2f}", "<= 1.5",
+                     verdict(ratio, 1.5)])
+    if want_profile(ok_all):
+        log(f"[AutoNormal n={args.n} {dname}] profiling ...")
+        profiles.append((f"AutoNormal n={args.n} {dname}",
+                         profile_call(s.prepare, s.ng_call)))
+    if dname == args.dtypes[0]:
+        for label, a, b in context_rows(s, args.repeats):
+            context.append([case, dname, label, f"{a * 1e3:.1f}", f"{b * 1e3:.1f}",
+                            f"{a / b:.2f}"])
+        if not args.quick:
+            label, a, b = svi_step_rows(model, AutoNormal, args.seed,
+                                        max(5, args.repeats // 3))
+            context.append([case, dname, label, f"{a * 1e3:.1f}", f"{b * 1e3:.1f}",
+                            f"{a / b:.2f}"])
+    s.ng.detach()
+    del s, r, t
+    if not args.quick:
+        log(f"[AutoNormal n={args.n} {dname}] latent as one event (no plate) ...")
+        e = Setup(event_model(args.n, dtype), AutoNormal, args.seed)
+        te = interleaved({"ng": (e.prepare, e.ng_call),
+                          "adam": (e.prepare, e.adam_call)}, args.repeats)
+        context.append([case, dname, "fresh gradients, latent as one event "
+                        "(`.to_event(1)`, no plate): NaturalGradient vs Adam update",
+                        f"{med(te['ng']) * 1e3:.1f}", f"{med(te['adam']) * 1e3:.1f}",
+                        f"{med(te['ng']) / med(te['adam']):.2f}"])
+        e.ng.detach()
+        del e, te
+    del model
+
+
+def mvn_case(args, dname, dtype, case, svi_setting, rows, context, profiles, verdicts,
+             want_profile):
+    """AutoMultivariateNormal, d: natural gradient vs one Cholesky."""
+    model = vector_model(args.d, dtype)
+    g = torch.Generator().manual_seed(args.seed)
+    M = torch.randn(args.d, args.d, generator=g, dtype=dtype)
+    spd = M @ M.T / args.d + torch.eye(args.d, dtype=dtype)
+    log(f"[AutoMultivariateNormal d={args.d} {dname}] inside SVI steps ...")
+    r = in_svi(model, AutoMultivariateNormal, args.seed, args.repeats,
+               baseline=lambda: torch.linalg.cholesky(spd))
+    log(f"[AutoMultivariateNormal d={args.d} {dname}] fresh gradients ...")
+    s = Setup(model, AutoMultivariateNormal, args.seed)
+    fresh_paths = []
+
+    def ng_logged(s=s, log_to=fresh_paths):
+        mark = LinalgLog.mark()
+        s.ng_call()
+        log_to.append(LinalgLog.since(mark))
+
+    with LinalgLog():
+        t = interleaved({"ng": (s.prepare, ng_logged),
+                         "chol": (lambda: None, lambda: torch.linalg.cholesky(spd)),
+                         "adam": (s.prepare, s.adam_call)}, args.repeats)
+    fresh_paths = fresh_paths[3:]  # the timed calls only
+    log(f"[AutoMultivariateNormal d={args.d} {dname}] fresh gradients at the optimum ...")
+    s.ng.detach()
+    o = Setup(model, AutoMultivariateNormal, args.seed,
+              guide_kwargs=model.posterior_guide_kwargs)
+    opt_paths = []
+
+    def opt_logged(o=o, log_to=opt_paths):
+        mark = LinalgLog.mark()
+        o.ng_call()
+        log_to.append(LinalgLog.since(mark))
+
+    with LinalgLog():
+        to = interleaved({"ng": (o.prepare, opt_logged),
+                          "chol": (lambda: None, lambda: torch.linalg.cholesky(spd))},
+                         args.repeats)
+    opt_paths = opt_paths[3:]
+    ok_all = True
+    for setting, ng_t, chol_t in (("fresh gradients, guide at its start", t["ng"],
+                                   t["chol"]),
+                                  ("fresh gradients, guide at the optimum", to["ng"],
+                                   to["chol"]),
+                                  (svi_setting, r["ng"], r["base"])):
+        ratio = med(ng_t) / med(chol_t)
+        verdicts.append(ratio <= 5)
+        ok_all &= ratio <= 5
+        rows.append([case, dname, setting, "NaturalGradient update",
+                     "torch.linalg.cholesky (d x d)", f"{med(ng_t) * 1e3:.1f}",
+                     f"{med(chol_t) * 1e3:.1f}", f"{ratio:.2f}", "<= 5",
+                     verdict(ratio, 5)])
+    for setting, times, paths, base in (
+            ("fresh gradients, guide at its start", t["ng"], fresh_paths, t["chol"]),
+            ("fresh gradients, guide at the optimum", to["ng"], opt_paths, to["chol"]),
+            ("inside SVI", r["ng"], r["ng_paths"], r["base"])):
+        for path, ts in by_path(times, paths).items():
+            context.append([case, dname, f"{setting}: NaturalGradient calls using "
+                            f"`{path}` ({len(ts)} of {len(times)}) vs one Cholesky",
+                            f"{med(ts) * 1e3:.1f}", f"{med(base) * 1e3:.1f}",
+                            f"{med(ts) / med(base):.2f}"])
+    for setting, ng_t, adam_t in (("fresh gradients, guide at its start", t["ng"],
+                                   t["adam"]),
+                                  ("inside SVI", r["ng"], r["adam"])):
+        context.append([case, dname, f"{setting}: NaturalGradient update vs "
+                        f"pyro.optim.Adam update", f"{med(ng_t) * 1e3:.1f}",
+                        f"{med(adam_t) * 1e3:.1f}", f"{med(ng_t) / med(adam_t):.2f}"])
+    if want_profile(ok_all):
+        log(f"[AutoMultivariateNormal d={args.d} {dname}] profiling ...")
+        profiles.append((f"AutoMultivariateNormal d={args.d} {dname}, guide at the "
+                         f"optimum (path `{opt_paths[0]}`)",
+                         profile_call(o.prepare, o.ng_call)))
+        o.ng.detach()
+        s = Setup(model, AutoMultivariateNormal, args.seed)
+        profiles.append((f"AutoMultivariateNormal d={args.d} {dname}, guide at its start "
+                         f"(path `{fresh_paths[0]}`)",
+                         profile_call(s.prepare, s.ng_call)))
+    o.ng.detach()
+    del o
+    if dname == args.dtypes[0] and not args.quick:
+        label, a, b = svi_step_rows(model, AutoMultivariateNormal, args.seed,
+                                    max(5, args.repeats // 3))
+        context.append([case, dname, label, f"{a * 1e3:.1f}", f"{b * 1e3:.1f}",
+                        f"{a / b:.2f}"])
+    s.ng.detach()
+    del s, r, t, model
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -326,6 +468,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="20 repeats, no whole-step rows")
     p.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
                    help="profile the natural-gradient update: when a target fails (auto)")
+    p.add_argument("--cases", nargs="+", default=["normal", "mvn"], choices=["normal", "mvn"],
+                   help="which targets to measure: AutoNormal, AutoMultivariateNormal (both)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args(argv)
@@ -350,137 +494,12 @@ def main(argv=None):
 
     for dname in args.dtypes:
         dtype = DTYPES[dname]
-        # ---- AutoNormal, n latent dimensions: natural gradient vs Adam -----------------
-        model = plate_model(args.n, dtype)
-        log(f"[AutoNormal n={args.n} {dname}] inside SVI steps ...")
-        r = in_svi(model, AutoNormal, args.seed, args.repeats)
-        log(f"[AutoNormal n={args.n} {dname}] fresh gradients ...")
-        s = Setup(model, AutoNormal, args.seed)
-        t = interleaved({"ng": (s.prepare, s.ng_call),
-                         "adam": (s.prepare, s.adam_call)}, args.repeats)
-        ok_all = True
-        for setting, ng_t, adam_t in (("fresh gradients", t["ng"], t["adam"]),
-                                      (svi_setting, r["ng"], r["adam"])):
-            ratio = med(ng_t) / med(adam_t)
-            verdicts.append(ratio <= 1.5)
-            ok_all &= ratio <= 1.5
-            rows.append([an_case, dname, setting, "NaturalGradient update",
-                         "pyro.optim.Adam update", f"{med(ng_t) * 1e3:.1f}",
-                         f"{med(adam_t) * 1e3:.1f}", f"{ratio:.2f}", "<= 1.5",
-                         verdict(ratio, 1.5)])
-        if want_profile(ok_all):
-            log(f"[AutoNormal n={args.n} {dname}] profiling ...")
-            profiles.append((f"AutoNormal n={args.n} {dname}",
-                             profile_call(s.prepare, s.ng_call)))
-        if dname == args.dtypes[0]:
-            for label, a, b in context_rows(s, args.repeats):
-                context.append([an_case, dname, label, f"{a * 1e3:.1f}", f"{b * 1e3:.1f}",
-                                f"{a / b:.2f}"])
-            if not args.quick:
-                label, a, b = svi_step_rows(model, AutoNormal, args.seed,
-                                            max(5, args.repeats // 3))
-                context.append([an_case, dname, label, f"{a * 1e3:.1f}", f"{b * 1e3:.1f}",
-                                f"{a / b:.2f}"])
-        s.ng.detach()
-        del s, r, t
-        if not args.quick:
-            log(f"[AutoNormal n={args.n} {dname}] latent as one event (no plate) ...")
-            e = Setup(event_model(args.n, dtype), AutoNormal, args.seed)
-            te = interleaved({"ng": (e.prepare, e.ng_call),
-                              "adam": (e.prepare, e.adam_call)}, args.repeats)
-            context.append([an_case, dname, "fresh gradients, latent as one event "
-                            "(`.to_event(1)`, no plate): NaturalGradient vs Adam update",
-                            f"{med(te['ng']) * 1e3:.1f}", f"{med(te['adam']) * 1e3:.1f}",
-                            f"{med(te['ng']) / med(te['adam']):.2f}"])
-            e.ng.detach()
-            del e, te
-        del model
-
-        # ---- AutoMultivariateNormal, d: natural gradient vs one Cholesky --------------
-        model = vector_model(args.d, dtype)
-        g = torch.Generator().manual_seed(args.seed)
-        M = torch.randn(args.d, args.d, generator=g, dtype=dtype)
-        spd = M @ M.T / args.d + torch.eye(args.d, dtype=dtype)
-        log(f"[AutoMultivariateNormal d={args.d} {dname}] inside SVI steps ...")
-        r = in_svi(model, AutoMultivariateNormal, args.seed, args.repeats,
-                   baseline=lambda: torch.linalg.cholesky(spd))
-        log(f"[AutoMultivariateNormal d={args.d} {dname}] fresh gradients ...")
-        s = Setup(model, AutoMultivariateNormal, args.seed)
-        fresh_paths = []
-
-        def ng_logged(s=s, log_to=fresh_paths):
-            mark = LinalgLog.mark()
-            s.ng_call()
-            log_to.append(LinalgLog.since(mark))
-
-        with LinalgLog():
-            t = interleaved({"ng": (s.prepare, ng_logged),
-                             "chol": (lambda: None, lambda: torch.linalg.cholesky(spd)),
-                             "adam": (s.prepare, s.adam_call)}, args.repeats)
-        fresh_paths = fresh_paths[3:]  # the timed calls only
-        log(f"[AutoMultivariateNormal d={args.d} {dname}] fresh gradients at the optimum ...")
-        s.ng.detach()
-        o = Setup(model, AutoMultivariateNormal, args.seed,
-                  guide_kwargs=model.posterior_guide_kwargs)
-        opt_paths = []
-
-        def opt_logged(o=o, log_to=opt_paths):
-            mark = LinalgLog.mark()
-            o.ng_call()
-            log_to.append(LinalgLog.since(mark))
-
-        with LinalgLog():
-            to = interleaved({"ng": (o.prepare, opt_logged),
-                              "chol": (lambda: None, lambda: torch.linalg.cholesky(spd))},
-                             args.repeats)
-        opt_paths = opt_paths[3:]
-        ok_all = True
-        for setting, ng_t, chol_t in (("fresh gradients, guide at its start", t["ng"],
-                                       t["chol"]),
-                                      ("fresh gradients, guide at the optimum", to["ng"],
-                                       to["chol"]),
-                                      (svi_setting, r["ng"], r["base"])):
-            ratio = med(ng_t) / med(chol_t)
-            verdicts.append(ratio <= 5)
-            ok_all &= ratio <= 5
-            rows.append([mv_case, dname, setting, "NaturalGradient update",
-                         "torch.linalg.cholesky (d x d)", f"{med(ng_t) * 1e3:.1f}",
-                         f"{med(chol_t) * 1e3:.1f}", f"{ratio:.2f}", "<= 5",
-                         verdict(ratio, 5)])
-        for setting, times, paths, base in (
-                ("fresh gradients, guide at its start", t["ng"], fresh_paths, t["chol"]),
-                ("fresh gradients, guide at the optimum", to["ng"], opt_paths, to["chol"]),
-                ("inside SVI", r["ng"], r["ng_paths"], r["base"])):
-            for path, ts in by_path(times, paths).items():
-                context.append([mv_case, dname, f"{setting}: NaturalGradient calls using "
-                                f"`{path}` ({len(ts)} of {len(times)}) vs one Cholesky",
-                                f"{med(ts) * 1e3:.1f}", f"{med(base) * 1e3:.1f}",
-                                f"{med(ts) / med(base):.2f}"])
-        for setting, ng_t, adam_t in (("fresh gradients, guide at its start", t["ng"],
-                                       t["adam"]),
-                                      ("inside SVI", r["ng"], r["adam"])):
-            context.append([mv_case, dname, f"{setting}: NaturalGradient update vs "
-                            f"pyro.optim.Adam update", f"{med(ng_t) * 1e3:.1f}",
-                            f"{med(adam_t) * 1e3:.1f}", f"{med(ng_t) / med(adam_t):.2f}"])
-        if want_profile(ok_all):
-            log(f"[AutoMultivariateNormal d={args.d} {dname}] profiling ...")
-            profiles.append((f"AutoMultivariateNormal d={args.d} {dname}, guide at the "
-                             f"optimum (path `{opt_paths[0]}`)",
-                             profile_call(o.prepare, o.ng_call)))
-            o.ng.detach()
-            s = Setup(model, AutoMultivariateNormal, args.seed)
-            profiles.append((f"AutoMultivariateNormal d={args.d} {dname}, guide at its start "
-                             f"(path `{fresh_paths[0]}`)",
-                             profile_call(s.prepare, s.ng_call)))
-        o.ng.detach()
-        del o
-        if dname == args.dtypes[0] and not args.quick:
-            label, a, b = svi_step_rows(model, AutoMultivariateNormal, args.seed,
-                                        max(5, args.repeats // 3))
-            context.append([mv_case, dname, label, f"{a * 1e3:.1f}", f"{b * 1e3:.1f}",
-                            f"{a / b:.2f}"])
-        s.ng.detach()
-        del s, r, t, model
+        if "normal" in args.cases:
+            autonormal_case(args, dname, dtype, an_case, svi_setting, rows, context, profiles,
+                            verdicts, want_profile)
+        if "mvn" in args.cases:
+            mvn_case(args, dname, dtype, mv_case, svi_setting, rows, context, profiles,
+                     verdicts, want_profile)
 
     print("### Cost of the optimizer's own update\n")
     print(f"Only the optimizer call `optim(params)` is timed, never the ELBO; torch threads "

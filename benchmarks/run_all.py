@@ -1,4 +1,4 @@
-"""Run the three benchmark scripts and write their tables to ``benchmarks/RESULTS.md``.
+"""Run the benchmark scripts and write their tables to ``benchmarks/RESULTS.md``.
 
 ::
 
@@ -8,6 +8,9 @@
 Each script runs in its own process (``sys.executable``), from the repository root;
 its stdout (markdown tables) goes into the results file verbatim, its stderr
 (progress) passes through. The results file records the exact commands.
+``ggn_targets`` (issue 4's GGN targets) adds about 4-8 min with ``--quick`` and
+30-45 min with ``--full`` on a shared 2-core machine. ``--only`` rewrites the results
+file with only the sections run; use ``--output`` to keep the full file.
 """
 
 import argparse
@@ -25,6 +28,7 @@ SCRIPTS = [
     ("reference_posteriors", "Reference posteriors (means and sds against gold standards)"),
     ("convergence", "Convergence to the optimal ELBO (closed-form problems)"),
     ("cost", "Cost of the optimizer's own update"),
+    ("ggn_targets", "GGN targets: GLM convergence and the cost of a GGN step"),
 ]
 
 

@@ -10,7 +10,6 @@ Run ``python examples/quickstart.py --help`` for the options.
 """
 
 import argparse
-import math
 
 import numpy as np
 import pyro

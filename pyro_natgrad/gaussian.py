@@ -14,10 +14,16 @@ is, in the whitened coordinates of the current ``q``,
 ``Lambda' = L^{-T} B L^{-1}``, ``B = I + rho (K + K^T)``, ``K = Phi(L^T G_L)``, ``Phi``
 keeping the lower triangle with the diagonal halved. If ``B`` is not positive
 definite with room to spare (``B >= I/2``, when a trust region ``max_kl`` is set;
-positive definite, without one), the step applies ``f(x) = 1 + x + x^2/2`` to the
-negative eigenvalues of ``rho S`` instead, ``S = K + K^T`` (the retraction of the
-improved Bayesian learning rule, Lin, Schmidt & Khan 2020), which is always positive
-definite; with the trust region no step more than doubles the variance in any direction.
+positive definite, without one), the step uses the retraction of the improved
+Bayesian learning rule (Lin, Schmidt & Khan 2020) in matrix form instead,
+``B = I + X + X^2/2 = (I + (I + X)^2) / 2`` with ``X = rho S``, ``S = K + K^T``:
+``f(x) = 1 + x + x^2/2 >= 1/2`` on every eigenvalue of ``X``, so it is always
+positive definite and no such step more than doubles the variance in any direction.
+It takes one matrix product, no eigendecomposition. Which branch applies is decided
+without a factorisation where possible: ``|X|_F < 1/2`` (or ``< 1`` without a trust
+region) bounds the spectrum of ``X``, and a Rayleigh quotient of ``B`` along a
+whitened draw below the floor proves the need to retract; otherwise one Cholesky
+factorisation of ``B - I/2`` decides.
 
 Single-sample gradients are noisy. With the whitened draws ``eps = L^{-1}(z - mu)``
 that produced them, the control variate ``dl/dmu -= L^{-T} E[eps]``,
@@ -26,9 +32,14 @@ cancels the noise that the current precision predicts: all of it at the optimum
 when the posterior is Gaussian. The step functions take these two moments.
 """
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
+
+
+class StepError(ArithmeticError):
+    """A step could not be computed in floating point; the caller skips it."""
 
 
 class GaussianStep(NamedTuple):
@@ -47,6 +58,85 @@ def _phi(x: torch.Tensor) -> torch.Tensor:
 def whitened_sizes(grad_loc_w: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     """``KL(q' || q) ~ rho^2 * size`` for the step: ``|w|^2/2 + |S|_F^2/4``."""
     return 0.5 * grad_loc_w.square().sum(-1) + 0.25 * S.square().sum((-1, -2))
+
+
+#: Below this size the triangular products below use one dense product.
+BLOCK = 128
+
+
+def _tril_mm(A, B, out):
+    """``out = tril(A @ B)`` (``out`` square, ``n x n``), in about half the flops of
+    ``A @ B``: the blocks above the diagonal are never computed."""
+    n = out.shape[-1]
+    if n <= BLOCK:
+        torch.matmul(A, B, out=out)
+        out.tril_()
+        return out
+    h = n // 2
+    _tril_mm(A[:h], B[:, :h], out[:h, :h])
+    out[:h, h:].zero_()
+    torch.matmul(A[h:], B[:, :h], out=out[h:, :h])
+    _tril_mm(A[h:], B[:, h:], out[h:, h:])
+    return out
+
+
+def _tri_mm(T, X, out, upper: bool):
+    """``out = T @ X`` for triangular ``T`` (``n x n``), in half the flops of a dense
+    product."""
+    n = T.shape[-1]
+    if n <= BLOCK:
+        return torch.matmul(T, X, out=out)
+    h = n // 2
+    if upper:  # [T11 X1 + T12 X2; T22 X2]
+        _tri_mm(T[:h, :h], X[:h], out[:h], upper)
+        out[:h].addmm_(T[:h, h:], X[h:])
+        _tri_mm(T[h:, h:], X[h:], out[h:], upper)
+    else:  # [T11 X1; T21 X1 + T22 X2]
+        _tri_mm(T[h:, h:], X[h:], out[h:], upper)
+        out[h:].addmm_(T[h:, :h], X[:h])
+        _tri_mm(T[:h, :h], X[:h], out[:h], upper)
+    return out
+
+
+def _tril_ut_l(U, G, out):
+    """``out = tril(U^T G)`` for lower triangular ``U`` and ``G`` (zero above their
+    diagonals), in half the flops of a Cholesky factorisation plus the blocks' products
+    (a dense product takes six times as many)."""
+    n = U.shape[-1]
+    if n <= BLOCK:
+        torch.matmul(U.mT, G, out=out)
+        return out.tril_()
+    h = n // 2
+    # (U^T G)_11 = U11^T G11 + U21^T G21 and (U^T G)_21 = U22^T G21; the upper right
+    # block of ``out`` holds the lower triangle of U21^T G21 meanwhile.
+    _tril_ut_l(U[:h, :h], G[:h, :h], out[:h, :h])
+    tmp = out[:h, h:2 * h]
+    out[:h, :h].add_(_tril_mm(U[h:, :h].mT, G[h:, :h], tmp))
+    out[:h, h:].zero_()
+    _tri_mm(U[h:, h:].mT, G[h:, :h], out[h:, :h], upper=True)
+    _tril_ut_l(U[h:, h:], G[h:, h:], out[h:, h:])
+    return out
+
+
+def _lower_right_solve(L, V, out):
+    """``out = L V^{-1}`` for lower triangular ``L`` and ``V`` (the result is lower
+    triangular too), in about half the flops of a triangular solve with a dense
+    right-hand side. ``out`` must not overlap ``L`` or ``V``."""
+    n = L.shape[-1]
+    if n <= BLOCK:
+        out.copy_(L)
+        torch.linalg.solve_triangular(V, out, upper=False, left=False, out=out)
+        return out.tril_()
+    h = n // 2
+    _lower_right_solve(L[:h, :h], V[:h, :h], out[:h, :h])
+    out[:h, h:].zero_()
+    _lower_right_solve(L[h:, h:], V[h:, h:], out[h:, h:])
+    # X21 V11 + X22 V21 = L21
+    X21 = out[h:, :h]
+    _tri_mm(out[h:, h:], V[h:, :h], X21, upper=False)
+    torch.sub(L[h:, :h], X21, out=X21)
+    torch.linalg.solve_triangular(V[:h, :h], X21, upper=False, left=False, out=X21)
+    return out
 
 
 def full_gaussian_step(loc, scale_tril, grad_loc, grad_scale_tril, rho,
@@ -69,6 +159,10 @@ def full_gaussian_step(loc, scale_tril, grad_loc, grad_scale_tril, rho,
         (replaces the ``eps_moments`` control variate for the mean).
     :returns: :class:`GaussianStep` with the new ``loc`` and ``scale_tril``.
     """
+    if scale_tril.dim() == 2:
+        G = None if precision_target is not None else grad_scale_tril.tril()
+        return full_step(loc, scale_tril.tril(), grad_loc, G, rho, eps_moments, None, max_kl,
+                         precision_target, loc_correction)
     L = scale_tril
     d = L.shape[-1]
     eye = torch.eye(d, dtype=L.dtype, device=L.device)
@@ -92,23 +186,119 @@ def full_gaussian_step(loc, scale_tril, grad_loc, grad_scale_tril, rho,
         rho = torch.minimum(rho, (max_kl / size).sqrt())
     r = rho[..., None, None]
     B = eye + r * S
-    # With a trust region, B = I + rho S while B >= I/2, otherwise B = f(rho S) with
-    # f(x) = 1 + x for x >= 0 and 1 + x + x^2/2 below (the iBLR retraction), so no step
-    # more than doubles the variance in any direction however noisy S is. Without one
-    # (exact gradients), I + rho S whenever it is positive definite. One Cholesky checks.
     _, info = torch.linalg.cholesky_ex(B - 0.5 * eye if max_kl is not None else B)
     retract = info != 0
     if bool(retract.any()):
-        lam, Q = torch.linalg.eigh(r * S)
-        f = torch.where(lam < 0, 1 + lam + 0.5 * lam.square(), 1 + lam)
-        B = torch.where(retract[..., None, None], (Q * f.unsqueeze(-2)) @ Q.mT, B)
-    # UL factorisation B = U U^T (U upper) via the Cholesky factor of the reversed matrix.
-    C = torch.linalg.cholesky(B.flip(-1, -2))
-    U = C.flip(-1, -2)
-    # Sigma' = L B^{-1} L^T = (L U^{-T})(L U^{-T})^T and L U^{-T} is lower triangular.
+        B = torch.where(retract[..., None, None], 0.5 * (eye + B @ B), B)
+    U = torch.linalg.cholesky(B.flip(-1, -2)).flip(-1, -2)
     L_new = torch.linalg.solve_triangular(U.mT, L, upper=False, left=False)
     step = (L_new @ (L_new.mT @ g.unsqueeze(-1))).squeeze(-1)
     return GaussianStep(loc - rho[..., None] * step, L_new, rho, retract)
+
+
+def full_step(loc, L, grad_loc, G, rho, eps_moments=None, draws=None,
+              max_kl: Optional[float] = None, precision_target=None, loc_correction=None,
+              work=None):
+    """:func:`full_gaussian_step` for one Gaussian (no batch dimensions), with fewer
+    flops and no temporaries of size ``d x d`` beyond ``work``.
+
+    ``L`` and ``G`` must be lower triangular (zero above the diagonal; ``G`` is
+    ignored with a ``precision_target``). ``draws``: the whitened draws ``(n, d)``
+    behind the gradients, whose second moment is then applied as a rank-``n`` update
+    (``eps_moments[1]`` is not read and may be None). ``work``: two scratch ``d x d``
+    tensors, not overlapping the inputs; the returned ``scale_tril`` is one of them.
+    Nothing else is modified.
+    """
+    if work is None:
+        work = [torch.empty_like(L), torch.empty_like(L)]
+    P, S = work
+    g = grad_loc
+    # Only the lower triangle of the symmetric S (and B) is formed: it is all that the
+    # factorisations read.
+    if precision_target is not None:
+        torch.matmul(L.mT, torch.matmul(precision_target, L, out=P), out=S)
+        S.diagonal().sub_(1)
+    else:
+        # S = Phi(P) + Phi(P)^T - (E[eps eps^T] - I) with P = tril(L^T G), whose lower
+        # triangle is P's own, less that of E[eps eps^T] - I.
+        _tril_ut_l(L, G, S)
+        if draws is not None:
+            S.addmm_(draws.mT, draws, alpha=-1.0 / draws.shape[0])
+            S.diagonal().add_(1)
+        elif eps_moments is not None:
+            S.sub_(eps_moments[1])
+            S.diagonal().add_(1)
+    S.tril_()
+    if loc_correction is not None:
+        g = g - loc_correction
+    elif eps_moments is not None:
+        g = g - torch.linalg.solve_triangular(
+            L.mT, eps_moments[0].unsqueeze(-1), upper=True).squeeze(-1)
+    # |S|_F^2 from the lower triangle
+    s_norm = math.sqrt(max(0.0, 2 * float(torch.linalg.vector_norm(S)) ** 2
+                           - float(torch.linalg.vector_norm(S.diagonal())) ** 2))
+    rho = float(rho)
+    if max_kl is not None:
+        w = L.mT @ g
+        size = 0.5 * float(w.square().sum()) + 0.25 * s_norm ** 2
+        if size > 0:
+            rho = min(rho, math.sqrt(max_kl / size))
+    # B = I + X, X = rho S, while B >= I/2 with a trust region (no variance more than
+    # doubles), or while B > 0 without one; else the iBLR retraction
+    # B = I + X + X^2/2 = (I + (I + X)^2) / 2, which always is >= I/2.
+    B = S.mul_(rho)
+    B.diagonal().add_(1)
+    floor = 0.5 if max_kl is not None else 0.0
+    if rho * s_norm < 1 - floor:
+        retract = False  # the spectrum of X lies within +-|X|_F
+    else:
+        retract = _below(B, floor, draws, eps_moments)
+
+    def retraction(B):
+        Y = torch.add(B, B.mT, out=P)  # I + X in full
+        Y.diagonal().sub_(B.diagonal())
+        B = _tril_mm(Y, Y, S)
+        B.diagonal().add_(1)
+        return B.mul_(0.5)
+
+    if retract:
+        B = retraction(B)
+    # UL factorisation B = U U^T (U upper): the Cholesky factor R^T R of the reversed
+    # matrix, which upper=True reads from its upper triangle (B's lower one); then
+    # V = U^T = flip(R) is lower triangular.
+    R, info = torch.linalg.cholesky_ex(B.flip(-1, -2), upper=True)
+    if (info != 0 or not bool(torch.isfinite(R.diagonal()).all())) and not retract:
+        # I + X passed the check by a rounding error's margin (an extreme curvature
+        # estimate, e.g. exp of a far draw under a Poisson likelihood): retract.
+        retract = True
+        B = retraction(B)
+        R, info = torch.linalg.cholesky_ex(B.flip(-1, -2), upper=True)
+    if info != 0 or not bool(torch.isfinite(R.diagonal()).all()):
+        raise StepError("the precision update is not positive definite in floating point "
+                        "(a non-finite or extreme curvature estimate)")
+    V = R.flip(-1, -2)
+    # Sigma' = L B^{-1} L^T = (L U^{-T})(L U^{-T})^T and L U^{-T} = L V^{-1} is lower
+    # triangular.
+    L_new = _lower_right_solve(L, V, P)
+    step = L_new @ (L_new.mT @ g)
+    return GaussianStep(loc - rho * step, L_new, torch.as_tensor(rho, dtype=L.dtype),
+                        torch.as_tensor(retract))
+
+
+def _below(B, floor, draws, eps_moments) -> bool:
+    """Whether ``B - floor I`` is not positive definite (``B`` symmetric, given by its
+    lower triangle, zero above): yes at once if a Rayleigh quotient along the draws (or
+    their mean) shows it, else one Cholesky factorisation decides."""
+    vs = draws if draws is not None else (
+        eps_moments[0].unsqueeze(0) if eps_moments is not None else None)
+    if vs is not None:
+        nv = vs.square().sum(-1)
+        q = 2 * ((vs @ B.mT) * vs).sum(-1) - (vs.square() * B.diagonal()).sum(-1)
+        if bool(((q < floor * nv) & (nv > 0)).any()):
+            return True
+    M = B.clone()
+    M.diagonal().sub_(floor)
+    return bool(torch.linalg.cholesky_ex(M)[1] != 0)
 
 
 def diagonal_gaussian_step(loc, scale, grad_loc, grad_scale, rho,
@@ -149,3 +339,56 @@ def diagonal_gaussian_step(loc, scale, grad_loc, grad_scale, rho,
     scale_new = scale * B.rsqrt()
     direction = scale_new.square() * g if loc_step is None else loc_step
     return GaussianStep(loc - rho * direction, scale_new, rho, retract)
+
+
+#: Elements per pass of :func:`softplus_diagonal_step`: its temporaries stay in cache.
+CHUNK = 1 << 18
+
+
+def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_kl: float,
+                           out_loc, out_raw, work):
+    """:func:`diagonal_gaussian_step` with a trust region, fused for the parameterisation
+    ``scale = softplus(raw)`` of Pyro's guides and written without temporaries of full
+    size: the new ``loc`` and ``raw`` go to ``out_loc`` and ``out_raw``.
+
+    The same maths, in the unconstrained coordinates: ``dl/dscale = dl/draw / sigmoid(raw)``
+    with ``sigmoid(raw) = e / (1 + e)``, ``e = exp(raw)``, ``softplus(raw) = log1p(e)``;
+    ``eps = (draw - loc) / scale`` (one draw, or None for no control variate);
+    ``rho_i = min(rho, sqrt(max_kl / size_i))``; ``B = 1 + x + min(x, 0)^2 / 2``,
+    ``x = rho_i S``; ``scale' = scale / sqrt(B)``, ``loc' = loc - rho_i scale'^2 g``,
+    ``raw' = log(expm1(scale'))``. Needs ``raw <= 20`` (where ``softplus`` is
+    ``log1p(exp)``) and 1-d contiguous tensors of one length.
+
+    :param work: a list of 5 scratch tensors of length ``min(len(loc), CHUNK)``.
+    :returns: ``sum(rho_i)``, a 0-d tensor.
+    """
+    n = loc.shape[0]
+    taken = loc.new_zeros(())
+    w = 0.5 / max_kl
+    for start in range(0, n, CHUNK):
+        stop = min(n, start + CHUNK)
+        r, m, gl, gr = (t[start:stop] for t in (raw, loc, grad_loc, grad_raw))
+        s, A, C, D, E = (t[:stop - start] for t in work)
+        torch.exp(r, out=A)
+        torch.log1p(A, out=s)                          # scale
+        torch.div(gr, A, out=C)
+        C.mul_(A.add_(1)).mul_(s)                      # scale dl/dscale
+        if draw is not None:
+            torch.sub(draw[start:stop], m, out=D).div_(s)   # eps
+            g = torch.addcdiv(gl, D, s, value=-1, out=A)     # dl/dloc - eps / scale
+            C.addcmul_(D, D, value=-1).add_(1)               # S
+        else:
+            g = gl
+        torch.mul(s, g, out=D)
+        # rho_i = min(rho, (size / max_kl)^(-1/2)), size = |scale g|^2 / 2 + S^2 / 4
+        D.mul_(D).mul_(w).addcmul_(C, C, value=0.5 * w).rsqrt_().clamp_max_(rho)
+        taken += D.sum()
+        C.mul_(D)                                      # x
+        torch.clamp_max(C, 0, out=E)
+        C.add_(1).addcmul_(E, E, value=0.5).rsqrt_()   # B^(-1/2)
+        torch.mul(s, C, out=E)                         # scale'
+        D.mul_(g).mul_(E)
+        torch.addcmul(m, D, E, value=-1, out=out_loc[start:stop])
+        torch.expm1(E, out=D)
+        torch.log(D, out=out_raw[start:stop])
+    return taken

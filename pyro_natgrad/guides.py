@@ -27,6 +27,7 @@ from pyro.infer.autoguide import (
     AutoDiagonalNormal, AutoGuide, AutoGuideList, AutoMultivariateNormal, AutoNormal,
 )
 from torch.distributions import transform_to
+from torch.distributions.transforms import ExpTransform
 
 
 class DrawRecorder:
@@ -89,7 +90,18 @@ class DrawRecorder:
         return state
 
 
-def _elementwise_derivative(transform, x):
+def _is_softplus(transform) -> bool:
+    return type(transform).__name__ == "SoftplusTransform" and \
+        type(transform).__module__.startswith(("pyro.", "torch."))
+
+
+def _elementwise_derivative(transform, x, y=None):
+    """``d transform(x) / dx`` of an elementwise transform; ``y = transform(x)`` if known.
+    Closed forms for softplus (the sigmoid) and exp, a forward-mode derivative otherwise."""
+    if _is_softplus(transform):
+        return torch.sigmoid(x)
+    if isinstance(transform, ExpTransform):
+        return torch.exp(x) if y is None else y
     _, d = torch.func.jvp(transform, (x,), (torch.ones_like(x),))
     return d
 
@@ -104,6 +116,17 @@ class _Group:
 
     def tensors(self):
         return list(self.params.values())
+
+    def work(self, shapes, dtype, device):
+        """Scratch tensors of these shapes for the optimizer's step, kept between steps
+        (so that a large step allocates no memory)."""
+        key = (tuple(shapes), dtype, device)
+        work = getattr(self, "_work", None)
+        if work is None or work[0] != key:
+            self._work = None  # free the old ones first
+            work = self._work = (key, [torch.empty(n, dtype=dtype, device=device)
+                                       for n in shapes])
+        return work[1]
 
     def grads(self):
         return {k: p.grad for k, p in self.params.items()}
@@ -123,7 +146,12 @@ class DiagonalGaussianGroup(_Group):
 
     def scale(self):
         raw = self.params["scale"].detach()
-        return self.transforms["scale"](raw), _elementwise_derivative(self.transforms["scale"], raw)
+        scale = self.transforms["scale"](raw)
+        return scale, _elementwise_derivative(self.transforms["scale"], raw, scale)
+
+    def softplus(self) -> bool:
+        """Whether ``scale = softplus(raw)`` (Pyro's default), which has a fused step."""
+        return _is_softplus(self.transforms["scale"])
 
     def eps_moments(self, records, loc, scale):
         """``(E[eps], E[eps^2], visits)`` over the recorded draws, full-size tensors
@@ -181,24 +209,40 @@ class FullGaussianGroup(_Group):
         super().__init__(key, site, {"loc": loc, "scale": scale_raw, "scale_tril": tril_raw},
                          {"scale": scale_transform, "scale_tril": tril_transform})
 
+    def scale(self):
+        """``(scale, d scale / d raw)``."""
+        raw = self.params["scale"].detach()
+        s = self.transforms["scale"](raw)
+        return s, _elementwise_derivative(self.transforms["scale"], raw, s)
+
+    def unit_tril(self) -> bool:
+        """Whether ``U = tril(raw, -1) + I`` (Pyro's parameterisation)."""
+        return type(self.transforms["scale_tril"]).__name__ == "UnitLowerCholeskyTransform"
+
     def factors(self):
         raw = self.params["scale"].detach()
         s = self.transforms["scale"](raw)
-        ds = _elementwise_derivative(self.transforms["scale"], raw)
+        ds = _elementwise_derivative(self.transforms["scale"], raw, s)
         U = self.transforms["scale_tril"](self.params["scale_tril"].detach())
         return s, ds, U
 
-    def eps_moments(self, records, loc, L):
-        eps = []
+    def eps_draws(self, records, loc, L):
+        """The whitened draws ``L^{-1}(z - loc)`` of the recorded guide calls, ``(n, d)``;
+        None without any."""
+        zs = []
         for record in records:
             if self.site in record:
                 z = record[self.site][0]
-                z = z.reshape((-1, z.shape[-1]))
-                eps.append(torch.linalg.solve_triangular(
-                    L, (z - loc).unsqueeze(-1), upper=False).squeeze(-1))
-        if not eps:
+                zs.append(z.reshape((-1, z.shape[-1])))
+        if not zs:
             return None
-        eps = torch.cat(eps)
+        z = torch.cat(zs) if len(zs) > 1 else zs[0]
+        return torch.linalg.solve_triangular(L, (z - loc).mT, upper=False).mT
+
+    def eps_moments(self, records, loc, L):
+        eps = self.eps_draws(records, loc, L)
+        if eps is None:
+            return None
         return eps.mean(0), eps.mT @ eps / eps.shape[0]
 
 

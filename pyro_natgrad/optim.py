@@ -7,8 +7,11 @@
 
 Gaussian guide parameters take mirror-descent steps in natural parameters
 (:mod:`pyro_natgrad.gaussian`) with a decaying step size and a control variate
-against the noise of single-sample gradients; every other parameter goes to a
-base optimizer (Adam by default). :meth:`NaturalGradient.routing` says which.
+against the noise of single-sample gradients; the parameters of hand-written guide
+sites in other exponential families take mirror-descent steps too
+(:mod:`pyro_natgrad.expfam_step`); every other parameter goes to a base optimizer
+(Adam by default, or :class:`~pyro_natgrad.AmortisedNaturalGradient` for networks).
+:meth:`NaturalGradient.routing` says which.
 """
 
 import math
@@ -19,11 +22,14 @@ import torch
 import pyro
 from pyro.optim import PyroOptim
 
-from pyro.infer.autoguide import AutoContinuous, AutoNormal
+from pyro.infer.autoguide import AutoContinuous, AutoGuide, AutoNormal
 
 from .curvature import ModelCurvature
-from .gaussian import diagonal_gaussian_step, full_gaussian_step
+from .gaussian import (CHUNK, StepError, diagonal_gaussian_step, full_step,
+                       softplus_diagonal_step)
 from .guides import DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide
+from .handwritten import describe_rejected, find_svi_args, read_handwritten
+from .lowrank import LowRankGaussianGroup, read_lowrank
 from .schedule import StepSize
 
 #: Largest latent dimension for which ``curvature="auto"`` computes the model's Hessian.
@@ -35,13 +41,27 @@ class NaturalGradientWarning(UserWarning):
 
 
 class NaturalGradient(PyroOptim):
-    """Natural-gradient optimizer for Gaussian variational guides.
+    """Natural-gradient optimizer for variational guides.
 
-    Supported guides: :class:`~pyro.infer.autoguide.AutoNormal`,
-    :class:`~pyro.infer.autoguide.AutoDiagonalNormal`,
-    :class:`~pyro.infer.autoguide.AutoMultivariateNormal`, and
-    :class:`~pyro.infer.autoguide.AutoGuideList` of these. Other parameters
-    (of the model, of other guide parts) are updated by ``base_optimizer``.
+    Supported guides:
+
+    * :class:`~pyro.infer.autoguide.AutoNormal`,
+      :class:`~pyro.infer.autoguide.AutoDiagonalNormal`,
+      :class:`~pyro.infer.autoguide.AutoMultivariateNormal`, and
+      :class:`~pyro.infer.autoguide.AutoGuideList` of these: the steps below;
+    * :class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal`: natural-gradient
+      steps for ``loc`` only, its covariance factors go to ``base_optimizer``
+      (:mod:`pyro_natgrad.lowrank` says why, and measures it against Adam);
+    * hand-written guides whose sample sites take ``pyro.param`` values directly
+      (any constraint) as the parameters of a family with a closed-form Fisher:
+      Normal and MultivariateNormal(scale_tril) as below, Gamma, Beta, Dirichlet,
+      Categorical and the other exponential families by mirror descent in natural
+      parameters (:mod:`pyro_natgrad.handwritten`). The guide is read once with the
+      arguments of ``SVI.step``, found on the call stack; outside SVI call
+      :meth:`read_guide` first.
+
+    Other parameters (of the model, of other guide parts, transformed in the guide)
+    are updated by ``base_optimizer``, with one warning that lists them.
 
     Each Gaussian ``q = N(mu, Sigma)`` takes the step
     ``Lambda' = Lambda + 2 rho dl/dSigma``, ``mu' = mu - rho Sigma' dl/dmu`` on the loss
@@ -108,6 +128,12 @@ class NaturalGradient(PyroOptim):
         self._warned_params = set()
         self._warned_no_draws = False
         self._use_curvature = False
+        # Hand-written guides: the guide's arguments (to trace it), the names of its
+        # parameters and why any of them take base-optimizer steps.
+        self._guide_args = None
+        self._param_names: Dict[int, tuple] = {}
+        self._rejected: Dict[int, str] = {}
+        self._seen_params = set()
         self._attach()
         # PyroOptim's bookkeeping, used by get_state/set_state of the base class API.
         self.optim_objs, self.grad_clip, self._state_waiting_to_be_consumed = {}, {}, {}
@@ -133,8 +159,23 @@ class NaturalGradient(PyroOptim):
             self._curvature.remove()
             self._curvature = None
 
+    def _handwritten(self) -> bool:
+        return not isinstance(self.guide, AutoGuide)
+
     def _discover(self):
-        groups = read_guide(self.guide)
+        if self._handwritten():
+            if self._guide_args is None:
+                self._guide_args = find_svi_args(self)
+            if self._guide_args is None:
+                raise RuntimeError(
+                    "NaturalGradient needs the arguments of a hand-written guide to read it; "
+                    "inside SVI.step they are found automatically, otherwise call "
+                    "optim.read_guide(*args, **kwargs) with the guide's arguments first")
+            groups, self._param_names, self._rejected = read_handwritten(
+                self.guide, *self._guide_args)
+        else:
+            groups = read_guide(self.guide) + read_lowrank(self.guide)
+            self._param_names, self._rejected = {}, {}
         self._groups = {g.key: g for g in groups}
         self._owner = {p: g for g in groups for p in g.tensors()}
         sites = [g.site for g in groups]
@@ -142,7 +183,8 @@ class NaturalGradient(PyroOptim):
             r.sites = set(sites)
         for key in list(self._groups) + ["curvature"]:
             self._state.setdefault(key, self._waiting_state.pop(key, {"t": 0}))
-        self._use_curvature = self._curvature_applies(groups)
+        gaussian = all(isinstance(g, (DiagonalGaussianGroup, FullGaussianGroup)) for g in groups)
+        self._use_curvature = gaussian and self._curvature_applies(groups)
 
     def _curvature_applies(self, groups) -> bool:
         if self._curvature is None or not self.control_variate:
@@ -164,23 +206,55 @@ class NaturalGradient(PyroOptim):
         if self._groups is None:
             self._discover()
         names = {}
+        if self._handwritten():
+            for p, name in self._param_names.values():
+                names[p] = name
         if isinstance(self.guide, torch.nn.Module):
             for name, p in self.guide.named_parameters():
-                names[p] = name
+                names.setdefault(p, name)
         out = {}
         for g in self._groups.values():
             for role, p in g.params.items():
                 out[names.get(p, f"{g.key}.{role}")] = f"natural gradient ({g.kind}, {g.key})"
         for p, name in names.items():
             if p not in self._owner:
-                out[name] = f"base optimizer ({type(self.base_optimizer).__name__})"
+                reason = self._rejected.get(id(p))
+                out[name] = f"base optimizer ({type(self.base_optimizer).__name__})" + (
+                    f": {reason}" if reason else "")
         return out
+
+    def read_guide(self, *args, **kwargs) -> Dict[str, str]:
+        """Read a hand-written guide by running it once with these arguments (under
+        ``poutine.trace`` and ``poutine.block``, the random state restored). ``SVI.step``
+        does this itself on its first call (the optimizer finds the step's arguments on
+        the call stack); call it in a custom loop that calls the optimizer directly, or
+        to see :meth:`routing` before the first step. Returns :meth:`routing`."""
+        self._guide_args = (args, kwargs)
+        self._discover()
+        return self.routing()
 
     # ---- the step -------------------------------------------------------------------
     def __call__(self, params, *args, **kwargs):
         params = list(params)
         if self._groups is None or self._guide_changed(params):
             self._discover()
+        elif self._handwritten() and any(p not in self._seen_params for p in params):
+            # New parameter tensors (created late, or a param store loaded): read again,
+            # with this step's arguments when SVI.step is the caller.
+            self._guide_args = find_svi_args(self) or self._guide_args
+            self._discover()
+        if self._handwritten():
+            self._seen_params.update(params)
+        if self._rejected:
+            new = [p for p in params if p not in self._owner and p not in self._warned_params]
+            if new:
+                self._warned_params.update(new)
+                listed = describe_rejected(self._rejected, self._param_names, new)
+                warnings.warn(
+                    f"NaturalGradient: {len(new)} parameter(s) take "
+                    f"{type(self.base_optimizer).__name__} steps: {'; '.join(listed[:8])}"
+                    f"{' ...' if len(listed) > 8 else ''}. See NaturalGradient.routing().",
+                    NaturalGradientWarning)
         self._warn_fallback(params)
         records = []
         for r in self._recorders:
@@ -237,7 +311,7 @@ class NaturalGradient(PyroOptim):
         grads = group.grads()
         if any(g is None for g in grads.values()):
             return  # a part of the guide unused in this step
-        if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
+        if not _all_finite(grads.values()):
             self._skipped += 1
             warnings.warn(f"non-finite gradient for {group.key}: step skipped "
                           f"({self._skipped} skipped so far); the parameters are unchanged",
@@ -249,14 +323,34 @@ class NaturalGradient(PyroOptim):
                 self._step_diagonal(group, grads, records, state)
             elif isinstance(group, FullGaussianGroup):
                 self._step_full(group, grads, records, state)
+            elif hasattr(group, "natural_step"):
+                # Hand-written guide sites and AutoLowRankMultivariateNormal.
+                rho = self.step_size(state["t"])
+                if isinstance(group, LowRankGaussianGroup):
+                    used = group.natural_step(grads, rho, self.max_kl, records)
+                else:
+                    used = group.natural_step(grads, rho, self.max_kl)
+                if used is None:
+                    self._skipped += 1
+                    warnings.warn(f"singular Fisher for {group.key}: step skipped "
+                                  f"({self._skipped} skipped so far); the parameters are "
+                                  f"unchanged", NaturalGradientWarning)
+                else:
+                    state["t"] += float(_fraction_taken(used, rho).mean())
 
     def _step_diagonal(self, group, grads, records, state):
         loc = group.params["loc"]
         raw = group.params["scale"]
+        # Per-element step counts only for plates that are subsampled (or were): an
+        # unsubsampled plate steps every element every time, like an event dimension.
+        per_element = bool(group.plates) and (
+            torch.is_tensor(state.get("t_elem")) or self._subsampled(group, records))
+        if not per_element and self._step_diagonal_fused(group, grads, records, state):
+            return
         scale, dscale = group.scale()
         g_loc, g_scale = grads["loc"], grads["scale"] / dscale
         moments = group.eps_moments(records, loc.detach(), scale) if records else None
-        if group.plates:
+        if per_element:
             # Subsampled local latents: only the visited elements have gradients, scaled
             # like the ELBO by full_size / size; the natural step uses the unscaled ones.
             active = (g_loc != 0) | (g_scale != 0)
@@ -264,8 +358,8 @@ class NaturalGradient(PyroOptim):
             if visits is not None:
                 active = active | (visits > 0)
             t = state.get("t_elem")
-            if t is None or not torch.is_tensor(t):
-                t = torch.zeros_like(loc.detach())
+            if not torch.is_tensor(t):
+                t = torch.full_like(loc.detach(), float(state["t"]))
             c = self._plate_scale(group, records, loc)
             g_loc, g_scale = g_loc / c, g_scale / c
             rho = self.step_size(t)
@@ -286,6 +380,59 @@ class NaturalGradient(PyroOptim):
             state["t_elem"] = t + active.to(t.dtype) * taken
             state["t"] += 1
 
+    def _subsampled(self, group, records) -> bool:
+        """Whether this step's draws (or, without any, the guide's prototype trace) of
+        the group's site come from a subsampled plate."""
+        stack = None
+        for record in records:
+            if group.site in record:
+                stack = record[group.site][1]
+                break
+        if stack is None:
+            name = group.site[: -len("_unconstrained")]
+            stack = self.guide.prototype_trace.nodes[name]["cond_indep_stack"]
+        return any(f.full_size is not None and f.full_size != f.size for f in stack)
+
+    def _step_diagonal_fused(self, group, grads, records, state) -> bool:
+        """The step of :meth:`_step_diagonal` for the common case (softplus scale, a trust
+        region, one draw or none, no subsampling) by :func:`softplus_diagonal_step`,
+        without temporaries of full size. False (nothing changed) where it does not apply."""
+        loc, raw = group.params["loc"], group.params["scale"]
+        g_loc, g_raw = grads["loc"], grads["scale"]
+        if self.max_kl is None or not group.softplus() or loc.dtype not in (
+                torch.float32, torch.float64) or loc.shape != raw.shape:
+            return False
+        draw = None
+        if records:
+            found = [r[group.site][0] for r in records if group.site in r]
+            if len(found) != 1 or found[0].shape != loc.shape:
+                return False
+            draw = found[0].reshape(-1)
+        tensors = (loc, raw, g_loc, g_raw)
+        if any(t.shape != loc.shape or t.dtype != loc.dtype or t.device != loc.device
+               or not t.is_contiguous() for t in tensors) or (
+                draw is not None and (draw.dtype != loc.dtype or draw.device != loc.device)):
+            return False
+        n = loc.numel()
+        if n == 0:
+            return False
+        lo, hi = torch.aminmax(raw.detach())
+        if not (float(hi) <= 20.0 and float(lo) >= -30.0):
+            return False  # softplus is not log1p(exp(raw)) there, or the scale underflows
+        flat = [t.detach().reshape(-1) for t in tensors]
+        new_loc, new_raw, *work = group.work((n, n) + (min(n, CHUNK),) * 5, loc.dtype,
+                                             loc.device)
+        rho = float(self.step_size(state["t"]))
+        taken = softplus_diagonal_step(flat[0], flat[1], flat[2], flat[3], draw, rho,
+                                       self.max_kl, new_loc, new_raw, work)
+        checks = torch.stack([taken, new_loc.sum(), new_raw.sum()]).tolist()
+        if not all(math.isfinite(c) for c in checks):
+            return False  # e.g. an overflow: the general route decides
+        with torch.no_grad():
+            loc.view(-1).copy_(new_loc)
+            raw.view(-1).copy_(new_raw)
+        state["t"] += min(1.0, max(0.0, checks[0] / (n * max(rho, 1e-300))))
+        return True
     def _plate_scale(self, group, records, loc):
         """``full_size / size`` of the site's subsampled plates, from this step's draws
         or, without them, from the guide's prototype trace."""
@@ -304,30 +451,48 @@ class NaturalGradient(PyroOptim):
         return c
 
     def _step_full(self, group, grads, records, state, target=None, correction=None, rho=None):
-        loc = group.params["loc"]
-        s, ds, U = group.factors()
-        L = s.unsqueeze(-1) * U
-        g_s = grads["scale"] / ds
-        g_U = grads["scale_tril"].tril(-1)
+        loc, raw_tril = group.params["loc"], group.params["scale_tril"]
+        d = loc.shape[-1]
+        L, G, *work = group.work(((d, d),) * 4, loc.dtype, loc.device)
+        s, ds = group.scale()
+        if group.unit_tril():
+            U = raw_tril.detach()  # below the diagonal
+            torch.mul(U, s.unsqueeze(-1), out=L).tril_(-1)
+            L.diagonal().copy_(s)
+        else:
+            U = group.factors()[2]
+            torch.mul(U, s.unsqueeze(-1), out=L)
         # L = diag(s) U: dl/dL_ij = (dl/dU_ij) / s_i below the diagonal, and
         # dl/ds_i = sum_j dl/dL_ij U_ij gives the diagonal.
-        G = g_U / s.unsqueeze(-1)
-        G = G + torch.diag_embed(g_s - (G * U).sum(-1))
-        moments = group.eps_moments(records, loc.detach(), L) if records else None
+        torch.div(grads["scale_tril"], s.unsqueeze(-1), out=G).tril_(-1)
+        rowdot = torch.mul(G, L, out=work[0]).sum(-1).div_(s)  # sum_j G_ij U_ij
+        G.diagonal().copy_(grads["scale"] / ds - rowdot)
+        eps = group.eps_draws(records, loc.detach(), L) if records else None
+        moments = (eps.mean(0), None) if eps is not None else None
         count = rho is None
         if count:
             rho = self.step_size(state["t"])
-        step = full_gaussian_step(loc.detach(), L, grads["loc"], G, rho, moments, self.max_kl,
-                                  precision_target=target, loc_correction=correction)
+        try:
+            step = full_step(loc.detach(), L, grads["loc"], G, rho, moments, eps, self.max_kl,
+                             precision_target=target, loc_correction=correction, work=work)
+        except StepError as e:
+            self._skipped += 1
+            warnings.warn(f"{e}: step of {group.key} skipped ({self._skipped} skipped so far); "
+                          f"the parameters are unchanged. If this repeats, set max_kl (a "
+                          f"trust region) or lower it", NaturalGradientWarning)
+            return torch.zeros((), dtype=loc.dtype)
         if count:
             state["t"] += float(_fraction_taken(step.rho, rho).mean())
-        L_new = step.scale_tril
-        s_new = L_new.diagonal(dim1=-2, dim2=-1)
-        U_new = L_new / s_new.unsqueeze(-1)
-        raw_tril = group.params["scale_tril"]
-        self._write(loc, step.loc)
-        self._write(group.params["scale"], group.transforms["scale"].inv(s_new))
-        self._write(raw_tril, raw_tril.detach().triu() + U_new.tril(-1))
+        L_new = step.scale_tril  # a scratch tensor
+        s_new = L_new.diagonal().clone()
+        U_new = L_new.div_(s_new.unsqueeze(-1)).tril_(-1)
+        new_scale = group.transforms["scale"].inv(s_new)
+        if not _all_finite([step.loc, new_scale, U_new]):
+            raise FloatingPointError("a natural-gradient step produced non-finite values; "
+                                     "this is a bug, please report it")
+        loc.data.copy_(step.loc)
+        group.params["scale"].data.copy_(new_scale)
+        raw_tril.data.triu_().add_(U_new)  # the upper triangle is unused but kept
         return step.rho
 
     def _step_with_curvature(self, records) -> bool:
@@ -438,7 +603,7 @@ class NaturalGradient(PyroOptim):
 
     @staticmethod
     def _write(param, value):
-        if not bool(torch.isfinite(value).all()):
+        if not _all_finite([value]):
             raise FloatingPointError("a natural-gradient step produced non-finite values; "
                                      "this is a bug, please report it")
         param.data.copy_(value)
@@ -466,6 +631,16 @@ class NaturalGradient(PyroOptim):
 
     def load(self, filename: str, map_location=None) -> None:
         self.set_state(torch.load(filename, map_location=map_location, weights_only=False))
+
+
+def _all_finite(tensors) -> bool:
+    """Whether every element is finite: one sum per tensor (a non-finite element makes
+    it non-finite), and an elementwise check only where a sum overflowed."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    sums = torch.stack([t.sum().to(torch.float64) for t in tensors]).tolist()
+    return all(math.isfinite(v) or bool(torch.isfinite(t).all()) for v, t in zip(sums, tensors))
 
 
 def _fraction_taken(used, scheduled):

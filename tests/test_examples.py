@@ -13,7 +13,7 @@ import pytest
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "examples"
 SCRIPTS = ["linear_regression.py", "logistic_regression.py", "poisson_regression.py",
-           "hierarchical.py", "seeds_demos.py"]
+           "hierarchical.py", "seeds_demos.py", "reference_suite.py"]
 NUM = r"(-?[0-9]+(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?)"
 
 
@@ -177,3 +177,65 @@ def test_seeds_policy_gradient_discounted(tmp_path):
                                    out)
     assert j_van < j_nat <= j_star
     assert j_nat - j_van > 0.1  # the gap of Peters & Schaal's figure
+
+
+def suite_rows(out):
+    """``{(model, guide, optimizer): (steps, max err, sd lo, sd hi, elbo, close)}`` from
+    the table printed by reference_suite.py."""
+    rows = {}
+    pattern = (r"^(\S+)\s+(Auto\w+)\s+(NaturalGradient|Adam)\s+(\d+)\s+[0-9.]+\s+{NUM}\s+"
+               r"{NUM}\.\.{NUM}\s+{NUM}\s+(yes|no)$").replace("{NUM}", NUM)
+    for m in re.finditer(pattern, out, flags=re.M):
+        model, guide, opt, steps, err, lo, hi, elbo, close = m.groups()
+        rows[(model, guide, opt)] = (int(steps), float(err), float(lo), float(hi),
+                                     float(elbo), close == "yes")
+    return rows
+
+
+def test_reference_suite_lists_every_bundled_reference():
+    from pyro_natgrad.datasets import list_references
+
+    out = run_example("reference_suite.py", "--list", timeout=120)
+    for name in list_references():
+        assert re.search(rf"^{re.escape(name)}\s", out, flags=re.M), name
+    assert re.search(r"^eight_schools\s+hierarchical\s+10\s+no\s", out, flags=re.M)
+
+
+@pytest.mark.slow
+def test_reference_suite_table(tmp_path):
+    png = tmp_path / "suite.png"
+    out = run_example("reference_suite.py", "--models", "kidiq", "eight_schools_noncentered",
+                      "--steps", "100", "--adam-steps", "200", "--samples", "2000", "--quiet",
+                      "--plot", str(png), timeout=300)
+    rows = suite_rows(out)
+    mvn = "AutoMultivariateNormal"
+    assert set(rows) == {(m, mvn, o) for m in ("kidiq-kidscore_momhsiq",
+                                                "eight_schools-eight_schools_noncentered*")
+                         for o in ("NaturalGradient", "Adam")}, out
+    # natural gradient reaches the linear regression's reference in 100 steps ...
+    steps, err, lo, hi, elbo, close = rows[("kidiq-kidscore_momhsiq", mvn, "NaturalGradient")]
+    assert steps == 100 and err < 0.2 and 0.85 < lo <= hi < 1.15
+    assert -1880 < elbo < -1870  # log evidence about -1876.4 (benchmarks/RESULTS.md)
+    # ... where 200 Adam steps (lr 0.01) are nowhere near: sigma starts far off
+    steps, err, lo, hi, adam_elbo, close = rows[("kidiq-kidscore_momhsiq", mvn, "Adam")]
+    assert steps == 200 and err > 1.0 and not close and adam_elbo < elbo - 100
+    # eight schools: the means fit, tau's sd cannot (starred: not Gaussian)
+    steps, err, lo, hi, elbo, close = rows[("eight_schools-eight_schools_noncentered*", mvn,
+                                            "NaturalGradient")]
+    assert err < 0.5 and lo < 0.95 and not close
+    assert "NaturalGradient, AutoMultivariateNormal: 1/1 Gaussian-like posteriors close" in out
+    assert "Adam, AutoMultivariateNormal: 0/1 Gaussian-like posteriors close" in out
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reference_suite_mean_field_option_and_bad_model_name():
+    out = run_example("reference_suite.py", "--models", "kilpisjarvi", "--guide", "normal",
+                      "--optimizer", "natgrad", "--steps", "20", "--samples", "500", "--quiet")
+    rows = suite_rows(out)
+    assert list(rows) == [("kilpisjarvi_mod-kilpisjarvi", "AutoNormal", "NaturalGradient")]
+    assert rows[list(rows)[0]][0] == 20
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "reference_suite.py"), "--models",
+                           "no_such_model"], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "matches no reference" in proc.stderr

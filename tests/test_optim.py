@@ -539,6 +539,31 @@ def _loss_backward(model, guide, *args):
     Trace_ELBO().differentiable_loss(model, guide, *args).backward()
 
 
+def test_unfactorisable_precision_update_is_skipped(float64, rng):
+    """A curvature estimate so extreme that no precision update factorises in floating
+    point (the iBLR retraction squares 1e300): the step function raises StepError,
+    and the optimizer skips the step with a counting warning, parameters unchanged."""
+    from pyro_natgrad import gaussian
+
+    L = torch.eye(2, dtype=F64)
+    target = torch.diag(torch.tensor([1e300, -1e300], dtype=F64))
+    with pytest.raises(gaussian.StepError, match="not positive definite"):
+        gaussian.full_gaussian_step(torch.zeros(2, dtype=F64), L, torch.ones(2, dtype=F64),
+                                    None, 1.0, max_kl=None, precision_target=target)
+    X, y = diabetes()
+    guide = fresh(AutoMultivariateNormal)
+    guide(X, y)
+    opt = NaturalGradient(guide, curvature="none", max_kl=None)
+    store = pyro.get_param_store()
+    _loss_backward(blr_model, guide, X, y)
+    dict(store.named_parameters())["AutoMultivariateNormal.scale"].grad.fill_(-1e300)
+    before = store_snapshot()
+    with pytest.warns(NaturalGradientWarning, match="1 skipped so far"):
+        opt(store_params())
+    after = store_snapshot()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_nan_gradient_skips_group_and_counts(float64, rng):
     X, y = diabetes()
     guide = fresh(AutoNormal)
@@ -1062,3 +1087,162 @@ def test_float32_close_to_float64():
     # float32 with condition number ~1e2: means to 1e-3 of their scale, covariance to 1e-2
     torch.testing.assert_close(m32, m64, rtol=0, atol=1e-3 * float(m64.abs().max()))
     torch.testing.assert_close(S32, S64, rtol=0, atol=1e-2 * float(S64.abs().max()))
+
+
+# ----------------------------------------------------------------------------------------
+# 10. the fast routes of the step against dense formulas
+# ----------------------------------------------------------------------------------------
+def _full_problem(d, noise, seed=0, dtype=F64, draws=1):
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=gen, dtype=dtype)
+    L = torch.linalg.cholesky(A @ A.T / d + torch.eye(d, dtype=dtype))
+    G = noise * torch.randn(d, d, generator=gen, dtype=dtype).tril()
+    loc = torch.randn(d, generator=gen, dtype=dtype)
+    g = torch.randn(d, generator=gen, dtype=dtype)
+    eps = torch.randn(draws, d, generator=gen, dtype=dtype)
+    return L, G, loc, g, eps
+
+
+def _dense_linear_B(L, G, eps, rho):
+    """``I + rho S`` from dense products, as the module docstring of
+    :mod:`pyro_natgrad.gaussian` writes it (``K = Phi(L^T G) - Phi(E[eps eps^T] - I)``)."""
+    eye = torch.eye(L.shape[-1], dtype=L.dtype)
+    M = L.T @ G
+    K = M.tril(-1) + 0.5 * torch.diag(M.diagonal())
+    if eps is not None:
+        E = eps.T @ eps / eps.shape[0] - eye
+        K = K - (E.tril(-1) + 0.5 * torch.diag(E.diagonal()))
+    return eye + rho * (K + K.T)
+
+
+def _expected_step(L, B, loc, g, eps, rho):
+    Sigma = L @ torch.linalg.inv(B) @ L.T
+    if eps is not None:
+        g = g - torch.linalg.solve_triangular(L.T, eps.mean(0).unsqueeze(-1),
+                                              upper=True).squeeze(-1)
+    return loc - rho * Sigma @ g, Sigma
+
+
+@pytest.mark.parametrize("d", [7, 300])
+def test_full_step_matches_dense_formula(float64, d):
+    """The blocked triangular products and solves give the step of the dense formula."""
+    from pyro_natgrad.gaussian import full_gaussian_step, full_step
+
+    L, G, loc, g, eps = _full_problem(d, noise=0.01, draws=50 * d)
+    rho = 0.8
+    B = _dense_linear_B(L, G, eps, rho)
+    assert float(torch.linalg.eigvalsh(B).min()) > 0.5  # no retraction here
+    mean, Sigma = _expected_step(L, B, loc, g, eps, rho)
+    M2 = eps.T @ eps / eps.shape[0]
+    for step in (full_step(loc, L, g, G, rho, (eps.mean(0), None), eps),
+                 full_gaussian_step(loc, L, g, G, rho, (eps.mean(0), M2)),
+                 full_gaussian_step(loc.expand(2, d), L.expand(2, d, d), g.expand(2, d),
+                                    G.expand(2, d, d), rho, (eps.mean(0).expand(2, d),
+                                                             M2.expand(2, d, d)))):
+        assert not bool(step.retracted.any())
+        L_new = step.scale_tril
+        assert float(L_new.triu(1).abs().max()) == 0.0
+        torch.testing.assert_close(L_new @ L_new.mT, Sigma.expand_as(L_new), rtol=1e-9,
+                                   atol=1e-12)
+        torch.testing.assert_close(step.loc, mean.expand_as(step.loc), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("max_kl", [None, 10.0])
+@pytest.mark.parametrize("control", ["draws", "moments", "none"])
+def test_full_step_retraction_is_iblr_and_never_doubles_variance(float64, max_kl, control):
+    """Where I + rho S is not >= I/2 (not > 0 without a trust region) the step uses
+    B = I + X + X^2/2, X = rho S: checked against eigendecompositions. With a draw the
+    need to retract is seen from a Rayleigh quotient, without one from a Cholesky."""
+    from pyro_natgrad.gaussian import full_gaussian_step, full_step
+
+    d = 300
+    L, G, loc, g, eps = _full_problem(d, noise=0.3, seed=1)
+    draws = eps if control == "draws" else None
+    moments = {"draws": (eps.mean(0), None), "moments": (eps.mean(0), eps.T @ eps),
+               "none": None}[control]
+    if control == "none":
+        eps = None
+    step = full_step(loc, L, g, G, 0.9, moments, draws, max_kl)
+    rho = float(step.rho)
+    assert bool(step.retracted)
+    B_lin = _dense_linear_B(L, G, eps, rho)
+    floor = 0.5 if max_kl is not None else 0.0
+    assert float(torch.linalg.eigvalsh(B_lin).min()) < floor  # retraction was due
+    lam, Q = torch.linalg.eigh(B_lin - torch.eye(d, dtype=F64))  # X = B_lin - I
+    B = (Q * (1 + lam + 0.5 * lam.square())) @ Q.T
+    assert float(torch.linalg.eigvalsh(B).min()) >= 0.5 - 1e-12
+    mean, Sigma = _expected_step(L, B, loc, g, eps, rho)
+    L_new = step.scale_tril
+    torch.testing.assert_close(L_new @ L_new.T, Sigma, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(step.loc, mean, rtol=1e-8, atol=1e-10)
+    # no variance more than doubles: eig(L^{-1} Sigma' L^{-T}) = eig(B^{-1}) <= 2
+    W = torch.linalg.solve_triangular(L, L_new, upper=False)
+    assert float(torch.linalg.eigvalsh(W @ W.T).max()) <= 2 + 1e-9
+    # the batched route (dense products) takes the same step
+    batched = full_gaussian_step(loc.unsqueeze(0), L.unsqueeze(0), g.unsqueeze(0),
+                                 G.unsqueeze(0), 0.9, None if eps is None else (
+                                     eps.mean(0, keepdim=True), (eps.T @ eps).unsqueeze(0)),
+                                 max_kl)
+    torch.testing.assert_close(batched.scale_tril[0] @ batched.scale_tril[0].T, Sigma,
+                               rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(batched.loc[0], mean, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("with_draw", [True, False])
+def test_fused_diagonal_step_matches_general(monkeypatch, dtype, with_draw):
+    """The fused softplus step of large mean-field guides equals the general step
+    (several passes, the last one partial)."""
+    from pyro.distributions.transforms import SoftplusTransform
+
+    from pyro_natgrad import gaussian
+
+    monkeypatch.setattr(gaussian, "CHUNK", 1000)
+    n = 2500
+    gen = torch.Generator().manual_seed(3)
+    raw = 2 * torch.randn(n, generator=gen, dtype=dtype) - 1
+    loc = torch.randn(n, generator=gen, dtype=dtype)
+    g_loc = 3 * torch.randn(n, generator=gen, dtype=dtype)
+    g_raw = 3 * torch.randn(n, generator=gen, dtype=dtype)
+    T = SoftplusTransform()
+    scale = T(raw)
+    draw = loc + scale * torch.randn(n, generator=gen, dtype=dtype) if with_draw else None
+    out_loc, out_raw = torch.empty_like(loc), torch.empty_like(loc)
+    work = [torch.empty(1000, dtype=dtype) for _ in range(5)]
+    taken = gaussian.softplus_diagonal_step(loc, raw, g_loc, g_raw, draw, 0.7, 2.0,
+                                            out_loc, out_raw, work)
+    moments = None
+    if with_draw:
+        eps = (draw - loc) / scale
+        moments = (eps, eps.square())
+    ref = gaussian.diagonal_gaussian_step(loc, scale, g_loc, g_raw / torch.sigmoid(raw), 0.7,
+                                          moments, 2.0)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert bool((ref.rho < 0.7).any()) and bool((ref.rho == 0.7).any())  # both cases
+    torch.testing.assert_close(out_loc, ref.loc, **tol)
+    torch.testing.assert_close(T(out_raw), ref.scale_tril, **tol)
+    torch.testing.assert_close(taken, ref.rho.sum(), **tol)
+
+
+def test_unsubsampled_plate_steps_like_an_event(float64):
+    """A plate that is never subsampled takes the same steps as the event dimension."""
+    data = torch.linspace(-1, 1, 6)
+
+    def plate_model():
+        with pyro.plate("N", 6):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=data)
+
+    def event_model():
+        z = pyro.sample("z", dist.Normal(torch.zeros(6), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=data)
+
+    out = []
+    for model in (plate_model, event_model):
+        guide = fresh(AutoNormal, model)
+        pyro.set_rng_seed(5)
+        svi = SVI(model, guide, NaturalGradient(guide, curvature="none"), Trace_ELBO())
+        for _ in range(15):
+            svi.step()
+        out.append((guide.locs.z.detach().clone(), guide.scales.z.detach().clone()))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-12, atol=1e-12)

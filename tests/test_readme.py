@@ -144,3 +144,96 @@ def test_ci_run_refuses_a_readme_without_a_test_command(tmp_path):
     proc = _run_ci(repo, tmp_path)
     assert proc.returncode != 0
     assert "marker not found" in proc.stderr
+
+
+# --------------------------------------------------------------------------- contents
+
+RESULTS = REPO_ROOT / "benchmarks" / "RESULTS.md"
+
+
+def test_readme_starts_with_what_it_does_and_the_two_commands(readme_text):
+    lines = readme_text.splitlines()
+    run = lines.index("<!-- command:run -->")
+    test = lines.index("<!-- command:test -->")
+    benchmarks = lines.index("## Benchmarks")
+    assert run < test < benchmarks
+    assert "Natural-gradient variational inference" in "\n".join(lines[:run])
+    assert run < 40, "the two commands belong near the top of the README"
+
+
+def test_readme_local_links_and_images_exist(readme_text):
+    targets = re.findall(r"\]\(([^)\s]+)\)", readme_text)
+    local = [t for t in targets if not re.match(r"^[a-z]+://", t) and not t.startswith("#")]
+    assert local
+    missing = [t for t in local if not (REPO_ROOT / t.split("#")[0]).exists()]
+    assert not missing, f"README links to missing paths: {missing}"
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme_text)
+    assert images and all(i.endswith(".png") for i in images)
+    for link in ("docs/getting_started.rst", "examples/", "docs/examples/index.rst"):
+        assert f"]({link})" in readme_text, f"README should link to {link}"
+
+
+def _table_rows(text, first_header_cell):
+    """Rows (lists of stripped cells) of the first markdown table whose header starts
+    with ``first_header_cell``."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_header_cell:
+            rows = []
+            for row in lines[i + 2:]:
+                if not row.startswith("|"):
+                    break
+                rows.append([c.strip() for c in re.split(r"(?<!\\)\|", row.strip().strip("|"))])
+            return rows
+    raise AssertionError(f"no table starting with {first_header_cell!r}")
+
+
+def test_readme_benchmark_tables_match_results_md(readme_text):
+    """The README's benchmark numbers are those of benchmarks/RESULTS.md, from the run it
+    names. If RESULTS.md is regenerated, copy the new numbers (and date) into README.md."""
+    results = RESULTS.read_text(encoding="utf-8")
+    date = re.search(r"on (\d{4}-\d{2}-\d{2}) \d{2}:\d{2} UTC, `--quick` settings", results)
+    assert date, "benchmarks/RESULTS.md lacks its date line"
+    assert f"`python benchmarks/run_all.py --quick` on {date.group(1)}" in readme_text, (
+        "README's benchmark tables name another RESULTS.md run than the committed one")
+
+    # reference posteriors: model -> {optimizer: (max err, sd ratio)}
+    ref = {}
+    for r in _table_rows(results, "model"):
+        label = "ng" if r[3].startswith("NaturalGradient") else "adam"
+        ref.setdefault(r[0], {})[label] = (r[6], r[7])
+    rows = _table_rows(readme_text, "model")
+    assert len(rows) == len(ref), "README should list every reference posterior"
+    for r in rows:
+        model = r[0].replace("\\*", "")
+        assert model in ref, model
+        assert (r[2], r[3]) == ref[model]["ng"], model
+        if r[4]:
+            assert (r[4], r[5]) == ref[model]["adam"], model
+        else:
+            assert "adam" not in ref[model], model
+
+    # convergence: (problem, guide) -> natural gradient's and the best Adam's numbers
+    conv = {}
+    for r in _table_rows(results, "problem"):
+        if len(r) < 10:
+            continue
+        key = (r[0], r[1])
+        if r[2].startswith("NaturalGradient"):
+            conv.setdefault(key, {})["ng"] = (r[4], r[6], r[9].split(" ")[0])
+        elif "(best)" in r[2]:
+            conv.setdefault(key, {})["adam"] = r[4]
+    rows = _table_rows(readme_text, "problem")
+    assert len(rows) == len(conv)
+    for r in rows:
+        key = (r[0], r[1])
+        steps, gap, verdict = conv[key]["ng"]
+        assert (r[2], r[3], r[4]) == (steps, gap, conv[key]["adam"]), key
+        assert r[5].strip("*") == verdict, key
+
+    # the cost targets: the README must not claim more than RESULTS.md shows
+    passed, total = map(int, re.search(r"\*\*Targets: (\d+)/(\d+) rows pass\.\*\*",
+                                       results).groups())
+    if passed == 0:
+        assert f"all {total} rows FAIL" in readme_text

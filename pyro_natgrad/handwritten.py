@@ -1,0 +1,404 @@
+"""Reading hand-written guides: which ``pyro.param`` feeds which argument of which
+variational distribution.
+
+A hand-written guide is any callable that is not an autoguide, e.g.::
+
+    def guide(X, y):
+        loc = pyro.param("w_loc", torch.zeros(d))
+        scale = pyro.param("w_scale", torch.ones(d), constraint=constraints.positive)
+        pyro.sample("w", dist.Normal(loc, scale).to_event(1))
+
+:func:`read_handwritten` runs the guide once under ``poutine.trace`` (inside
+``poutine.block``, with the random state restored afterwards, so nothing leaks and
+the run of draws is not disturbed) and follows each sample site's distribution
+arguments back through the autograd graph. An argument is *fed by* a parameter
+when it is that parameter's value itself, up to broadcasting (``expand``) and,
+for categorical families, the normalisation that the distribution applies. The
+match is by tensor identity (graph nodes), never by value.
+
+A site takes natural-gradient steps when its family has a closed-form Fisher,
+every argument that depends on parameters is fed directly by one, and none of
+those parameters is used anywhere else in the guide (another site, a transform,
+a second ``pyro.param`` call). Everything else is *rejected*, with the reason,
+and goes to the base optimizer. Parameters that the model also uses cannot be
+seen from the guide: do not share parameters between model and guide.
+
+Groups (the optimizer's unit of work):
+
+* :class:`~pyro_natgrad.guides.DiagonalGaussianGroup` for ``Normal(loc, scale)``
+  (and ``LogNormal``) with an unconstrained ``loc`` and a ``positive`` or
+  ``softplus_positive`` ``scale`` of the same shape: the Gaussian mirror step of
+  :mod:`pyro_natgrad.gaussian`.
+* :class:`TrilGaussianSite` for ``MultivariateNormal(loc, scale_tril=L)`` with
+  ``L`` constrained ``lower_cholesky`` (or ``softplus_lower_cholesky``): the full
+  Gaussian mirror step.
+* :class:`ExpFamSite` for everything else the Fisher library covers: mirror
+  descent in natural parameters for exponential families whose arguments are all
+  parameters, otherwise a Fisher-preconditioned step in the parameters' own
+  unconstrained coordinates (:mod:`pyro_natgrad.expfam_step`).
+"""
+
+import inspect
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import pyro
+from pyro import poutine
+from pyro.distributions import constraints
+from torch.distributions import constraints as torch_constraints
+from pyro.distributions.torch_distribution import ExpandedDistribution
+from torch.distributions import Distribution, Independent, transform_to
+
+from .expfam_step import expfam_site_step, tril_gaussian_step
+from .fisher import fisher_operator
+from .fisher.expfam import exponential_family_coords
+from .fisher.registry import lookup_fisher
+from .guides import DiagonalGaussianGroup
+
+#: Graph nodes that only broadcast or alias a tensor (values unchanged).
+_TRANSPARENT = ("ExpandBackward0", "AliasBackward0")
+#: Constructor arguments that are fixed counts, never coordinates.
+_EXTRA_ARGS = ("total_count",)
+_CATEGORICAL_LIKE = ("Categorical", "OneHotCategorical", "Multinomial")
+
+
+class _Site:
+    """A group of parameters feeding one sample site of a hand-written guide."""
+
+    kind = ""
+
+    def __init__(self, key, params, transforms, constraints_):
+        self.key = self.site = key
+        self.params = params  # role -> unconstrained leaf of the param store
+        self.transforms = transforms  # role -> Transform (unconstrained -> constrained)
+        self.constraints = constraints_
+
+    def tensors(self):
+        return list(self.params.values())
+
+    def grads(self):
+        return {k: p.grad for k, p in self.params.items()}
+
+
+class TrilGaussianSite(_Site):
+    """``MultivariateNormal(loc, scale_tril=L)`` with ``loc`` and ``L`` parameters."""
+
+    kind = "full-rank Gaussian"
+
+    def natural_step(self, grads, rho, max_kl):
+        return tril_gaussian_step(self, grads, rho, max_kl)
+
+
+class ExpFamSite(_Site):
+    """A site of any family with a closed-form Fisher.
+
+    :param make: ``{role: constrained value} -> distribution`` (the base family,
+        with the site's fixed arguments filled in).
+    :param int count: how many independent copies of that distribution the site
+        draws (``> 1`` when the parameters are broadcast by ``expand``).
+    :param bool mirror: mirror descent in natural parameters (exponential family,
+        every argument a parameter), else a Fisher-preconditioned step in the
+        unconstrained coordinates.
+    """
+
+    def __init__(self, key, params, transforms, constraints_, make, family, count, mirror):
+        super().__init__(key, params, transforms, constraints_)
+        self.make, self.family, self.count, self.mirror = make, family, count, mirror
+        how = "mirror descent" if mirror else "Fisher step"
+        self.kind = f"{family}, {how}"
+
+    def natural_step(self, grads, rho, max_kl):
+        return expfam_site_step(self, grads, rho, max_kl)
+
+
+# ---------------------------------------------------------------------------------
+# finding the guide's arguments
+# ---------------------------------------------------------------------------------
+def find_svi_args(optim) -> Optional[Tuple[tuple, dict]]:
+    """The ``(args, kwargs)`` of the ``SVI.step`` (or ``evaluate_loss``) call that
+    is running ``optim`` now, found by walking up the call stack; None if there is none."""
+    from pyro.infer import SVI
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            loc = frame.f_locals
+            owner = loc.get("self")
+            if isinstance(owner, SVI) and getattr(owner, "optim", None) is optim \
+                    and frame.f_code.co_name == "step":
+                return tuple(loc.get("args", ())), dict(loc.get("kwargs", {}))
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+# ---------------------------------------------------------------------------------
+# reading the guide
+# ---------------------------------------------------------------------------------
+def _strip(node, categorical):
+    """Skip broadcasting views (and a categorical's normalisation) towards the input."""
+    while node is not None:
+        name = type(node).__name__
+        if name in _TRANSPARENT:
+            node = node.next_functions[0][0]
+            continue
+        if name == "SelectBackward0" and _select_of_stack(node) is not None:
+            node = _select_of_stack(node)  # Beta keeps its arguments stacked in a Dirichlet
+            continue
+        if categorical and name in ("DivBackward0", "SubBackward0"):
+            (a, _), (b, _) = node.next_functions[:2]
+            inner = {"DivBackward0": "SumBackward1", "SubBackward0": "LogsumexpBackward0"}[name]
+            if b is not None and type(b).__name__ == inner:
+                c = b.next_functions[0][0]
+                while c is not None and type(c).__name__ in _TRANSPARENT:
+                    c = c.next_functions[0][0]
+                if _same(c, a):
+                    node, categorical = a, False  # the distribution normalises once
+                    continue
+        return getattr(node, "variable", node)  # a leaf: the tensor itself
+    return None
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    va, vb = getattr(a, "variable", None), getattr(b, "variable", None)
+    return va is not None and va is vb
+
+
+def _select_of_stack(node):
+    """For ``torch.stack(xs, dim)[..., i]`` (select along the stacked dim): the node of
+    ``xs[i]``, else None."""
+    inner = node.next_functions[0][0]
+    if inner is None or type(inner).__name__ != "StackBackward0":
+        return None
+    try:
+        ndim = len(node._saved_self_sym_sizes)
+        sel, stacked = int(node._saved_dim), int(inner._saved_dim)
+        if stacked >= 2 ** 63:
+            stacked -= 2 ** 64
+        index = int(node._saved_index)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if sel % ndim != stacked % ndim or not 0 <= index < len(inner.next_functions):
+        return None
+    return inner.next_functions[index][0]
+
+
+def _node_of(t: torch.Tensor):
+    """The graph node standing for ``t``: its ``grad_fn``, or for a leaf the leaf itself."""
+    return t.grad_fn if t.grad_fn is not None else t
+
+
+def _leaves(tensors) -> set:
+    """ids of the leaf tensors (requiring grad) that ``tensors`` depend on."""
+    out, seen = set(), set()
+    stack = []
+    for t in tensors:
+        if not torch.is_tensor(t) or not t.requires_grad:
+            continue
+        if t.grad_fn is None:
+            out.add(id(t))
+        else:
+            stack.append(t.grad_fn)
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        var = getattr(node, "variable", None)
+        if var is not None:
+            out.add(id(var))
+        stack.extend(n for n, _ in node.next_functions)
+    return out
+
+
+def _unwrap(fn) -> Tuple[Distribution, Optional[str]]:
+    """The base family under ``Independent``/``ExpandedDistribution`` wrappers."""
+    while True:
+        if isinstance(fn, Independent):
+            fn = fn.base_dist
+        elif isinstance(fn, ExpandedDistribution):
+            fn = fn.base_dist
+        else:
+            return fn, None
+
+
+def _positive_scale(c) -> bool:
+    return isinstance(c, torch_constraints._GreaterThan) and float(c.lower_bound) == 0.0
+
+
+def read_handwritten(guide, args=(), kwargs=None):
+    """The natural-gradient groups of a hand-written guide.
+
+    :returns: ``(groups, names, rejected)``: the groups; ``{id(leaf): (leaf, name)}``
+        of every parameter the guide uses; ``{id(leaf): reason}`` for the parameters
+        that go to the base optimizer.
+    """
+    kwargs = kwargs or {}
+    store = pyro.get_param_store()
+    rng = pyro.util.get_rng_state()
+    try:
+        with torch.enable_grad(), poutine.block():
+            trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    finally:
+        pyro.util.set_rng_state(rng)
+
+    params = {}  # param name -> (constrained value, leaf, constraint)
+    for name, node in trace.nodes.items():
+        if node["type"] != "param":
+            continue
+        value = node["value"]
+        ref = getattr(value, "unconstrained", None)
+        leaf = ref() if callable(ref) else None
+        if leaf is None:
+            leaf = store._params.get(name, value)
+        params[name] = (value, leaf, store._constraints.get(name, constraints.real))
+    names = {id(leaf): (leaf, name) for name, (_, leaf, _) in params.items()}
+    by_node = {}
+    for name, (value, _, _) in params.items():
+        by_node[id(_node_of(value))] = name
+
+    rejected: Dict[int, str] = {}
+    uses: Dict[int, int] = {}
+    candidates = []
+    for site_name, node in trace.nodes.items():
+        if node["type"] != "sample":
+            continue
+        fn = node["fn"]
+        try:
+            deps = _leaves([fn.log_prob(node["value"].detach())])
+        except Exception:  # noqa: BLE001 - anything unusual: assume it uses everything
+            deps = set(names)
+        for i in deps:
+            uses[i] = uses.get(i, 0) + 1
+        if node["is_observed"] or not deps:
+            for i in deps:
+                rejected.setdefault(i, f"used in observed site {site_name!r} of the guide")
+            continue
+        site, reason = _read_site(site_name, node, params, by_node)
+        if site is None:
+            for i in deps:
+                rejected.setdefault(i, reason)
+        else:
+            candidates.append((site, deps))
+
+    groups = []
+    for site, deps in candidates:
+        mine = {id(p) for p in site.tensors()}
+        shared = [i for i in mine if uses.get(i, 0) > 1]
+        extra = deps - mine
+        if shared or extra or len(mine) != len(site.tensors()):
+            reason = (f"site {site.key!r}: a parameter is shared with another site or "
+                      f"used twice" if shared or len(mine) != len(site.tensors())
+                      else f"site {site.key!r}: its distribution depends on parameters "
+                           f"through something other than its own arguments")
+            for i in deps:
+                rejected.setdefault(i, reason)
+            continue
+        groups.append(site)
+    groups = [g for g in groups if not any(id(p) in rejected for p in g.tensors())]
+    owned = {id(p) for g in groups for p in g.tensors()}
+    for i in names:
+        if i not in owned:
+            rejected.setdefault(i, "feeds no sample site of the guide directly")
+    return groups, names, {i: r for i, r in rejected.items() if i not in owned}
+
+
+def _read_site(site_name, node, params, by_node):
+    """One site's group, or ``(None, reason)``."""
+    scale = node["scale"]
+    if scale is not None and not bool((torch.as_tensor(scale) == 1).all()):
+        return None, f"site {site_name!r} is scaled (poutine.scale or a subsampled plate)"
+    base, _ = _unwrap(node["fn"])
+    family = type(base).__name__
+    if type(base).__name__ == "Delta" or lookup_fisher(type(base)) is None:
+        return None, f"site {site_name!r}: no closed-form Fisher for {family}"
+    try:
+        op = fisher_operator(base)
+    except Exception as e:  # noqa: BLE001
+        return None, f"site {site_name!r}: {family}: {e}"
+    categorical = family in _CATEGORICAL_LIKE
+    fed, fixed = {}, {}
+    for role in op.names:
+        arg = getattr(base, role)
+        if not arg.requires_grad:
+            fixed[role] = arg
+            continue
+        src = _strip(arg.grad_fn, categorical) if arg.grad_fn is not None else arg
+        name = by_node.get(id(src))
+        if name is None:
+            return None, (f"site {site_name!r}: argument {role!r} of {family} is computed "
+                          f"from parameters, not a pyro.param value itself")
+        value = params[name][0]
+        try:
+            same = value.expand(arg.shape)
+        except RuntimeError:
+            return None, f"site {site_name!r}: argument {role!r} is a reshaped parameter"
+        if not categorical and not torch.equal(same, arg):
+            return None, f"site {site_name!r}: argument {role!r} does not equal {name!r}"
+        fed[role] = name
+    if not fed:
+        return None, f"site {site_name!r} has no parameters"
+    leaves = {role: params[name][1] for role, name in fed.items()}
+    cons = {role: params[name][2] for role, name in fed.items()}
+    transforms = {role: transform_to(c) for role, c in cons.items()}
+    extra = {k: getattr(base, k) for k in _EXTRA_ARGS if k in vars(base)}
+    cls = type(base)
+
+    full_shape = all(params[n][0].shape == getattr(base, r).shape for r, n in fed.items())
+    count = 1
+    if full_shape:
+        def make(theta, _fixed=dict(fixed), _extra=extra):
+            return cls(**theta, **_fixed, **_extra, validate_args=False)
+    else:
+        if fixed or any(torch.is_tensor(v) and v.dim() > 0 for v in extra.values()):
+            return None, (f"site {site_name!r}: parameters broadcast against fixed arguments "
+                          f"of {family}")
+
+        def make(theta, _extra=extra):
+            return cls(**theta, **_extra, validate_args=False)
+    # The rebuilt distribution must be the traced one (up to the broadcast copies).
+    try:
+        theta0 = {r: params[n][0].detach() for r, n in fed.items()}
+        rebuilt = make(theta0)
+        for r, n in fed.items():
+            if getattr(rebuilt, r).shape != params[n][0].shape:
+                return None, f"site {site_name!r}: parameters of {family} broadcast each other"
+        if not full_shape:
+            n_red = rebuilt.batch_shape.numel()
+            n_all = base.batch_shape.numel()
+            if rebuilt.event_shape != base.event_shape or n_all % max(n_red, 1):
+                return None, f"site {site_name!r}: cannot rebuild {family}"
+            count = n_all // n_red
+        elif rebuilt.batch_shape != base.batch_shape or rebuilt.event_shape != base.event_shape:
+            return None, f"site {site_name!r}: cannot rebuild {family}"
+    except Exception as e:  # noqa: BLE001
+        return None, f"site {site_name!r}: cannot rebuild {family} ({e})"
+
+    roles = set(fed)
+    loc_real = "loc" in cons and type(cons["loc"]).__name__ == "_Real"
+    if count == 1 and not fixed and family in ("Normal", "LogNormal") \
+            and roles == {"loc", "scale"} and loc_real and _positive_scale(cons["scale"]) \
+            and leaves["loc"].shape == leaves["scale"].shape:
+        return DiagonalGaussianGroup(site_name, site_name, leaves["loc"], leaves["scale"],
+                                     transforms["scale"], 0), None
+    if count == 1 and not fixed and family == "MultivariateNormal" \
+            and roles == {"loc", "scale_tril"} and loc_real \
+            and isinstance(cons["scale_tril"], torch_constraints._LowerCholesky):
+        return TrilGaussianSite(site_name, leaves, transforms, cons), None
+    mirror = not fixed and exponential_family_coords(rebuilt) is not None
+    return ExpFamSite(site_name, leaves, transforms, cons, make, family, count, mirror), None
+
+
+def describe_rejected(rejected, names, params) -> List[str]:
+    """``name (reason)`` for the given fallback parameters, for the one warning."""
+    out = []
+    store = pyro.get_param_store()
+    for p in params:
+        name = names.get(id(p), (None, None))[1] or store.param_name(p) \
+            or f"<tensor {tuple(p.shape)}>"
+        reason = rejected.get(id(p))
+        out.append(f"{name} ({reason})" if reason else name)
+    return out

@@ -1,0 +1,603 @@
+"""Tests of :class:`pyro_natgrad.NaturalGradient` on hand-written guides.
+
+Every answer is computed here in closed form, never by the library: the conjugate
+posteriors (Beta-Bernoulli, Gamma-Poisson, Dirichlet-Categorical, Normal-Normal,
+a multivariate normal mean, a discrete latent), the exact ELBO of each guide (written
+out with digamma functions and ``torch.distributions.kl_divergence``) and its
+gradient by autograd through that formula, not through Pyro's ELBO estimators.
+"""
+
+import math
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.distributions import constraints
+from pyro.infer import SVI, Trace_ELBO
+from torch.distributions import kl_divergence
+
+from pyro_natgrad import NaturalGradient, NaturalGradientWarning
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def _clean_param_store():
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+def store_leaves():
+    return [p for _, p in pyro.get_param_store().named_parameters()]
+
+
+def exact_step(guide, neg_elbo, *args, **opt_kwargs):
+    """One optimizer step with the exact gradient of ``neg_elbo()`` (a function of the
+    constrained ``pyro.param`` values), nothing sent to the base optimizer."""
+    guide(*args)  # create the parameters
+    opts = dict(step_size=1.0, max_kl=None)
+    opts.update(opt_kwargs)
+    opt = NaturalGradient(guide, **opts)
+    routes = opt.read_guide(*args)
+    leaves = store_leaves()
+    loss = neg_elbo()
+    for p, g in zip(leaves, torch.autograd.grad(loss, leaves)):
+        p.grad = g
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NaturalGradientWarning)
+        opt(leaves)
+    return opt, routes
+
+
+def value(name):
+    return pyro.param(name).detach()
+
+
+# ----------------------------------------------------------------------------------------
+# conjugate models: data and exact posteriors
+# ----------------------------------------------------------------------------------------
+A0, B0 = 2.0, 3.0
+COINS = torch.tensor([1., 0., 1., 1., 0., 1., 1., 1., 0., 1., 1., 1.], dtype=F64)
+COUNTS = torch.tensor([3., 7., 4., 6., 5., 9., 2.], dtype=F64)
+CATS = torch.tensor([0, 2, 2, 1, 2, 0, 2, 2, 3, 2], dtype=torch.long)
+DIR0 = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=F64)
+M0, S0, SIG = 0.5, 2.0, 0.8
+OBS = torch.tensor([1.2, 2.3, 0.7, 1.9, 1.4, 2.8], dtype=F64)
+
+
+def beta_model(x):
+    p = pyro.sample("p", dist.Beta(torch.tensor(A0, dtype=F64), torch.tensor(B0, dtype=F64)))
+    with pyro.plate("n", len(x)):
+        pyro.sample("x", dist.Bernoulli(p), obs=x)
+
+
+def beta_guide(x):
+    a = pyro.param("a", torch.tensor(0.7, dtype=F64), constraint=constraints.positive)
+    b = pyro.param("b", torch.tensor(15.0, dtype=F64), constraint=constraints.softplus_positive)
+    pyro.sample("p", dist.Beta(a, b))
+
+
+def beta_neg_elbo():
+    a, b = pyro.param("a"), pyro.param("b")
+    s, n = COINS.sum(), len(COINS)
+    elog_p = torch.digamma(a) - torch.digamma(a + b)
+    elog_1mp = torch.digamma(b) - torch.digamma(a + b)
+    prior = dist.Beta(torch.tensor(A0, dtype=F64), torch.tensor(B0, dtype=F64))
+    return -(s * elog_p + (n - s) * elog_1mp) + kl_divergence(dist.Beta(a, b), prior)
+
+
+def beta_posterior():
+    s, n = float(COINS.sum()), len(COINS)
+    return A0 + s, B0 + n - s
+
+
+def gamma_model(x):
+    lam = pyro.sample("lam", dist.Gamma(torch.tensor(A0, dtype=F64),
+                                        torch.tensor(B0, dtype=F64)))
+    with pyro.plate("n", len(x)):
+        pyro.sample("x", dist.Poisson(lam), obs=x)
+
+
+def gamma_guide(x):
+    a = pyro.param("a", torch.tensor(20.0, dtype=F64), constraint=constraints.positive)
+    b = pyro.param("b", torch.tensor(0.5, dtype=F64), constraint=constraints.positive)
+    pyro.sample("lam", dist.Gamma(a, b))
+
+
+def gamma_neg_elbo():
+    a, b = pyro.param("a"), pyro.param("b")
+    elog = torch.digamma(a) - b.log()
+    mean = a / b
+    loglik = COUNTS.sum() * elog - len(COUNTS) * mean - torch.lgamma(COUNTS + 1).sum()
+    prior = dist.Gamma(torch.tensor(A0, dtype=F64), torch.tensor(B0, dtype=F64))
+    return -loglik + kl_divergence(dist.Gamma(a, b), prior)
+
+
+def gamma_posterior():
+    return A0 + float(COUNTS.sum()), B0 + len(COUNTS)
+
+
+def dirichlet_model(x):
+    pi = pyro.sample("pi", dist.Dirichlet(DIR0))
+    with pyro.plate("n", len(x)):
+        pyro.sample("x", dist.Categorical(pi), obs=x)
+
+
+def dirichlet_guide(x):
+    alpha = pyro.param("alpha", torch.tensor([3.0, 0.3, 1.0, 6.0], dtype=F64),
+                       constraint=constraints.positive)
+    pyro.sample("pi", dist.Dirichlet(alpha))
+
+
+def dirichlet_neg_elbo():
+    alpha = pyro.param("alpha")
+    counts = torch.bincount(CATS, minlength=4).to(F64)
+    elog = torch.digamma(alpha) - torch.digamma(alpha.sum())
+    return -(counts * elog).sum() + kl_divergence(dist.Dirichlet(alpha), dist.Dirichlet(DIR0))
+
+
+def dirichlet_posterior():
+    return DIR0 + torch.bincount(CATS, minlength=4).to(F64)
+
+
+def normal_model(x):
+    mu = pyro.sample("mu", dist.Normal(torch.tensor(M0, dtype=F64), S0))
+    with pyro.plate("n", len(x)):
+        pyro.sample("x", dist.Normal(mu, SIG), obs=x)
+
+
+def normal_guide(x):
+    loc = pyro.param("loc", torch.tensor(-3.0, dtype=F64))
+    scale = pyro.param("scale", torch.tensor(2.5, dtype=F64), constraint=constraints.positive)
+    pyro.sample("mu", dist.Normal(loc, scale))
+
+
+def normal_neg_elbo():
+    m, s = pyro.param("loc"), pyro.param("scale")
+    loglik = (-0.5 * math.log(2 * math.pi * SIG ** 2)
+              - ((OBS - m).square() + s.square()) / (2 * SIG ** 2)).sum()
+    prior = dist.Normal(torch.tensor(M0, dtype=F64), S0)
+    return -loglik + kl_divergence(dist.Normal(m, s), prior)
+
+
+def normal_posterior():
+    prec = 1 / S0 ** 2 + len(OBS) / SIG ** 2
+    mean = (M0 / S0 ** 2 + float(OBS.sum()) / SIG ** 2) / prec
+    return mean, prec ** -0.5
+
+
+# ----------------------------------------------------------------------------------------
+# 1. one exact step at rho = 1 lands on the conjugate posterior
+# ----------------------------------------------------------------------------------------
+def test_beta_bernoulli_one_exact_step():
+    a0, b0 = 0.7, 15.0  # the guide's initial values
+    _, routes = exact_step(beta_guide, beta_neg_elbo, COINS)
+    assert routes == {"a": "natural gradient (Beta, mirror descent, p)",
+                      "b": "natural gradient (Beta, mirror descent, p)"}
+    a, b = beta_posterior()
+    assert abs(a0 - a) > 1 and abs(b0 - b) > 1  # it had somewhere to go
+    torch.testing.assert_close(value("a"), torch.tensor(a, dtype=F64), rtol=1e-9, atol=0)
+    torch.testing.assert_close(value("b"), torch.tensor(b, dtype=F64), rtol=1e-9, atol=0)
+
+
+def test_gamma_poisson_one_exact_step():
+    exact_step(gamma_guide, gamma_neg_elbo, COUNTS)
+    a, b = gamma_posterior()
+    torch.testing.assert_close(value("a"), torch.tensor(a, dtype=F64), rtol=1e-9, atol=0)
+    torch.testing.assert_close(value("b"), torch.tensor(b, dtype=F64), rtol=1e-9, atol=0)
+
+
+def test_dirichlet_categorical_one_exact_step():
+    exact_step(dirichlet_guide, dirichlet_neg_elbo, CATS)
+    torch.testing.assert_close(value("alpha"), dirichlet_posterior(), rtol=1e-9, atol=0)
+
+
+def test_normal_normal_one_exact_step():
+    _, routes = exact_step(normal_guide, normal_neg_elbo, OBS)
+    assert routes["loc"] == routes["scale"] == "natural gradient (diagonal Gaussian, mu)"
+    mean, sd = normal_posterior()
+    torch.testing.assert_close(value("loc"), torch.tensor(mean, dtype=F64), rtol=1e-9, atol=0)
+    torch.testing.assert_close(value("scale"), torch.tensor(sd, dtype=F64), rtol=1e-9, atol=0)
+
+
+def test_exact_elbo_formulas_self_check():
+    """The test's own ELBOs are stationary at the conjugate posteriors."""
+    cases = [(beta_guide, beta_neg_elbo, COINS, {"a": beta_posterior()[0],
+                                                 "b": beta_posterior()[1]}),
+             (gamma_guide, gamma_neg_elbo, COUNTS, {"a": gamma_posterior()[0],
+                                                    "b": gamma_posterior()[1]}),
+             (normal_guide, normal_neg_elbo, OBS, dict(zip(("loc", "scale"),
+                                                           normal_posterior())))]
+    for guide, neg_elbo, data, post in cases:
+        pyro.clear_param_store()
+        guide(data)
+        store = pyro.get_param_store()
+        for k, v in post.items():
+            store[k] = torch.tensor(v, dtype=F64)
+        leaves = store_leaves()
+        grads = torch.autograd.grad(neg_elbo(), leaves)
+        assert max(float(g.abs().max()) for g in grads) < 1e-10
+    pyro.clear_param_store()
+    dirichlet_guide(CATS)
+    pyro.get_param_store()["alpha"] = dirichlet_posterior()
+    (g,) = torch.autograd.grad(dirichlet_neg_elbo(), store_leaves())
+    assert float(g.abs().max()) < 1e-10
+
+
+# ---- a multivariate normal mean with a scale_tril guide ---------------------------------
+MVN_SIGMA = torch.tensor([[1.0, 0.6, 0.0], [0.6, 2.0, -0.4], [0.0, -0.4, 0.5]], dtype=F64)
+MVN_X = torch.tensor([[0.5, 1.0, -0.2], [1.5, 0.3, 0.1], [0.9, 1.8, -0.6],
+                      [1.1, 0.2, 0.0]], dtype=F64)
+
+
+def mvn_guide():
+    loc = pyro.param("loc", torch.tensor([2.0, -1.0, 0.5], dtype=F64))
+    L = pyro.param("L", torch.tensor([[1.5, 0.0, 0.0], [0.4, 0.7, 0.0], [-0.3, 0.2, 1.1]],
+                                     dtype=F64), constraint=constraints.lower_cholesky)
+    pyro.sample("mu", dist.MultivariateNormal(loc, scale_tril=L))
+
+
+def mvn_neg_elbo():
+    m, L = pyro.param("loc"), pyro.param("L")
+    S = L @ L.T
+    P = torch.linalg.inv(MVN_SIGMA)
+    r = MVN_X - m
+    loglik = -0.5 * (torch.einsum("ni,ij,nj->", r, P, r) + len(MVN_X) * (P * S).sum())
+    prior = dist.MultivariateNormal(torch.zeros(3, dtype=F64), torch.eye(3, dtype=F64))
+    return -loglik + kl_divergence(dist.MultivariateNormal(m, scale_tril=L), prior)
+
+
+def test_mvn_scale_tril_one_exact_step():
+    _, routes = exact_step(mvn_guide, mvn_neg_elbo)
+    assert routes["L"] == "natural gradient (full-rank Gaussian, mu)"
+    P = torch.linalg.inv(MVN_SIGMA)
+    prec = torch.eye(3, dtype=F64) + len(MVN_X) * P
+    cov = torch.linalg.inv(prec)
+    mean = cov @ (P @ MVN_X.sum(0))
+    L = value("L")
+    torch.testing.assert_close(value("loc"), mean, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(L @ L.T, cov, rtol=1e-9, atol=1e-12)
+
+
+# ---- a discrete latent: Categorical(probs) on the simplex, or Categorical(logits) ----------
+PI0 = torch.tensor([0.2, 0.5, 0.3], dtype=F64)
+MUS = torch.tensor([-1.0, 0.5, 2.0], dtype=F64)
+X_OBS = torch.tensor(1.1, dtype=F64)
+
+
+def cat_loglik():
+    return dist.Normal(MUS, 1.0).log_prob(X_OBS) + PI0.log()
+
+
+def cat_guide_probs():
+    p = pyro.param("p", torch.tensor([0.6, 0.3, 0.1], dtype=F64), constraint=constraints.simplex)
+    pyro.sample("z", dist.Categorical(p))
+
+
+def cat_guide_logits():
+    lg = pyro.param("lg", torch.tensor([0.3, -1.0, 0.8], dtype=F64))
+    pyro.sample("z", dist.Categorical(logits=lg))
+
+
+def cat_neg_elbo(name):
+    def f():
+        q = dist.Categorical(probs=pyro.param(name)) if name == "p" \
+            else dist.Categorical(logits=pyro.param(name))
+        return -(q.probs * (cat_loglik() - q.probs.log())).sum()
+    return f
+
+
+@pytest.mark.parametrize("name", ["p", "lg"])
+def test_categorical_one_exact_step(name):
+    guide = cat_guide_probs if name == "p" else cat_guide_logits
+    _, routes = exact_step(guide, cat_neg_elbo(name))
+    assert routes[name] == "natural gradient (Categorical, mirror descent, z)"
+    post = torch.softmax(cat_loglik(), -1)
+    q = value(name) if name == "p" else torch.softmax(value(name), -1)
+    torch.testing.assert_close(q, post, rtol=1e-9, atol=1e-12)
+
+
+# ---- tied parameters: n independent copies of one Gamma (expand) -----------------------
+GROUP_COUNTS = torch.tensor([4., 1., 7., 3., 0.], dtype=F64)
+
+
+def tied_guide():
+    a = pyro.param("a", torch.tensor(1.0, dtype=F64), constraint=constraints.positive)
+    b = pyro.param("b", torch.tensor(4.0, dtype=F64), constraint=constraints.positive)
+    with pyro.plate("groups", len(GROUP_COUNTS)):
+        pyro.sample("lam", dist.Gamma(a, b).expand([len(GROUP_COUNTS)]))
+
+
+def tied_neg_elbo():
+    """lam_j ~ Gamma(A0, B0), x_j ~ Poisson(lam_j), q(lam_j) = Gamma(a, b) for all j."""
+    a, b = pyro.param("a"), pyro.param("b")
+    elog, mean = torch.digamma(a) - b.log(), a / b
+    loglik = (GROUP_COUNTS * elog - mean - torch.lgamma(GROUP_COUNTS + 1)).sum()
+    prior = dist.Gamma(torch.tensor(A0, dtype=F64), torch.tensor(B0, dtype=F64))
+    return -loglik + len(GROUP_COUNTS) * kl_divergence(dist.Gamma(a, b), prior)
+
+
+def test_tied_expand_one_exact_step():
+    """The optimum of tied q's is the average of the per-group posteriors' natural
+    parameters: a = A0 + mean(x), b = B0 + 1."""
+    exact_step(tied_guide, tied_neg_elbo)
+    torch.testing.assert_close(value("a"), A0 + GROUP_COUNTS.mean(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(value("b"), torch.tensor(B0 + 1, dtype=F64), rtol=1e-9, atol=0)
+    # and it is the optimum of the test's own ELBO
+    leaves = store_leaves()
+    grads = torch.autograd.grad(tied_neg_elbo(), leaves)
+    assert max(float(g.abs().max()) for g in grads) < 1e-9
+
+
+# ----------------------------------------------------------------------------------------
+# 2. SVI with single-particle Trace_ELBO and the default settings
+# ----------------------------------------------------------------------------------------
+def _posterior_check(q, post, mean_tol=0.25, sd_tol=0.2):
+    """Mean error well under one posterior sd; sd within ``sd_tol``."""
+    err = ((q.mean - post.mean).abs() / post.stddev).max()
+    ratio = q.stddev / post.stddev
+    assert float(err) < mean_tol, (q.mean, post.mean, post.stddev)
+    assert float((ratio - 1).abs().max()) < sd_tol, ratio
+
+
+def _svi(model, guide, data, steps=300, seed=0):
+    pyro.set_rng_seed(seed)
+    opt = NaturalGradient(guide)
+    svi = SVI(model, guide, opt, Trace_ELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NaturalGradientWarning)  # nothing goes to Adam
+        for _ in range(steps):
+            assert math.isfinite(svi.step(*data))
+    return opt
+
+
+@pytest.mark.parametrize("family", ["beta", "gamma", "dirichlet", "normal"])
+def test_svi_defaults_reach_conjugate_posterior(family):
+    if family == "beta":
+        _svi(beta_model, beta_guide, (COINS,))
+        A, B = beta_posterior()
+        post = dist.Beta(torch.tensor(A, dtype=F64), torch.tensor(B, dtype=F64))
+        q = dist.Beta(value("a"), value("b"))
+    elif family == "gamma":
+        _svi(gamma_model, gamma_guide, (COUNTS,))
+        A, B = gamma_posterior()
+        post = dist.Gamma(torch.tensor(A, dtype=F64), torch.tensor(B, dtype=F64))
+        q = dist.Gamma(value("a"), value("b"))
+    elif family == "dirichlet":
+        _svi(dirichlet_model, dirichlet_guide, (CATS,))
+        post, q = dist.Dirichlet(dirichlet_posterior()), dist.Dirichlet(value("alpha"))
+    else:
+        _svi(normal_model, normal_guide, (OBS,))
+        mean, sd = normal_posterior()
+        post = dist.Normal(torch.tensor(mean, dtype=F64), sd)
+        q = dist.Normal(value("loc"), value("scale"))
+    start = {"beta": dist.Beta(torch.tensor(0.7), torch.tensor(15.0)),
+             "gamma": dist.Gamma(torch.tensor(20.0), torch.tensor(0.5)),
+             "dirichlet": dist.Dirichlet(torch.tensor([3.0, 0.3, 1.0, 6.0])),
+             "normal": dist.Normal(torch.tensor(-3.0), 2.5)}[family]
+    # the initial guide is far from the answer, so reaching it is not an accident
+    assert float(((start.mean.to(F64) - post.mean).abs() / post.stddev).max()) > 2
+    _posterior_check(q, post)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. routing: what cannot take a natural-gradient step goes to the base optimizer
+# ----------------------------------------------------------------------------------------
+def mixed_model():
+    pyro.sample("u", dist.Normal(torch.zeros(2, dtype=F64), 1.0).to_event(1))
+    pyro.sample("v", dist.Gamma(torch.tensor(2.0, dtype=F64), 1.0))
+    pyro.sample("w", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+    pyro.sample("x", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+    pyro.sample("y", dist.VonMises(torch.tensor(0.0, dtype=F64), 1.0))
+    pyro.sample("z", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+
+
+def mixed_guide():
+    loc = pyro.param("u_loc", torch.zeros(2, dtype=F64))
+    pyro.sample("u", dist.Normal(loc, pyro.param("u_scale", torch.ones(2, dtype=F64),
+                                                  constraint=constraints.positive)).to_event(1))
+    log_a = pyro.param("log_a", torch.tensor(0.5, dtype=F64))  # transformed before use
+    pyro.sample("v", dist.Gamma(log_a.exp(), pyro.param("v_rate", torch.tensor(1.0, dtype=F64),
+                                                        constraint=constraints.positive)))
+    shared = pyro.param("shared", torch.tensor(0.3, dtype=F64))  # feeds two sites
+    pyro.sample("w", dist.Normal(shared, 1.0))
+    pyro.sample("x", dist.Normal(shared, 2.0))
+    pyro.sample("y", dist.VonMises(pyro.param("vm_loc", torch.tensor(0.1, dtype=F64)),
+                                   pyro.param("vm_conc", torch.tensor(2.0, dtype=F64),
+                                              constraint=constraints.positive)))
+    pyro.sample("z", dist.Normal(pyro.param("z_loc", torch.tensor(0.0, dtype=F64)), 0.5))
+
+
+def test_routing_and_one_warning():
+    opt = NaturalGradient(mixed_guide)
+    svi = SVI(mixed_model, mixed_guide, opt, Trace_ELBO())
+    with pytest.warns(NaturalGradientWarning, match="5 parameter") as record:
+        svi.step()
+    assert len([w for w in record if issubclass(w.category, NaturalGradientWarning)]) == 1
+    message = str(record[0].message)
+    for name in ("log_a", "v_rate", "shared", "vm_loc", "vm_conc"):
+        assert name in message
+    routes = opt.routing()
+    natural = {k for k, v in routes.items() if v.startswith("natural gradient")}
+    base = {k for k, v in routes.items() if v.startswith("base optimizer")}
+    assert natural == {"u_loc", "u_scale", "z_loc"}, routes
+    assert base == {"log_a", "v_rate", "shared", "vm_loc", "vm_conc"}, routes
+    assert "computed from parameters" in routes["log_a"]
+    assert "shared" in routes["shared"] or "used twice" in routes["shared"]
+    assert "Fisher" in routes["vm_loc"]
+    # the fixed-scale site takes the Fisher step in its one free parameter
+    assert routes["z_loc"] == "natural gradient (Normal, Fisher step, z)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NaturalGradientWarning)  # warned once only
+        for _ in range(3):
+            svi.step()
+
+
+def test_fallback_params_take_exact_adam_steps():
+    """Rejected parameters get exactly the base optimizer's steps."""
+    opt = NaturalGradient(mixed_guide, base_optimizer=pyro.optim.Adam({"lr": 0.05}))
+    mixed_guide()
+    opt.read_guide()
+    store = pyro.get_param_store()
+    leaves = dict(store.named_parameters())
+    rejected = ["log_a", "v_rate", "shared", "vm_loc", "vm_conc"]
+    shadow = {n: leaves[n].detach().clone().requires_grad_() for n in rejected}
+    reference = pyro.optim.Adam({"lr": 0.05})
+    pyro.set_rng_seed(1)
+    for _ in range(3):
+        for p in leaves.values():
+            p.grad = None
+        Trace_ELBO().differentiable_loss(mixed_model, mixed_guide).backward()
+        for n in rejected:
+            shadow[n].grad = leaves[n].grad.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NaturalGradientWarning)
+            opt(list(leaves.values()))
+        reference(list(shadow.values()))
+        for n in rejected:
+            torch.testing.assert_close(leaves[n].detach(), shadow[n].detach(), rtol=0, atol=0)
+
+
+def test_needs_guide_arguments_outside_svi():
+    normal_guide(OBS)
+    opt = NaturalGradient(normal_guide)
+    with pytest.raises(RuntimeError, match="read_guide"):
+        opt.routing()
+    leaves = store_leaves()
+    for p in leaves:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="read_guide"):
+        opt(leaves)
+
+
+def test_reading_the_guide_leaves_no_trace():
+    """Reading runs the guide once: the random state and any enclosing trace are untouched."""
+    normal_guide(OBS)
+    opt = NaturalGradient(normal_guide)
+    pyro.set_rng_seed(5)
+    expected = torch.rand(3)
+    pyro.set_rng_seed(5)
+    from pyro import poutine
+
+    with poutine.trace() as outer:
+        opt.read_guide(OBS)
+    assert torch.equal(torch.rand(3), expected)
+    assert len(outer.trace.nodes) == 0
+
+
+# ----------------------------------------------------------------------------------------
+# 4. steps stay valid; bad gradients are skipped
+# ----------------------------------------------------------------------------------------
+def test_backtracking_keeps_gamma_valid_and_matches_formula():
+    """A gradient whose full step leaves the domain: the step halves until valid, and
+    equals ``eta - 2^-k F_eta^{-1} dl/deta`` computed here from the log-partition
+    function ``A(eta) = lgamma(eta1 + 1) - (eta1 + 1) log(-eta2)`` by autograd."""
+    gamma_guide(COUNTS)
+    opt = NaturalGradient(gamma_guide, step_size=1.0, max_kl=None)
+    opt.read_guide(COUNTS)
+    ua, ub = store_leaves()
+    u0 = torch.stack([ua.detach(), ub.detach()]).clone()
+    g_u = torch.tensor([-3.0, 40.0], dtype=F64)
+    ua.grad, ub.grad = g_u[0].clone(), g_u[1].clone()
+    opt([ua, ub])
+
+    def eta_of(u):
+        a, b = u.exp()
+        return torch.stack([a - 1, -b])
+
+    def log_partition(eta):
+        return torch.lgamma(eta[0] + 1) - (eta[0] + 1) * torch.log(-eta[1])
+
+    J = torch.autograd.functional.jacobian(eta_of, u0)
+    g_eta = torch.linalg.solve(J.T, g_u)
+    F = torch.autograd.functional.hessian(log_partition, eta_of(u0))
+    delta = torch.linalg.solve(F, g_eta)
+    eta0 = eta_of(u0)
+    rho = 1.0
+    while not bool(((eta0 - rho * delta)[1] < 0) & ((eta0 - rho * delta)[0] > -1)):
+        rho /= 2
+    assert rho < 1  # the full step was invalid
+    expected = eta0 - rho * delta
+    torch.testing.assert_close(eta_of(torch.stack([ua.detach(), ub.detach()])), expected,
+                               rtol=1e-9, atol=1e-12)
+    assert opt.get_state()["natural_gradient"]["lam"]["t"] == pytest.approx(rho)
+
+
+def test_nonfinite_gradient_skips_and_counts():
+    beta_guide(COINS)
+    opt = NaturalGradient(beta_guide)
+    opt.read_guide(COINS)
+    leaves = store_leaves()
+    before = [p.detach().clone() for p in leaves]
+    for p in leaves:
+        p.grad = torch.full_like(p, float("nan"))
+    with pytest.warns(NaturalGradientWarning, match="1 skipped"):
+        opt(leaves)
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, leaves))
+
+
+def test_param_store_reload_is_read_again():
+    """Loading a param store replaces the parameter tensors: the guide is read again at
+    the next step, and the new tensors take natural-gradient steps (no fallback)."""
+    pyro.set_rng_seed(0)
+    opt = NaturalGradient(gamma_guide)
+    svi = SVI(gamma_model, gamma_guide, opt, Trace_ELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NaturalGradientWarning)
+        for _ in range(3):
+            svi.step(COUNTS)
+        saved = pyro.get_param_store().get_state()
+        pyro.get_param_store().set_state(saved)
+        new = store_leaves()
+        svi.step(COUNTS)
+    assert all(p in opt._owner for p in new)
+    assert set(opt.routing()) == {"a", "b"}
+    assert all(v.startswith("natural gradient") for v in opt.routing().values())
+
+
+def test_pyro_module_guide():
+    """A hand-written PyroModule guide (not an autoguide) is read the same way."""
+    from pyro.nn import PyroModule, PyroParam
+
+    class Guide(PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.a = PyroParam(torch.tensor(20.0, dtype=F64), constraint=constraints.positive)
+            self.b = PyroParam(torch.tensor(0.5, dtype=F64), constraint=constraints.positive)
+
+        def forward(self, x):
+            pyro.sample("lam", dist.Gamma(self.a, self.b))
+
+    guide = Guide()
+    guide(COUNTS)
+    opt = NaturalGradient(guide, step_size=1.0, max_kl=None)
+    routes = opt.read_guide(COUNTS)
+    assert all(v == "natural gradient (Gamma, mirror descent, lam)" for v in routes.values()), \
+        routes
+    leaves = store_leaves()
+    assert len(leaves) == 2
+
+    def neg_elbo():
+        a, b = guide.a, guide.b
+        elog, mean = torch.digamma(a) - b.log(), a / b
+        loglik = COUNTS.sum() * elog - len(COUNTS) * mean
+        prior = dist.Gamma(torch.tensor(A0, dtype=F64), torch.tensor(B0, dtype=F64))
+        return -loglik + kl_divergence(dist.Gamma(a, b), prior)
+
+    for p, g in zip(leaves, torch.autograd.grad(neg_elbo(), leaves)):
+        p.grad = g
+    opt(leaves)
+    a, b = gamma_posterior()
+    torch.testing.assert_close(guide.a.detach(), torch.tensor(a, dtype=F64), rtol=1e-9, atol=0)
+    torch.testing.assert_close(guide.b.detach(), torch.tensor(b, dtype=F64), rtol=1e-9, atol=0)
