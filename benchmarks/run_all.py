@@ -2,7 +2,7 @@
 
 ::
 
-    python benchmarks/run_all.py            # smoke test: each script with --quick
+    python benchmarks/run_all.py --quick    # smoke test: each script with --quick (default)
     python benchmarks/run_all.py --full     # the settings (about 35-45 min)
 
 Each script runs in its own process (``sys.executable``), from the repository root;
@@ -34,8 +34,11 @@ SCRIPTS = [
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--full", action="store_true",
-                   help="run each script with its default (full) settings instead of --quick")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true",
+                      help="each script with --quick (the default)")
+    mode.add_argument("--full", action="store_true",
+                      help="run each script with its default (full) settings instead of --quick")
     p.add_argument("--only", nargs="+", choices=[s for s, _ in SCRIPTS], default=None,
                    help="run only these scripts")
     p.add_argument("--output", default=os.path.join("benchmarks", "RESULTS.md"),

@@ -182,7 +182,10 @@ class NaturalGradient(PyroOptim):
         for r in self._recorders:
             r.sites = set(sites)
         for key in list(self._groups) + ["curvature"]:
-            self._state.setdefault(key, self._waiting_state.pop(key, {"t": 0}))
+            if key in self._waiting_state:  # a loaded state wins over the live one
+                self._state[key] = self._waiting_state.pop(key)
+            else:
+                self._state.setdefault(key, {"t": 0})
         gaussian = all(isinstance(g, (DiagonalGaussianGroup, FullGaussianGroup)) for g in groups)
         self._use_curvature = gaussian and self._curvature_applies(groups)
 
@@ -619,7 +622,7 @@ class NaturalGradient(PyroOptim):
     def set_state(self, state: Dict) -> None:
         ng = state.get("natural_gradient", {})
         for key, value in ng.items():
-            if self._groups is not None and key in self._groups:
+            if self._groups is not None and (key in self._groups or key == "curvature"):
                 self._state[key] = dict(value)
             else:
                 self._waiting_state[key] = dict(value)

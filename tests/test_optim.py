@@ -241,15 +241,6 @@ def test_mean_field_one_exact_step_is_jacobi(float64, guide_cls):
 # ----------------------------------------------------------------------------------------
 # 2. SVI on the conjugate model
 # ----------------------------------------------------------------------------------------
-BUG_MAX_KL_SCHEDULE = (
-    "library bug: with the default max_kl=10 the trust region clips every warm-up step "
-    "(AutoDiagonalNormal from its init_to_median start: rho = 0.16 ... 0.27 for all 10 "
-    "warm-up steps) and the 1/t decay then starts far from the optimum, so the exact "
-    "(Hessian + control variate) steps converge only algebraically: mean error 6.7e-3 "
-    "after 30 steps; with max_kl=None it is exact after 2 steps. Clipped steps should not "
-    "use up the warm-up (AMVN/AutoNormal pass only because their start is closer)")
-
-
 @pytest.mark.parametrize("guide_cls", [
     AutoMultivariateNormal, AutoNormal,
     AutoDiagonalNormal,
@@ -313,16 +304,6 @@ def test_mean_field_on_strongly_correlated_posterior(float64, rng):
     assert ((m - mu).abs() / mf_sd).max() < 1e-3, (m, mu)
     torch.testing.assert_close(s, mf_sd, rtol=1e-6, atol=0.0)
 
-
-
-BUG_NEAR_SINGULAR = (
-    "library bug: the precision update B = I + rho S is used as is whenever it is positive "
-    "definite and replaced by (I + (I + rho S)^2)/2 otherwise. Near eig(B) = 0+ (a noisy "
-    "gradient with rho S ~ -1, or an indefinite model Hessian) the variance grows by 1/eig "
-    "(x1000 seen) and the mean step with it; just past 0 it shrinks instead, and for "
-    "rho S << -1 (a gradient asking for *more* variance) it collapses (A = -4.8: variance "
-    "/12). The quadratic max_kl=10 estimate allows |rho S| up to 6.3, so both happen; "
-    "fits diverge or get stranded.")
 
 
 @pytest.mark.slow
@@ -427,14 +408,6 @@ def _check_valid(guide):
                 assert int(info) == 0
             else:
                 assert bool((part.get_posterior().base_dist.scale > 0).all())
-
-
-BUG_INDEFINITE_HESSIAN = (
-    "library bug: curvature='hessian' uses -Hessian(log joint) at the draw as the precision "
-    "target even when it is indefinite (this non-conjugate model: eigenvalue -22 at the "
-    "init); for AutoDiagonalNormal the running full precision P then passes near 0 "
-    "(eigenvalue 1.5 vs 15..180) and the Newton mean step jumps ~30 sd (loss 70 -> 5e6); "
-    "AutoMultivariateNormal hits the same with eig(I + rho S) = 0.012 in other runs")
 
 
 @pytest.mark.parametrize("kind", [
@@ -707,19 +680,11 @@ def test_checkpoint_resume_bitwise(float64, rng, tmp_path, guide_cls):
     assert any(not torch.equal(got[k], expected[k]) for k in expected)
 
 
-BUG_STALE_IDENTITY = (
-    'known issue: after pyro.get_param_store().set_state() into the same live guide and '
-    'optimizer, routing is rediscovered (no parameter falls back), but the base '
-    "optimizer's state is keyed by the replaced tensors, so the run no longer matches the "
-    "uninterrupted one bit for bit (first mismatch: parameter 'b'); restoring into a fresh "
-    'guide and optimizer is exact (tested above)')
-
-
-@pytest.mark.xfail(strict=True, reason=BUG_STALE_IDENTITY)
 def test_rollback_param_store_in_same_process(float64, rng):
     """Load a saved param store into the *same* AutoNormal guide and optimizer (roll
     back): the Gaussian params must keep natural-gradient steps and the continuation must
-    equal the first continuation from the checkpoint."""
+    equal the first continuation from the checkpoint. (It once did not: the running
+    precision of the curvature state was not restored into a live optimizer.)"""
     X, y = _small_data()
     guide = fresh(AutoNormal, ckpt_model)
     opt = NaturalGradient(guide)
@@ -746,7 +711,7 @@ def test_rollback_param_store_in_same_process(float64, rng):
 
 # ----------------------------------------------------------------------------------------
 # 6. Pyro integration. max_kl=None: the exactness checks are then sharp (1e-6); the
-# default trust region's slowness is the separate xfail above.
+# default trust region makes the comparison blunter.
 # ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("loss_name", ["TraceGraph_ELBO", "particles4", "vectorized4"])
 @pytest.mark.parametrize("guide_cls", [AutoMultivariateNormal, AutoNormal])
@@ -986,14 +951,6 @@ def test_minibatch_fit_is_sensible(float64, rng):
 # ----------------------------------------------------------------------------------------
 # guide evaluations between steps must not perturb the next step
 # ----------------------------------------------------------------------------------------
-BUG_STALE_RECORDS = (
-    "library bug: the draw recorder keeps every guide call since the last step (Predictive "
-    "adds 50) and the next step uses them all as control variate / curvature draws for a "
-    "gradient that came from one draw: the mean jumps from the exact posterior (err 1e-14) "
-    "to 0.09 (~3 sd). The records also grow without bound if the guide is evaluated "
-    "without optimizer steps")
-
-
 @pytest.mark.parametrize("guide_cls", [AutoMultivariateNormal, AutoNormal])
 def test_predictive_between_steps_does_not_perturb(float64, rng, guide_cls):
     X, y = diabetes()
