@@ -37,8 +37,8 @@ def _without_init(model):
 class ModelCurvature:
     """Hessians of the model log joint on an autoguide's unconstrained latent.
 
-    :param guide: an ``AutoContinuous`` guide or an ``AutoNormal`` without
-        subsampled sites; its ``.model`` is the model.
+    :param guide: an ``AutoContinuous`` guide or an ``AutoNormal``; its ``.model`` is
+        the model. For subsampled sites pass the subsample's ``shapes``.
     """
 
     def __init__(self, guide):
@@ -73,10 +73,13 @@ class ModelCurvature:
             out.append((name, site, torch.Size(shape)))
         return out
 
-    def unpack(self, z: torch.Tensor):
-        """``{site: unconstrained value}`` from a packed latent ``(D,)``."""
+    def unpack(self, z: torch.Tensor, shapes=None):
+        """``{site: unconstrained value}`` from a packed latent ``(D,)``; ``shapes``
+        (``{site: shape}``) overrides the guide's, e.g. for a subsample's values."""
         values, pos = {}, 0
         for name, site, shape in self._sites():
+            if shapes is not None:
+                shape = torch.Size(shapes[name])
             n = shape.numel()
             values[name] = z[pos:pos + n].reshape(shape)
             pos += n
@@ -85,36 +88,40 @@ class ModelCurvature:
     def pack(self, values) -> torch.Tensor:
         return torch.cat([values[name].reshape(-1) for name, _, _ in self._sites()])
 
-    def log_joint(self, z: torch.Tensor, prior_only: bool = False) -> torch.Tensor:
+    def log_joint(self, z: torch.Tensor, prior_only: bool = False,
+                  shapes=None) -> torch.Tensor:
         """``f(z)``: the model's log joint at the constrained values plus the log
         Jacobian determinant of the constraining transforms (without the observed
-        sites if ``prior_only``)."""
-        values, logdet = {}, 0.0
-        for name, u in self.unpack(z).items():
+        sites if ``prior_only``); ``shapes`` as in :meth:`unpack`."""
+        values, ladjs = {}, {}
+        for name, u in self.unpack(z, shapes).items():
             site = self.guide.prototype_trace.nodes[name]
             t = biject_to(site["fn"].support)
             x = t(u)
             values[name] = x
             ladj = t.log_abs_det_jacobian(u, x)
-            ladj = sum_rightmost(ladj, ladj.dim() - x.dim() + site["fn"].event_dim)
-            logdet = logdet + ladj.sum()
+            ladjs[name] = sum_rightmost(ladj, ladj.dim() - x.dim() + site["fn"].event_dim).sum()
         with poutine.block():  # invisible to any handler the caller is inside
             model = poutine.condition(self.guide.model, values)
             tr = poutine.trace(model).get_trace(*self.args, **self.kwargs)
+        # The Jacobian term is part of the site's log density, so it takes the site's
+        # scale (full_size / size in a subsampled plate) like the ELBO does.
+        logdet = sum(tr.nodes[name]["scale"] * ladj for name, ladj in ladjs.items())
         if prior_only:
             # condition() marks the latents observed too, so select them by name.
             return tr.log_prob_sum(lambda name, site: name in values) + logdet
         return tr.log_prob_sum() + logdet
 
-    def hessian(self, z: torch.Tensor, prior_only: bool = False) -> torch.Tensor:
+    def hessian(self, z: torch.Tensor, prior_only: bool = False, shapes=None) -> torch.Tensor:
         """``grad^2 f(z)``, ``(D, D)``, by ``D`` Hessian-vector products; with
-        ``prior_only`` the observed sites are left out."""
+        ``prior_only`` the observed sites are left out; ``shapes`` as in :meth:`unpack`."""
         if not self.seen:
             raise RuntimeError("the guide has not been called yet, so the model's arguments "
                                "are unknown; run svi.step(...) first")
         with torch.enable_grad():
             z = z.detach().requires_grad_()
-            (g,) = torch.autograd.grad(self.log_joint(z, prior_only), z, create_graph=True)
+            (g,) = torch.autograd.grad(self.log_joint(z, prior_only, shapes), z,
+                                       create_graph=True)
             H = None
             if prior_only:
                 # The prior's graph is small, so one batched (vmapped) backward pass
@@ -130,6 +137,27 @@ class ModelCurvature:
                         for i in range(z.numel())]
                 H = torch.stack([r if r is not None else torch.zeros_like(z) for r in rows])
         return 0.5 * (H + H.mT)
+
+    def hessian_diagonal(self, z: torch.Tensor, probes, shapes=None) -> torch.Tensor:
+        """``diag(grad^2 f(z))``, ``(D,)``, by one Hessian-vector product per probe.
+
+        ``probes``: 0/1 vectors ``(D,)`` with disjoint supports covering every
+        coordinate, such that no two coordinates of one probe interact (their Hessian
+        entry is 0): e.g. one coordinate of every item of a subsampled plate, whose
+        items are conditionally independent. Then ``H v`` is the diagonal on ``v``'s
+        support."""
+        if not self.seen:
+            raise RuntimeError("the guide has not been called yet, so the model's arguments "
+                               "are unknown; run svi.step(...) first")
+        diag = torch.zeros_like(z)
+        with torch.enable_grad():
+            z = z.detach().requires_grad_()
+            (g,) = torch.autograd.grad(self.log_joint(z, False, shapes), z, create_graph=True)
+            for v in probes:
+                (hv,) = torch.autograd.grad(g, z, v, retain_graph=True, allow_unused=True)
+                if hv is not None:
+                    diag = diag + hv.detach() * v
+        return diag
 
     def ggn_precision(self, z: torch.Tensor) -> torch.Tensor:
         """``G_lik(z) - grad^2 log prior(z)``: the generalized Gauss-Newton matrix of the

@@ -153,6 +153,15 @@ class DiagonalGaussianGroup(_Group):
         """Whether ``scale = softplus(raw)`` (Pyro's default), which has a fused step."""
         return _is_softplus(self.transforms["scale"])
 
+    def subsample_index(self, record):
+        """``[(dim of loc, indices)]`` of the subsampled plates of this step's draw."""
+        index = []
+        for frame in record[self.site][1]:
+            if frame.full_size is not None and frame.full_size != frame.size \
+                    and frame.name in record:
+                index.append((frame.dim - self.event_dim, record[frame.name]))
+        return index
+
     def eps_moments(self, records, loc, scale):
         """``(E[eps], E[eps^2], visits)`` over the recorded draws, full-size tensors
         (elements outside a subsample get 0, 1 and 0); None without records."""
@@ -164,11 +173,7 @@ class DiagonalGaussianGroup(_Group):
             if self.site not in record:
                 continue
             value, stack = record[self.site]
-            index = []
-            for frame in stack:
-                if frame.full_size is not None and frame.full_size != frame.size \
-                        and frame.name in record:
-                    index.append((frame.dim - self.event_dim, record[frame.name]))
+            index = self.subsample_index(record)
             loc_s, scale_s = loc, scale
             for dim, idx in index:
                 loc_s, scale_s = loc_s.index_select(dim, idx), scale_s.index_select(dim, idx)

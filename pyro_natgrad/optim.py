@@ -27,7 +27,8 @@ from pyro.infer.autoguide import AutoContinuous, AutoGuide, AutoNormal
 from .curvature import ModelCurvature
 from .gaussian import (CHUNK, StepError, diagonal_gaussian_step, full_step,
                        softplus_diagonal_step)
-from .guides import DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide
+from .guides import (DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, _scatter,
+                     read_guide)
 from .handwritten import describe_rejected, find_svi_args, read_handwritten
 from .lowrank import LowRankGaussianGroup, read_lowrank
 from .schedule import StepSize
@@ -89,8 +90,10 @@ class NaturalGradient(PyroOptim):
         mean-field natural gradient alone is a Jacobi iteration that needs
         ``O(condition number)`` steps. ``"none"``: the ELBO gradient only (a rank-one
         estimate per draw). ``"auto"`` (default): ``"hessian"`` for an
-        ``AutoContinuous`` or unsubsampled ``AutoNormal`` guide with at most
-        :data:`MAX_CURVATURE_DIM` latent dimensions, else ``"none"``. ``"ggn"``: as
+        ``AutoContinuous`` or ``AutoNormal`` guide with at most
+        :data:`MAX_CURVATURE_DIM` latent dimensions (for a subsampled ``AutoNormal``:
+        this step's globals and subsample, whose variances then move towards the
+        diagonal of the Hessian over them), else ``"none"``. ``"ggn"``: as
         ``"hessian"`` but the likelihood's curvature is its generalized Gauss-Newton
         matrix ``E[J^T F_R J]`` (:mod:`pyro_natgrad.ggn`), positive semi-definite for
         any likelihood with a closed-form Fisher; equal to the Hessian for canonical
@@ -128,6 +131,7 @@ class NaturalGradient(PyroOptim):
         self._warned_params = set()
         self._warned_no_draws = False
         self._use_curvature = False
+        self._minibatch_curvature = False
         # Hand-written guides: the guide's arguments (to trace it), the names of its
         # parameters and why any of them take base-optimizer steps.
         self._guide_args = None
@@ -187,6 +191,7 @@ class NaturalGradient(PyroOptim):
             else:
                 self._state.setdefault(key, {"t": 0})
         gaussian = all(isinstance(g, (DiagonalGaussianGroup, FullGaussianGroup)) for g in groups)
+        self._minibatch_curvature = False
         self._use_curvature = gaussian and self._curvature_applies(groups)
 
     def _curvature_applies(self, groups) -> bool:
@@ -198,9 +203,16 @@ class NaturalGradient(PyroOptim):
         for _, site in self.guide.prototype_trace.iter_stochastic_nodes():
             if any(f.full_size is not None and f.full_size != f.size
                    for f in site["cond_indep_stack"]):
-                if self.curvature in ("hessian", "ggn"):
-                    raise ValueError(f"curvature={self.curvature!r} does not support subsampled "
-                                     f"plates; use curvature='none'")
+                if self.curvature == "ggn" or not all(
+                        isinstance(g, DiagonalGaussianGroup) for g in groups):
+                    if self.curvature in ("hessian", "ggn"):
+                        raise ValueError(f"curvature={self.curvature!r} with subsampled plates "
+                                         f"needs an AutoNormal guide and curvature='hessian'; "
+                                         f"use curvature='none'")
+                    return False
+                # Subsampled AutoNormal: the variances move towards the diagonal of the
+                # Hessian over this step's subsample (see _minibatch_targets).
+                self._minibatch_curvature = True
                 return False
         return True
 
@@ -276,13 +288,14 @@ class NaturalGradient(PyroOptim):
             owned = [p for p in params if p in self._owner]
             if owned and self._step_with_curvature(records):
                 seen.update(self._groups)
+        targets = self._minibatch_targets(records) if self._minibatch_curvature else {}
         for p in params:
             group = self._owner.get(p)
             if group is None:
                 rest.append(p)
             elif group.key not in seen:
                 seen.add(group.key)
-                self._step_group(group, records)
+                self._step_group(group, records, targets.get(group.key))
         if rest:
             self.base_optimizer(rest, *args, **kwargs)
 
@@ -310,7 +323,62 @@ class NaturalGradient(PyroOptim):
                       f"{' ...' if len(names) > 8 else ''}. That is expected for model "
                       f"parameters; see NaturalGradient.routing().", NaturalGradientWarning)
 
-    def _step_group(self, group, records):
+    def _minibatch_targets(self, records) -> Dict[str, torch.Tensor]:
+        """``{group key: precision target}`` for a subsampled ``AutoNormal``: minus the
+        diagonal of the model's Hessian at this step's draws (globals and the
+        subsample's locals), averaged over the draws, full-size (0 outside the
+        subsample); each local's entry is unscaled by its plate's ``full_size / size``,
+        as its gradient is.
+
+        The items of a subsampled plate are conditionally independent, so one
+        Hessian-vector product gives a local coordinate's diagonal entry for every item
+        at once: the cost is one backward pass per global coordinate and per local
+        coordinate of one item, not per subsample element. Empty (gradient-only steps)
+        when the draws do not allow it (vectorised particles) or, with
+        ``curvature="auto"``, above :data:`MAX_CURVATURE_DIM` products."""
+        curv = self._curvature
+        groups = {g.site[: -len("_unconstrained")]: g for g in self._groups.values()}
+        names = [name for name, _, _ in curv._sites()]
+        if not records or set(names) != set(groups):
+            return {}
+        sums = {}
+        for record in records:
+            if not all(groups[n].site in record for n in names):
+                return {}
+            draws = {n: record[groups[n].site][0] for n in names}
+            if any(draws[n].dim() != groups[n].params["loc"].dim() for n in names):
+                return {}  # vectorised particles
+            z = torch.cat([draws[n].reshape(-1) for n in names])
+            probes, pos = [], 0
+            for n in names:
+                shape = draws[n].shape
+                items = {d % len(shape) for d, _ in groups[n].subsample_index(record)}
+                reduced = [1 if i in items else s for i, s in enumerate(shape)]
+                label = torch.arange(math.prod(reduced), device=z.device).reshape(reduced)
+                label = label.expand(shape).reshape(-1)
+                for k in range(math.prod(reduced)):
+                    v = torch.zeros_like(z)
+                    v[pos:pos + label.numel()] = (label == k).to(z.dtype)
+                    probes.append(v)
+                pos += label.numel()
+            if self.curvature == "auto" and len(probes) > MAX_CURVATURE_DIM:
+                return {}
+            diag = -curv.hessian_diagonal(z, probes, shapes={n: draws[n].shape for n in names})
+            if not bool(torch.isfinite(diag).all()):
+                return {}
+            pos = 0
+            for n in names:
+                g, k = groups[n], draws[n].numel()
+                part = diag[pos:pos + k].reshape(draws[n].shape)
+                pos += k
+                index = g.subsample_index(record)
+                if index:
+                    part = _scatter(g.params["loc"], part / self._plate_scale(g, [record], None),
+                                    index)
+                sums[g.key] = sums.get(g.key, 0) + part
+        return {key: value / len(records) for key, value in sums.items()}
+
+    def _step_group(self, group, records, target=None):
         grads = group.grads()
         if any(g is None for g in grads.values()):
             return  # a part of the guide unused in this step
@@ -323,7 +391,7 @@ class NaturalGradient(PyroOptim):
         state = self._state[group.key]
         with torch.no_grad():
             if isinstance(group, DiagonalGaussianGroup):
-                self._step_diagonal(group, grads, records, state)
+                self._step_diagonal(group, grads, records, state, target)
             elif isinstance(group, FullGaussianGroup):
                 self._step_full(group, grads, records, state)
             elif hasattr(group, "natural_step"):
@@ -341,14 +409,15 @@ class NaturalGradient(PyroOptim):
                 else:
                     state["t"] += float(_fraction_taken(used, rho).mean())
 
-    def _step_diagonal(self, group, grads, records, state):
+    def _step_diagonal(self, group, grads, records, state, target=None):
         loc = group.params["loc"]
         raw = group.params["scale"]
         # Per-element step counts only for plates that are subsampled (or were): an
         # unsubsampled plate steps every element every time, like an event dimension.
         per_element = bool(group.plates) and (
             torch.is_tensor(state.get("t_elem")) or self._subsampled(group, records))
-        if not per_element and self._step_diagonal_fused(group, grads, records, state):
+        if not per_element and target is None and \
+                self._step_diagonal_fused(group, grads, records, state):
             return
         scale, dscale = group.scale()
         g_loc, g_scale = grads["loc"], grads["scale"] / dscale
@@ -369,8 +438,13 @@ class NaturalGradient(PyroOptim):
         else:
             active = None
             rho = self.step_size(state["t"])
+        if target is not None:
+            # A Hessian entry of a non-log-concave model can be negative: keep the
+            # current precision there.
+            target = torch.where(target > 0, target, scale.square().reciprocal())
         step = diagonal_gaussian_step(loc.detach(), scale, g_loc, g_scale, rho,
-                                      moments[:2] if moments is not None else None, self.max_kl)
+                                      moments[:2] if moments is not None else None, self.max_kl,
+                                      precision_target=target)
         new_raw = group.transforms["scale"].inv(step.scale_tril)
         taken = _fraction_taken(step.rho, rho)
         if active is None:

@@ -89,3 +89,48 @@ def test_curvature_needs_the_guide_to_have_run():
     curv = ModelCurvature(guide)
     with pytest.raises(RuntimeError, match="svi.step"):
         curv.hessian(torch.zeros(3, dtype=torch.float64))
+
+
+def test_minibatch_hessian_diagonal_matches_autograd_hessian(float64):
+    """Subsampled AutoNormal: the diagonal that the optimizer's minibatch targets use,
+    one Hessian-vector product per global coordinate and per local coordinate of one
+    item, equals the diagonal of the full autograd Hessian of a log joint written out
+    here (locals and likelihood scaled by N / B as the ELBO scales them). The model
+    couples the two coordinates of each local and the locals with the global."""
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro_natgrad import NaturalGradient
+
+    N, B = 12, 4
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(N, generator=g, dtype=torch.float64)
+    idx = torch.tensor([7, 2, 9, 4])
+
+    def model(y, idx):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(2, dtype=y.dtype), 1.0).to_event(1))
+        with pyro.plate("data", N, subsample=idx) as ind:
+            z = pyro.sample("z", dist.Normal(mu, 1.0).to_event(1))
+            pyro.sample("y", dist.Normal(z[..., 0] * z[..., 1] + mu[0], 0.5), obs=y[ind])
+
+    guide = AutoNormal(model, create_plates=lambda y, idx: pyro.plate("data", N, subsample=idx))
+    opt = NaturalGradient(guide)
+    SVI(model, guide, opt, Trace_ELBO()).step(y, idx)  # creates params, reads the guide
+    guide(y, idx)
+    records = [r for rec in opt._recorders for r in rec.take()]
+    targets = opt._minibatch_targets(records)
+    mu0, z0 = records[-1]["mu_unconstrained"][0], records[-1]["z_unconstrained"][0]
+
+    def log_joint(v):
+        mu, z = v[:2], v[2:].reshape(B, 2)
+        normal = torch.distributions.Normal
+        lp = normal(0.0, 1.0).log_prob(mu).sum()
+        lp = lp + N / B * normal(mu, 1.0).log_prob(z).sum()
+        return lp + N / B * normal(z[:, 0] * z[:, 1] + mu[0], 0.5).log_prob(y[idx]).sum()
+
+    H = torch.autograd.functional.hessian(log_joint, torch.cat([mu0, z0.reshape(-1)]))
+    assert H[2:, 2:].reshape(B, 2, B, 2)[0, :, 1, :].abs().sum() == 0  # items independent
+    assert H[2, 3].abs() > 0.1  # ...but a local's two coordinates interact
+    diag = -H.diagonal()
+    torch.testing.assert_close(targets["mu"], diag[:2])
+    expected = torch.zeros(N, 2, dtype=torch.float64)
+    expected[idx] = diag[2:].reshape(B, 2) / (N / B)  # a local's target is unscaled
+    torch.testing.assert_close(targets["z"], expected)

@@ -917,16 +917,13 @@ def test_minibatch_first_visit_exact_with_exact_gradients(float64):
         assert torch.equal(before[k][out], after[k][out])
 
 
-BUG_MINIBATCH = (
-    'known limitation (gradient-only mode, used for subsampled plates): a local latent '
-    'moves only when visited, with a rank-one single-draw precision estimate and its own '
-    'step size decaying like 2/t; after 400 steps with batch 5 of 20, some locals are still '
-    'up to 3.5 conditional sd from their conditional optimum (measured at commit 0c6fd71)')
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=BUG_MINIBATCH)
 def test_minibatch_fit_is_sensible(float64, rng):
+    """Minibatch SVI (batch 5 of 20) with defaults: the variances move towards the
+    diagonal of the model's Hessian over each subsample, so every local reaches its
+    exact conditional optimum (closed form here) and the global mean follows. With
+    gradient-only steps (the rank-one single-draw precision estimate) some locals were
+    still 3.5 conditional sds away after 400 steps and some scales 25x too small."""
     y = _hier_data()
     pyro.clear_param_store()
     guide = AutoNormal(hier_model, create_plates=hier_plates)
@@ -941,11 +938,11 @@ def test_minibatch_fit_is_sensible(float64, rng):
         cond = (m_mu / TAU_Z ** 2 + y / SIGMA_Z ** 2) / P  # exact conditional optimum
         z_err = (guide.locs.z - cond) * P ** 0.5
         z_scale = guide.scales.z * P ** 0.5
-    # the global mean within 3 (mean-field) sd of exact after 400 noisy steps
-    assert abs(float((m_mu - mean[0]) / sd[0])) < 3.0
-    # every local within 0.5 conditional sd of its conditional optimum, scale within 25%
-    assert float(z_err.abs().max()) < 0.5, z_err
-    assert float((z_scale - 1).abs().max()) < 0.25, z_scale
+    # the global mean within 0.5 (mean-field) sd of exact after 400 noisy steps
+    assert abs(float((m_mu - mean[0]) / sd[0])) < 0.5
+    # every local within 0.2 conditional sd of its conditional optimum, scale within 1%
+    assert float(z_err.abs().max()) < 0.2, z_err
+    assert float((z_scale - 1).abs().max()) < 0.01, z_scale
 
 
 # ----------------------------------------------------------------------------------------

@@ -237,3 +237,16 @@ def test_readme_benchmark_tables_match_results_md(readme_text):
                                        results).groups())
     if passed == 0:
         assert f"all {total} rows FAIL" in readme_text
+    else:
+        assert f"{passed} of {total} rows pass" in readme_text
+
+    # the GGN issue's targets: steps to 1 nat of the default, and the cost ratio
+    section = results[results.index("## GGN targets"):]
+    ggn = {r[0]: r[2] for r in _table_rows(section, "problem")
+           if r[1] == "NaturalGradient (default)"}
+    german = next(v for k, v in ggn.items() if k.startswith("german_credit"))
+    poisson = next(v for k, v in ggn.items() if k.startswith("randhie"))
+    assert f"optimal full-rank ELBO in {german} steps" in readme_text
+    assert f"in {poisson}; no Adam" in readme_text
+    ratio = re.search(r"whole step < 10x Adam\): PASS, ratio ([0-9.]+)", results).group(1)
+    assert f"costs {ratio} Adam steps" in readme_text
