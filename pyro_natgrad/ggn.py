@@ -240,8 +240,15 @@ class GGNOperator:
         self.heads = heads
         self.vectorize = vectorize
         self._coordinates = coordinates
-        # The reverse pass is recorded once; every product reuses it.
-        _, self._pullback = torch.func.vjp(coordinates, theta)
+        self._pullback_fn = None
+
+    @property
+    def _pullback(self):
+        # The reverse pass is recorded once, on the first product that needs it, and
+        # reused; dense() never does (it contracts forward-mode rows).
+        if self._pullback_fn is None:
+            _, self._pullback_fn = torch.func.vjp(self._coordinates, self.theta)
+        return self._pullback_fn
 
     # ---- bookkeeping ------------------------------------------------------------
     @property
