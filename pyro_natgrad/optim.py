@@ -373,7 +373,7 @@ class NaturalGradient(PyroOptim):
                 pos += k
                 index = g.subsample_index(record)
                 if index:
-                    part = _scatter(g.params["loc"], part / self._plate_scale(g, [record], None),
+                    part = _scatter(g.params["loc"], part / self._plate_scale(g, [record]),
                                     index)
                 sums[g.key] = sums.get(g.key, 0) + part
         return {key: value / len(records) for key, value in sums.items()}
@@ -432,7 +432,7 @@ class NaturalGradient(PyroOptim):
             t = state.get("t_elem")
             if not torch.is_tensor(t):
                 t = torch.full_like(loc.detach(), float(state["t"]))
-            c = self._plate_scale(group, records, loc)
+            c = self._plate_scale(group, records)
             g_loc, g_scale = g_loc / c, g_scale / c
             rho = self.step_size(t)
         else:
@@ -457,18 +457,19 @@ class NaturalGradient(PyroOptim):
             state["t_elem"] = t + active.to(t.dtype) * taken
             state["t"] += 1
 
-    def _subsampled(self, group, records) -> bool:
-        """Whether this step's draws (or, without any, the guide's prototype trace) of
-        the group's site come from a subsampled plate."""
-        stack = None
+    def _plate_stack(self, group, records):
+        """The plates of the group's site in this step's draws or, without any, in the
+        guide's prototype trace."""
         for record in records:
             if group.site in record:
-                stack = record[group.site][1]
-                break
-        if stack is None:
-            name = group.site[: -len("_unconstrained")]
-            stack = self.guide.prototype_trace.nodes[name]["cond_indep_stack"]
-        return any(f.full_size is not None and f.full_size != f.size for f in stack)
+                return record[group.site][1]
+        name = group.site[: -len("_unconstrained")]
+        return self.guide.prototype_trace.nodes[name]["cond_indep_stack"]
+
+    def _subsampled(self, group, records) -> bool:
+        """Whether the group's site is in a subsampled plate this step."""
+        return any(f.full_size is not None and f.full_size != f.size
+                   for f in self._plate_stack(group, records))
 
     def _step_diagonal_fused(self, group, grads, records, state) -> bool:
         """The step of :meth:`_step_diagonal` for the common case (softplus scale, a trust
@@ -510,19 +511,12 @@ class NaturalGradient(PyroOptim):
             raw.view(-1).copy_(new_raw)
         state["t"] += min(1.0, max(0.0, checks[0] / (n * max(rho, 1e-300))))
         return True
-    def _plate_scale(self, group, records, loc):
+
+    def _plate_scale(self, group, records):
         """``full_size / size`` of the site's subsampled plates, from this step's draws
         or, without them, from the guide's prototype trace."""
-        stack = None
-        for record in records:
-            if group.site in record:
-                stack = record[group.site][1]
-                break
-        if stack is None:
-            name = group.site[: -len("_unconstrained")]
-            stack = self.guide.prototype_trace.nodes[name]["cond_indep_stack"]
         c = 1.0
-        for f in stack:
+        for f in self._plate_stack(group, records):
             if f.full_size is not None and f.size:
                 c *= f.full_size / f.size
         return c
