@@ -191,30 +191,31 @@ class NaturalGradient(PyroOptim):
             else:
                 self._state.setdefault(key, {"t": 0})
         gaussian = all(isinstance(g, (DiagonalGaussianGroup, FullGaussianGroup)) for g in groups)
-        self._minibatch_curvature = False
-        self._use_curvature = gaussian and self._curvature_applies(groups)
+        self._use_curvature, self._minibatch_curvature = (
+            self._curvature_modes(groups) if gaussian else (False, False))
 
-    def _curvature_applies(self, groups) -> bool:
+    def _curvature_modes(self, groups):
+        """``(joint, minibatch)``: whether steps take the model's Hessian over all the
+        latents (:meth:`_step_with_curvature`), or, for an ``AutoNormal`` over a
+        subsampled plate, its diagonal over each step's subsample
+        (:meth:`_minibatch_targets`, which applies the dimension limit to the step's
+        latents, not to the full plate)."""
         if self._curvature is None or not self.control_variate:
-            return False
+            return False, False
+        subsampled = any(any(f.full_size is not None and f.full_size != f.size
+                             for f in site["cond_indep_stack"])
+                         for _, site in self.guide.prototype_trace.iter_stochastic_nodes())
+        if subsampled:
+            if self.curvature == "ggn" or not all(
+                    isinstance(g, DiagonalGaussianGroup) for g in groups):
+                if self.curvature in ("hessian", "ggn"):
+                    raise ValueError(f"curvature={self.curvature!r} with subsampled plates "
+                                     f"needs an AutoNormal guide and curvature='hessian'; "
+                                     f"use curvature='none'")
+                return False, False
+            return False, True
         dim = sum(g.params["loc"].numel() for g in groups)
-        if self.curvature == "auto" and dim > MAX_CURVATURE_DIM:
-            return False
-        for _, site in self.guide.prototype_trace.iter_stochastic_nodes():
-            if any(f.full_size is not None and f.full_size != f.size
-                   for f in site["cond_indep_stack"]):
-                if self.curvature == "ggn" or not all(
-                        isinstance(g, DiagonalGaussianGroup) for g in groups):
-                    if self.curvature in ("hessian", "ggn"):
-                        raise ValueError(f"curvature={self.curvature!r} with subsampled plates "
-                                         f"needs an AutoNormal guide and curvature='hessian'; "
-                                         f"use curvature='none'")
-                    return False
-                # Subsampled AutoNormal: the variances move towards the diagonal of the
-                # Hessian over this step's subsample (see _minibatch_targets).
-                self._minibatch_curvature = True
-                return False
-        return True
+        return not (self.curvature == "auto" and dim > MAX_CURVATURE_DIM), False
 
     def routing(self) -> Dict[str, str]:
         """Which parameter goes where: ``{parameter name: description}``."""
@@ -318,7 +319,7 @@ class NaturalGradient(PyroOptim):
         self._warned_params.update(new)
         store = pyro.get_param_store()
         names = [store.param_name(p) or f"<tensor {tuple(p.shape)}>" for p in new]
-        warnings.warn(f"NaturalGradient: {len(new)} parameter(s) feed no supported Gaussian guide "
+        warnings.warn(f"NaturalGradient: {len(new)} parameter(s) feed no supported guide site "
                       f"and take {type(self.base_optimizer).__name__} steps: {names[:8]}"
                       f"{' ...' if len(names) > 8 else ''}. That is expected for model "
                       f"parameters; see NaturalGradient.routing().", NaturalGradientWarning)
@@ -348,21 +349,25 @@ class NaturalGradient(PyroOptim):
             draws = {n: record[groups[n].site][0] for n in names}
             if any(draws[n].dim() != groups[n].params["loc"].dim() for n in names):
                 return {}  # vectorised particles
-            z = torch.cat([draws[n].reshape(-1) for n in names])
-            probes, pos = [], 0
+            # One item's shape per site: the draw's with its subsampled dims set to 1.
+            reduced = {}
             for n in names:
                 shape = draws[n].shape
                 items = {d % len(shape) for d, _ in groups[n].subsample_index(record)}
-                reduced = [1 if i in items else s for i, s in enumerate(shape)]
-                label = torch.arange(math.prod(reduced), device=z.device).reshape(reduced)
-                label = label.expand(shape).reshape(-1)
-                for k in range(math.prod(reduced)):
+                reduced[n] = [1 if i in items else s for i, s in enumerate(shape)]
+            if self.curvature == "auto" and \
+                    sum(math.prod(r) for r in reduced.values()) > MAX_CURVATURE_DIM:
+                return {}
+            z = torch.cat([draws[n].reshape(-1) for n in names])
+            probes, pos = [], 0
+            for n in names:
+                label = torch.arange(math.prod(reduced[n]), device=z.device).reshape(reduced[n])
+                label = label.expand(draws[n].shape).reshape(-1)
+                for k in range(math.prod(reduced[n])):
                     v = torch.zeros_like(z)
                     v[pos:pos + label.numel()] = (label == k).to(z.dtype)
                     probes.append(v)
                 pos += label.numel()
-            if self.curvature == "auto" and len(probes) > MAX_CURVATURE_DIM:
-                return {}
             diag = -curv.hessian_diagonal(z, probes, shapes={n: draws[n].shape for n in names})
             if not bool(torch.isfinite(diag).all()):
                 return {}

@@ -680,6 +680,36 @@ def test_checkpoint_resume_bitwise(float64, rng, tmp_path, guide_cls):
     assert any(not torch.equal(got[k], expected[k]) for k in expected)
 
 
+def test_set_state_in_place_restores_running_precision(float64, rng):
+    """Roll back by copying saved values into the same parameter tensors (nothing for
+    the optimizer to rediscover) and set_state: the continuation equals the first one,
+    so the curvature state (the running precision of the mean-field Newton step) is
+    restored too, not only the groups' step counts."""
+    X, y = diabetes()
+    guide = fresh(AutoNormal)
+    opt = NaturalGradient(guide)
+    svi = SVI(blr_model, guide, opt, Trace_ELBO())
+    for _ in range(3):
+        svi.step(X, y)
+    saved = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+    optim_state = copy.deepcopy(opt.get_state())
+    assert "precision" in optim_state["natural_gradient"]["curvature"]
+    rng_state = torch.get_rng_state()
+    for _ in range(3):
+        svi.step(X, y)
+    expected = store_snapshot()
+    with torch.no_grad():
+        for k, v in pyro.get_param_store().named_parameters():
+            v.copy_(saved[k])
+    opt.set_state(copy.deepcopy(optim_state))
+    torch.set_rng_state(rng_state)
+    for _ in range(3):
+        svi.step(X, y)
+    got = store_snapshot()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+
+
 def test_rollback_param_store_in_same_process(float64, rng):
     """Load a saved param store into the *same* AutoNormal guide and optimizer (roll
     back): the Gaussian params must keep natural-gradient steps and the continuation must
@@ -915,6 +945,30 @@ def test_minibatch_first_visit_exact_with_exact_gradients(float64):
     out[idx] = False
     for k in ("AutoNormal.locs.z", "AutoNormal.scales.z"):
         assert torch.equal(before[k][out], after[k][out])
+
+
+def test_minibatch_curvature_on_a_plate_larger_than_the_limit(float64, rng):
+    """A plate of 1,000 (more than MAX_CURVATURE_DIM) subsampled 10 at a time: the limit
+    applies to the step's latents (1 global, 10 locals), so the visited locals' variances
+    land on their exact conditional variance 1 / (1/tau^2 + 1/sigma^2) in one visit
+    (rho = 1, no trust region); gradient-only steps would not."""
+    n, batch = 1000, 10
+    y = 2.0 + torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=F64)
+
+    def model(y, idx):
+        mu = pyro.sample("mu", dist.Normal(y.new_zeros(()), TAU_MU))
+        with pyro.plate("data", n, subsample=idx) as ind:
+            z = pyro.sample("z", dist.Normal(mu, TAU_Z))
+            pyro.sample("y", dist.Normal(z, SIGMA_Z), obs=y[ind])
+
+    guide = AutoNormal(model, init_scale=1.0,
+                       create_plates=lambda y, idx: pyro.plate("data", n, subsample=idx))
+    svi = SVI(model, guide, NaturalGradient(guide, max_kl=None), Trace_ELBO())
+    idx = torch.arange(batch) * 7
+    svi.step(y, idx)
+    cond_sd = (TAU_Z ** -2 + SIGMA_Z ** -2) ** -0.5
+    torch.testing.assert_close(guide.scales.z.detach()[idx],
+                               torch.full((batch,), cond_sd, dtype=F64), rtol=1e-9, atol=0)
 
 
 @pytest.mark.slow
