@@ -18,6 +18,7 @@ auxiliary latent draws and their plates, from which the optimizer forms the
 control variate of :mod:`pyro_natgrad.gaussian`.
 """
 
+import weakref
 from operator import attrgetter
 from typing import Dict, List
 
@@ -38,20 +39,28 @@ class DrawRecorder:
     records, so a hooked guide still saves with ``torch.save``.
     """
 
-    def __init__(self, module: torch.nn.Module, sites):
+    def __init__(self, module: torch.nn.Module, sites, owner=None):
         self.sites = set(sites)
         self.records: List[Dict] = []
         self._tracer = None
+        # With several recorders on one module (a new optimizer for the same guide), the
+        # traces must close in the reverse order of opening: post-hooks are prepended.
         self._handles = [
             module.register_forward_pre_hook(self._pre),
-            module.register_forward_hook(self._post, always_call=True),
+            module.register_forward_hook(self._post, always_call=True, prepend=True),
         ]
+        # The hooks go away with the optimizer that placed them (a weak reference, so
+        # the guide does not keep a discarded optimizer alive).
+        self._owner = weakref.ref(owner) if owner is not None else None
 
     #: Records kept at most; a guide called many times without an optimizer step
     #: (e.g. in a custom loop) keeps only its latest draws.
     MAX_RECORDS = 64
 
     def _pre(self, module, args):
+        if self._owner is not None and self._owner() is None:
+            self.remove()
+            return
         # Only calls that can produce gradients: Predictive and other sampling run
         # under no_grad, and their draws must not be mistaken for the step's.
         if not torch.is_grad_enabled():
@@ -86,7 +95,7 @@ class DrawRecorder:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(records=[], _tracer=None, _handles=[])
+        state.update(records=[], _tracer=None, _handles=[], _owner=None)
         return state
 
 

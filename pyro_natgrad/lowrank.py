@@ -1,33 +1,44 @@
 """Natural-gradient steps for :class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal`.
 
-Its posterior is ``N(loc, Sigma)``, ``Sigma = W W^T + diag(D)``, ``W = C * s[:, None]``,
-``D = s^2``, with parameters ``loc``, ``C`` (``cov_factor``) and ``s`` (``scale``,
-``softplus_positive``). The Fisher of ``LowRankMultivariateNormal`` is block diagonal,
-mean | covariance (:class:`~pyro_natgrad.fisher.LowRankGaussianFisher`), so:
+Its posterior is ``N(loc, Sigma)``, ``Sigma = diag(s) (C C^T + I) diag(s)``, with
+parameters ``loc``, ``C`` (``cov_factor``, ``d x k``) and ``s`` (``scale``,
+``softplus_positive``). Two steps, by what the optimizer knows:
 
-* ``loc`` takes the natural-gradient step ``loc' = loc - rho Sigma dl/dloc`` with the
-  optimizer's schedule and KL trust region (``rho^2/2 g^T Sigma g <= max_kl``), the
-  gradient first cleared of the guide's score at its own draws (the "sticking the
-  landing" control variate, :func:`score_at`; zero mean, and all the noise when the
-  posterior is in the family);
-* ``cov_factor`` and ``scale`` go to the base optimizer (Adam by default).
+* **With the model's Hessian** (``curvature="auto"`` up to
+  :data:`~pyro_natgrad.optim.MAX_CURVATURE_DIM` latent dimensions, or ``"hessian"``,
+  ``"ggn"``): the natural-gradient step of a *full-rank* Gaussian on a running precision
+  ``P' = (1 - rho) P + rho H`` (``H`` the Hessian at the guide's draw, as for
+  ``AutoNormal``), a Newton step for ``loc`` with ``P'``, and the covariance set to the
+  member of the low-rank family nearest ``N(loc, P'^{-1})`` in ``KL(q || .)``
+  (:func:`project_lowrank`). For a Gaussian posterior this lands on the best low-rank
+  ELBO: its stationary points are exactly the projections of ``E_q[H]``.
+* **Without it**: ``loc`` alone takes the natural-gradient step
+  ``loc' = loc - rho Sigma dl/dloc`` (the Fisher of ``LowRankMultivariateNormal`` is
+  block diagonal, mean | covariance), with the schedule and the KL trust region
+  ``rho^2/2 g^T Sigma g <= max_kl``, the gradient first cleared of the guide's score
+  at its own draws (the "sticking the landing" control variate, :func:`score_at`);
+  ``cov_factor`` and ``scale`` go to the base optimizer (Adam by default).
 
-Why not a natural-gradient step for the covariance too: there is no closed-form
+Why the covariance has no natural-gradient step of its own: there is no closed-form
 mirror step inside the low-rank family, and the Fisher-preconditioned step in
-``(W, D)`` (closed-form Fisher, rotations of ``W`` projected out, exact-KL
+``(C, s)`` (closed-form Fisher, rotations of ``C`` projected out, exact-KL
 backtracking, no diagonal variance more than doubling or halving per step; also
 with Levenberg-Marquardt damping of 1e-3 and 1e-1 times the mean Fisher diagonal)
-diverged with single-draw gradients on the diabetes regression: the Fisher of ``W``
-scales like ``|W|^2``, so near ``W = 0`` noise is amplified without bound.
+diverged with single-draw gradients on the diabetes regression: the Fisher of ``C``
+scales like ``|C|^2``, so near ``C = 0`` noise is amplified without bound. The
+projection above needs no gradient of the covariance at all.
 
-Measured against Adam (``benchmarks/lowrank_vs_adam.py``, diabetes regression, rank 3,
-median of 3 seeds, exact ELBO gap after 30/100/300/1000/3000 steps): this hybrid
-71/73/5.5/2.8/1.5 nats, the best Adam learning rate of 0.001/0.01/0.1 at each budget
-25/4.8/6.8/3.7/2.1. Worse than Adam early, modestly better late.
+Measured against Adam by ``benchmarks/lowrank_vs_adam.py`` (diabetes regression,
+rank 3, exact ELBO gap to the best low-rank ELBO); the figures are in
+``docs/optimizer.rst``.
 """
 
+import math
 from typing import List
 
+import numpy as np
+import scipy.linalg
+import scipy.optimize
 import torch
 from pyro.infer.autoguide import AutoGuideList, AutoLowRankMultivariateNormal
 
@@ -36,10 +47,9 @@ from .guides import _pyro_param
 
 
 class LowRankGaussianGroup:
-    """The ``loc`` of one ``AutoLowRankMultivariateNormal`` (its covariance parameters
-    are read, not stepped)."""
-
-    kind = "low-rank Gaussian, mean only"
+    """One ``AutoLowRankMultivariateNormal``. It owns ``loc``, and ``cov_factor`` and
+    ``scale`` too once :meth:`own_covariance` is called (when the optimizer has the
+    model's Hessian for the projection step)."""
 
     def __init__(self, key, site, loc, cov_factor, scale_raw, scale_transform):
         self.key, self.site = key, site
@@ -47,19 +57,43 @@ class LowRankGaussianGroup:
         self.cov_factor, self.scale_raw = cov_factor, scale_raw
         self.transforms = {"scale": scale_transform}
 
+    @property
+    def kind(self):
+        return "low-rank Gaussian" if self.owns_covariance() else "low-rank Gaussian, mean only"
+
+    def own_covariance(self):
+        self.params.update(cov_factor=self.cov_factor, scale=self.scale_raw)
+
+    def owns_covariance(self) -> bool:
+        return "cov_factor" in self.params
+
+    def covariance_tensors(self):
+        """The tensors that go to the base optimizer in a step without the projection."""
+        return [self.cov_factor, self.scale_raw] if self.owns_covariance() else []
+
     def tensors(self):
         return list(self.params.values())
 
     def grads(self):
         return {k: p.grad for k, p in self.params.items()}
 
+    def factors(self):
+        """``(C, s)``, detached."""
+        return self.cov_factor.detach(), self.transforms["scale"](self.scale_raw.detach())
+
+    def covariance(self):
+        """``Sigma = diag(s) (C C^T + I) diag(s)``, dense ``(d, d)``."""
+        C, s = self.factors()
+        W = C * s.unsqueeze(-1)
+        return W @ W.mT + torch.diag(s.square())
+
     def posterior(self, requires_grad=False):
         from pyro.distributions import LowRankMultivariateNormal
 
         loc = self.params["loc"].detach().clone().requires_grad_(requires_grad)
-        s = self.transforms["scale"](self.scale_raw.detach())
-        W = self.cov_factor.detach() * s.unsqueeze(-1)
-        return loc, LowRankMultivariateNormal(loc, W, s.square(), validate_args=False)
+        C, s = self.factors()
+        return loc, LowRankMultivariateNormal(loc, C * s.unsqueeze(-1), s.square(),
+                                              validate_args=False)
 
     def draws(self, records):
         """This step's draws of the latent, ``(N, d)``, or None."""
@@ -71,6 +105,10 @@ class LowRankGaussianGroup:
 
     def natural_step(self, grads, rho, max_kl, records=()):
         return lowrank_mean_step(self, grads, rho, max_kl, records)
+
+    def write_covariance(self, C, s):
+        write_param(self.cov_factor, C.to(self.cov_factor.dtype))
+        write_param(self.scale_raw, self.transforms["scale"].inv(s.to(self.scale_raw.dtype)))
 
 
 def read_lowrank(guide, prefix="") -> List[LowRankGaussianGroup]:
@@ -117,3 +155,77 @@ def lowrank_mean_step(group, grads, rho, max_kl, records=()):
             r = torch.minimum(r, (max_kl / size).sqrt())
         write_param(group.params["loc"], loc - r * direction)
     return r
+
+
+def project_lowrank(P, rank, scale=None, tol=1e-6, max_iter=500):
+    """The low-rank Gaussian nearest ``N(mu, P^{-1})`` in ``KL(q || N(mu, P^{-1}))``:
+    ``argmin tr(P Sigma) - log|Sigma|`` over ``Sigma = diag(s) (C C^T + I) diag(s)``.
+
+    Given ``s``, the best ``C`` is closed form: with ``(lambda_j, u_j)`` the ``rank``
+    smallest eigenpairs of ``diag(s) P diag(s)``, ``C = [u_j sqrt(1/lambda_j - 1)]``
+    (0 where ``lambda_j >= 1``), and the objective becomes
+    ``f(s) = sum_i P_ii s_i^2 - 2 sum_i log s_i + sum_j h(lambda_j)``,
+    ``h(lambda) = 1 - lambda + log(lambda)`` for ``lambda < 1`` (else 0), with
+    ``df/dlog s_i = 2 P_ii s_i^2 - 2 + 2 sum_j (1 - lambda_j)_+ u_ij^2``.
+    ``f`` is minimised over ``log s`` by L-BFGS-B within ``s_i <= P_ii^{-1/2}`` (which
+    the optimum satisfies: ``P_ii s_i^2 = ((C C^T + I)^{-1})_ii <= 1``) and
+    ``s_i >= eps^{1/6} P_ii^{-1/2}``, ``eps`` the machine epsilon of ``P``'s dtype: with
+    strongly correlated coordinates the infimum can lie at ``s_i -> 0`` (the factors
+    carry coordinate ``i`` alone, a Heywood case of factor analysis), where Pyro's
+    capacitance matrix ``I + W^T diag(s)^{-2} W`` would lose all precision. ``f`` is not
+    convex and a warm start alone can stay in a local minimum, so it runs from both
+    ``scale`` (a warm start) and the mean-field optimum ``P_ii^{-1/2}``, and keeps the
+    better. Computed in float64 with partial eigendecompositions (``O(d^2 rank)``).
+
+    :param P: ``(d, d)`` symmetric positive definite precision.
+    :param rank: ``k``, the number of columns of ``C``.
+    :param scale: optional ``(d,)`` starting ``s``.
+    :returns: ``(C, s)``, shapes ``(d, k)`` and ``(d,)``, in ``P``'s dtype and device.
+    """
+    d = P.shape[-1]
+    if P.shape != (d, d):
+        raise ValueError(f"P must be a square matrix, got shape {tuple(P.shape)}")
+    Pn = P.detach().to("cpu", torch.float64).numpy()
+    Pn = 0.5 * (Pn + Pn.T)
+    diag = np.diag(Pn).copy()
+    if not (np.all(np.isfinite(Pn)) and np.all(diag > 0)):
+        raise ValueError("P must be finite with a positive diagonal")
+    m = min(rank, d)
+    upper = -0.5 * np.log(diag)  # log of the mean-field optimum, a bound on log s
+    lower = upper - math.log(1 / torch.finfo(P.dtype).eps) / 6
+
+    def eig(u):
+        s = np.exp(u)
+        lam, U = scipy.linalg.eigh(s[:, None] * Pn * s[None, :], subset_by_index=(0, m - 1),
+                                   check_finite=False)
+        return s, lam, U
+
+    def objective(u):
+        s, lam, U = eig(u)
+        below = lam < 1
+        lam_b = np.where(below, lam, 1.0)
+        # A rounding error can leave a tiny or negative eigenvalue: then this u is far
+        # outside the optimum's basin; an infinite value makes the line search back off.
+        if np.any(lam_b <= 0):
+            return math.inf, np.zeros_like(u)
+        value = float(np.sum(diag * s * s) - 2 * np.sum(u) + np.sum(1 - lam_b + np.log(lam_b)))
+        grad = 2 * diag * s * s - 2 + 2 * ((1 - lam_b) * U * U).sum(-1)
+        return value, grad
+
+    starts = [upper]
+    if scale is not None:
+        s0 = scale.detach().to("cpu", torch.float64).numpy()
+        if np.all(np.isfinite(s0)) and np.all(s0 > 0):
+            starts.append(np.clip(np.log(s0), lower, upper))
+    best, u = math.inf, upper
+    for u0 in starts:
+        result = scipy.optimize.minimize(
+            objective, u0, jac=True, method="L-BFGS-B", bounds=list(zip(lower, upper)),
+            options=dict(maxiter=max_iter, gtol=tol, ftol=1e-13))
+        if result.fun < best:
+            best, u = result.fun, result.x
+    s, lam, U = eig(u)
+    C = np.zeros((d, rank))
+    C[:, :m] = U * np.sqrt(np.clip(1 / lam - 1, 0, None))
+    return (torch.from_numpy(C).to(P.dtype).to(P.device),
+            torch.from_numpy(s).to(P.dtype).to(P.device))

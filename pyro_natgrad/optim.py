@@ -30,7 +30,7 @@ from .gaussian import (CHUNK, StepError, diagonal_gaussian_step, full_step,
 from .guides import (DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, _scatter,
                      read_guide)
 from .handwritten import describe_rejected, find_svi_args, read_handwritten
-from .lowrank import LowRankGaussianGroup, read_lowrank
+from .lowrank import LowRankGaussianGroup, project_lowrank, read_lowrank
 from .schedule import StepSize
 
 #: Largest latent dimension for which ``curvature="auto"`` computes the model's Hessian.
@@ -50,9 +50,11 @@ class NaturalGradient(PyroOptim):
       :class:`~pyro.infer.autoguide.AutoDiagonalNormal`,
       :class:`~pyro.infer.autoguide.AutoMultivariateNormal`, and
       :class:`~pyro.infer.autoguide.AutoGuideList` of these: the steps below;
-    * :class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal`: natural-gradient
-      steps for ``loc`` only, its covariance factors go to ``base_optimizer``
-      (:mod:`pyro_natgrad.lowrank` says why, and measures it against Adam);
+    * :class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal`: with the model's
+      Hessian (see ``curvature``), a Newton step for ``loc`` and the covariance set to
+      the low-rank member nearest the running precision (a KL projection); without
+      it, natural-gradient steps for ``loc`` only, and the covariance factors go to
+      ``base_optimizer`` (:mod:`pyro_natgrad.lowrank` says why);
     * hand-written guides whose sample sites take ``pyro.param`` values directly
       (any constraint) as the parameters of a family with a closed-form Fisher:
       Normal and MultivariateNormal(scale_tril) as below, Gamma, Beta, Dirichlet,
@@ -150,7 +152,7 @@ class NaturalGradient(PyroOptim):
         modules = list(self.guide) if isinstance(self.guide, pyro.infer.autoguide.AutoGuideList) \
             else [self.guide]
         for m in modules:
-            self._recorders.append(DrawRecorder(m, sites=()))
+            self._recorders.append(DrawRecorder(m, sites=(), owner=self))
         if self.curvature != "none" and isinstance(self.guide, (AutoContinuous, AutoNormal)):
             self._curvature = ModelCurvature(self.guide)
 
@@ -190,9 +192,16 @@ class NaturalGradient(PyroOptim):
                 self._state[key] = self._waiting_state.pop(key)
             else:
                 self._state.setdefault(key, {"t": 0})
-        gaussian = all(isinstance(g, (DiagonalGaussianGroup, FullGaussianGroup)) for g in groups)
+        lowrank = [g for g in groups if isinstance(g, LowRankGaussianGroup)]
+        gaussian = all(isinstance(g, (DiagonalGaussianGroup, FullGaussianGroup)) for g in groups) \
+            or (len(groups) == 1 and lowrank)
         self._use_curvature, self._minibatch_curvature = (
             self._curvature_modes(groups) if gaussian else (False, False))
+        if self._use_curvature:
+            # The projection step sets the low-rank covariance from the model's Hessian.
+            for g in lowrank:
+                g.own_covariance()
+            self._owner = {p: g for g in groups for p in g.tensors()}
 
     def _curvature_modes(self, groups):
         """``(joint, minibatch)``: whether steps take the model's Hessian over all the
@@ -289,10 +298,16 @@ class NaturalGradient(PyroOptim):
             owned = [p for p in params if p in self._owner]
             if owned and self._step_with_curvature(records):
                 seen.update(self._groups)
+        curved = set(seen)
         targets = self._minibatch_targets(records) if self._minibatch_curvature else {}
         for p in params:
             group = self._owner.get(p)
             if group is None:
+                rest.append(p)
+            elif group.key not in curved and any(
+                    p is t for t in getattr(group, "covariance_tensors", list)()):
+                # A low-rank covariance in a step without the model's Hessian (no
+                # draws recorded): only the projection step can move it naturally.
                 rest.append(p)
             elif group.key not in seen:
                 seen.add(group.key)
@@ -607,7 +622,10 @@ class NaturalGradient(PyroOptim):
             offset = (draws - locs).mean(0)
             if not bool(torch.isfinite(target).all()):
                 return False
-            if isinstance(groups[0], FullGaussianGroup):
+            if isinstance(groups[0], LowRankGaussianGroup):
+                used = self._step_lowrank_newton(groups[0], grads[0], target, offset, rho,
+                                                 state)
+            elif isinstance(groups[0], FullGaussianGroup):
                 s_, _, U = groups[0].factors()
                 L = s_.unsqueeze(-1) * U
                 correction = torch.cholesky_solve(offset.unsqueeze(-1), L).squeeze(-1)
@@ -638,31 +656,9 @@ class NaturalGradient(PyroOptim):
         if P0 is None:
             P0 = torch.diag(scale.square().reciprocal())
         S = scale.square() * target.diagonal() - 1
-
-        def newton(r):
-            P = (1 - r) * P0 + r * target
-            chol, info = torch.linalg.cholesky_ex(P)
-            if info != 0:
-                # An indefinite Hessian (non-log-concave model): keep the last positive
-                # definite average and take the mean-field natural step instead.
-                return P0, scale.square() * g_loc
-            return P, torch.cholesky_solve(g_loc.unsqueeze(-1), chol).squeeze(-1)
-
-        P, direction = newton(rho)
-        if self.max_kl is not None:
-            # One trust region for the whole step, so the Newton direction is not
-            # distorted elementwise: KL ~ rho^2 (|d|^2 / 2 + |S|^2 / 4). The mean's
-            # distance |d| is the smaller of two: in sds of q (diag(1 / scale^2)), and in
-            # sds of the Gaussian with precision P. Either alone stalls: q's metric
-            # along a strongly correlated posterior (kilpisjarvi, correlation -0.99999,
-            # where mean-field sds are 1/200 of the marginal ones), P's when the
-            # posterior is far narrower than q and its mean thousands of sds away.
-            quad = torch.minimum((direction / scale).square().sum(), direction @ (P @ direction))
-            size = 0.5 * quad + 0.25 * S.square().sum()
-            limit = float((self.max_kl / size.clamp_min(1e-300)).sqrt())
-            if limit < rho:
-                rho = limit
-                P, direction = newton(rho)
+        P, direction, rho = self._running_newton(
+            P0, target, g_loc, rho, fallback=scale.square() * g_loc,
+            guide_quad=lambda v: (v / scale).square().sum(), precision_change=S.square().sum())
         state["precision"] = P
         step = diagonal_gaussian_step(loc, scale, g_loc, g_scale, rho, None, None,
                                       precision_target=target.diagonal(), loc_step=direction,
@@ -675,6 +671,71 @@ class NaturalGradient(PyroOptim):
             self._write(g.params["scale"],
                         g.transforms["scale"].inv(step.scale_tril[pos:pos + n].reshape(shape)))
             pos += n
+        return torch.as_tensor(rho)
+
+    def _running_newton(self, P0, target, g, rho, fallback, guide_quad, precision_change):
+        """``(P', direction, rho)``: the running precision ``P' = (1 - rho) P0 + rho target``
+        and the Newton direction ``P'^{-1} g``, with ``rho`` cut by the trust region.
+
+        :param fallback: the direction where ``P'`` is not positive definite (the
+            guide's own natural gradient); ``P0`` is then kept.
+        :param guide_quad: ``v -> v^T Sigma^{-1} v`` in the guide's own metric.
+        :param precision_change: ``|X|_F^2`` of the whitened change of precision ``X``,
+            whose KL is ``|X|_F^2 / 4`` per unit step.
+        """
+        def newton(r):
+            P = (1 - r) * P0 + r * target
+            chol, info = torch.linalg.cholesky_ex(P)
+            if info != 0:
+                # An indefinite Hessian (non-log-concave model): keep the last positive
+                # definite average and take the guide's own natural step instead.
+                return P0, fallback
+            return P, torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
+
+        P, direction = newton(rho)
+        if self.max_kl is not None:
+            # One trust region for the whole step, so the Newton direction is not
+            # distorted elementwise: KL ~ rho^2 (|d|^2 / 2 + |X|^2 / 4). The mean's
+            # distance |d| is the smaller of two: in sds of q, and in sds of the
+            # Gaussian with precision P. Either alone stalls: q's metric along a strongly
+            # correlated posterior under a mean-field guide (kilpisjarvi, correlation
+            # -0.99999, where mean-field sds are 1/200 of the marginal ones), P's when
+            # the posterior is far narrower than q and its mean thousands of sds away.
+            quad = torch.minimum(guide_quad(direction), direction @ (P @ direction))
+            size = 0.5 * quad + 0.25 * precision_change
+            limit = float((self.max_kl / size.clamp_min(1e-300)).sqrt())
+            if limit < rho:
+                rho = limit
+                P, direction = newton(rho)
+        return P, direction, rho
+
+    def _step_lowrank_newton(self, group, grads, target, offset, rho, state):
+        """The step of :mod:`pyro_natgrad.lowrank` with the model's Hessian: the running
+        precision ``P' = (1 - rho) P + rho target`` and ``mu' = mu - rho P'^{-1} g`` as for
+        mean-field guides, then the covariance := :func:`project_lowrank` of ``P'``."""
+        loc = group.params["loc"].detach()
+        C, s = group.factors()
+        W = C * s.unsqueeze(-1)
+        Sigma = W @ W.mT + torch.diag(s.square())
+        chol = torch.linalg.cholesky(Sigma)  # positive definite by construction: s > 0
+        P0 = state.get("precision")
+        if P0 is None:
+            P0 = torch.cholesky_inverse(chol)
+        g = grads["loc"] - P0 @ offset  # the draw-independent control variate
+        X = chol.mT @ target @ chol
+        X.diagonal().sub_(1)
+
+        def guide_quad(v):
+            w = torch.linalg.solve_triangular(chol, v.unsqueeze(-1), upper=False)
+            return w.square().sum()
+
+        P, direction, rho = self._running_newton(P0, target, g, rho, fallback=Sigma @ g,
+                                                 guide_quad=guide_quad,
+                                                 precision_change=X.square().sum())
+        C_new, s_new = project_lowrank(P, C.shape[-1], scale=s)
+        self._write(group.params["loc"], loc - rho * direction)
+        group.write_covariance(C_new, s_new)
+        state["precision"] = P
         return torch.as_tensor(rho)
 
     @staticmethod

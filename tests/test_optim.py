@@ -30,7 +30,8 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, JitTrace_ELBO, Predictive, Trace_ELBO, TraceGraph_ELBO
 from pyro.infer.autoguide import (
-    AutoDelta, AutoDiagonalNormal, AutoGuideList, AutoMultivariateNormal, AutoNormal,
+    AutoDelta, AutoDiagonalNormal, AutoGuideList, AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal, AutoNormal,
 )
 
 from pyro_natgrad import NaturalGradient, NaturalGradientWarning, StepSize
@@ -386,6 +387,7 @@ GUIDE_KINDS = {
     "AutoNormal": lambda: AutoNormal(noise_model),
     "AutoDiagonalNormal": lambda: AutoDiagonalNormal(noise_model),
     "AutoMultivariateNormal": lambda: AutoMultivariateNormal(noise_model),
+    "AutoLowRankMultivariateNormal": lambda: AutoLowRankMultivariateNormal(noise_model, rank=2),
     "List[AutoMultivariateNormal, AutoNormal]":
         lambda: _guide_list(AutoMultivariateNormal, AutoNormal),
     "List[AutoNormal, AutoDiagonalNormal]": lambda: _guide_list(AutoNormal, AutoDiagonalNormal),
@@ -401,8 +403,8 @@ def _check_valid(guide):
             if isinstance(part, AutoNormal):
                 for name, _ in part.prototype_trace.iter_stochastic_nodes():
                     assert bool((getattr(part.scales, name) > 0).all())
-            elif isinstance(part, AutoMultivariateNormal):
-                L = part.get_posterior().scale_tril
+            elif isinstance(part, (AutoMultivariateNormal, AutoLowRankMultivariateNormal)):
+                L = torch.linalg.cholesky(part.get_posterior().covariance_matrix)
                 assert bool((L.diagonal() > 0).all())
                 _, info = torch.linalg.cholesky_ex(L @ L.T)
                 assert int(info) == 0
@@ -634,7 +636,8 @@ def _resume(guide_cls, X, y, param_state, optim_state, rng_state):
     return guide, SVI(ckpt_model, guide, opt, Trace_ELBO())
 
 
-@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoMultivariateNormal])
+@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoMultivariateNormal,
+                                       AutoLowRankMultivariateNormal])
 def test_checkpoint_resume_bitwise(float64, rng, tmp_path, guide_cls):
     X, y = _small_data()
     guide = fresh(guide_cls, ckpt_model)
@@ -678,6 +681,27 @@ def test_checkpoint_resume_bitwise(float64, rng, tmp_path, guide_cls):
     _run(svi, 10, X, y)
     got = store_snapshot()
     assert any(not torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_second_optimizer_on_the_same_guide(float64, rng):
+    """A new optimizer for a guide that an earlier one hooked: both recorders trace each
+    call (this raised "This Messenger is not on the bottom of the stack" when their
+    traces closed in the order they opened), and a discarded optimizer's hooks go."""
+    import gc
+
+    X, y = diabetes()
+    guide = fresh(AutoMultivariateNormal)
+    first = NaturalGradient(guide)
+    SVI(blr_model, guide, first, Trace_ELBO()).step(X, y)
+    svi = SVI(blr_model, guide, NaturalGradient(guide), Trace_ELBO())
+    for _ in range(30):
+        assert math.isfinite(svi.step(X, y))
+    assert_reached(guide, X, y, rtol=1e-6)
+    hooks = len(guide._forward_hooks)
+    del first
+    gc.collect()
+    svi.step(X, y)
+    assert len(guide._forward_hooks) == hooks - 1
 
 
 def test_set_state_in_place_restores_running_precision(float64, rng):
