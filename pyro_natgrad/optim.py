@@ -722,8 +722,13 @@ class NaturalGradient(PyroOptim):
         if P0 is None:
             P0 = torch.cholesky_inverse(chol)
         g = grads["loc"] - P0 @ offset  # the draw-independent control variate
-        X = chol.mT @ target @ chol
-        X.diagonal().sub_(1)
+        # The trust region measures the move of the running precision in its own metric,
+        # X = R^{-1} (target - P0) R^{-T} with P0 = R R^T: the guide's covariance is only
+        # P0's projection, and in the guide's metric the part of P0 that no low-rank
+        # covariance represents would count against every step.
+        R = torch.linalg.cholesky(P0)
+        X = torch.linalg.solve_triangular(R, target - P0, upper=False)
+        X = torch.linalg.solve_triangular(R, X.mT, upper=False)
 
         def guide_quad(v):
             w = torch.linalg.solve_triangular(chol, v.unsqueeze(-1), upper=False)

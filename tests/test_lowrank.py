@@ -317,3 +317,32 @@ def test_without_draws_the_covariance_takes_base_steps():
             assert math.isfinite(svi.step(X, y))
     for k, v in guide.named_parameters():
         assert not torch.equal(v.detach(), start[k]), k
+
+
+def test_ggn_curvature_follows_the_hessian_for_a_canonical_link():
+    """Logistic regression: the GGN of a canonical link equals the Hessian (checked in
+    tests/test_curvature.py), so curvature="ggn" must follow the default's trajectory."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(60, 5, generator=g, dtype=F64)
+    y = torch.bernoulli(torch.sigmoid(X @ torch.linspace(-1, 1, 5, dtype=F64)), generator=g)
+
+    def logistic(X, y):
+        w = pyro.sample("w", dist.Normal(X.new_zeros(X.shape[1]), 1.0).to_event(1))
+        with pyro.plate("n", X.shape[0]):
+            pyro.sample("y", dist.Bernoulli(logits=X @ w), obs=y)
+
+    out = {}
+    for curvature in ("auto", "ggn"):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        guide = AutoLowRankMultivariateNormal(logistic, rank=2)
+        svi = SVI(logistic, guide, NaturalGradient(guide, curvature=curvature), Trace_ELBO())
+        for _ in range(10):
+            svi.step(X, y)
+        with torch.no_grad():
+            post = guide.get_posterior()
+            out[curvature] = (post.loc.clone(), post.covariance_matrix.clone())
+    # (rounding-level differences between the two matrices can end the projection's
+    # L-BFGS one iteration apart: agreement to its tolerance, not to the last bit)
+    torch.testing.assert_close(out["ggn"][0], out["auto"][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["ggn"][1], out["auto"][1], rtol=1e-4, atol=1e-6)
