@@ -349,54 +349,69 @@ class NaturalGradient(PyroOptim):
         The items of a subsampled plate are conditionally independent, so one
         Hessian-vector product gives a local coordinate's diagonal entry for every item
         at once: the cost is one backward pass per global coordinate and per local
-        coordinate of one item, not per subsample element. Empty (gradient-only steps)
-        when the draws do not allow it (vectorised particles) or, with
+        coordinate of one item, not per subsample element, for each particle. Empty
+        (gradient-only steps) when the draws do not allow it or, with
         ``curvature="auto"``, above :data:`MAX_CURVATURE_DIM` products."""
         curv = self._curvature
         groups = {g.site[: -len("_unconstrained")]: g for g in self._groups.values()}
         names = [name for name, _, _ in curv._sites()]
         if not records or set(names) != set(groups):
             return {}
-        sums = {}
+        sums, count = {}, 0
         for record in records:
             if not all(groups[n].site in record for n in names):
                 return {}
-            draws = {n: record[groups[n].site][0] for n in names}
-            if any(draws[n].dim() != groups[n].params["loc"].dim() for n in names):
-                return {}  # vectorised particles
+            # Vectorised particles: a leading particle dimension (and the particle
+            # plate's singleton dims); each particle's draw is one Hessian evaluation.
+            batched = {}
+            for n in names:
+                value = record[groups[n].site][0]
+                lead = value.dim() - groups[n].params["loc"].dim()
+                if lead < 0:
+                    return {}
+                batched[n] = value.reshape((-1,) + value.shape[lead:])
+            particles = {b.shape[0] for b in batched.values()}
+            if len(particles) != 1:
+                return {}
+            particles = particles.pop()
+            shapes = {n: batched[n].shape[1:] for n in names}
             # One item's shape per site: the draw's with its subsampled dims set to 1.
             reduced = {}
             for n in names:
-                shape = draws[n].shape
+                shape = shapes[n]
                 items = {d % len(shape) for d, _ in groups[n].subsample_index(record)}
                 reduced[n] = [1 if i in items else s for i, s in enumerate(shape)]
             if self.curvature == "auto" and \
                     sum(math.prod(r) for r in reduced.values()) > MAX_CURVATURE_DIM:
                 return {}
-            z = torch.cat([draws[n].reshape(-1) for n in names])
+            total = sum(shapes[n].numel() for n in names)
+            dtype, device = batched[names[0]].dtype, batched[names[0]].device
             probes, pos = [], 0
             for n in names:
-                label = torch.arange(math.prod(reduced[n]), device=z.device).reshape(reduced[n])
-                label = label.expand(draws[n].shape).reshape(-1)
+                label = torch.arange(math.prod(reduced[n]), device=device).reshape(reduced[n])
+                label = label.expand(shapes[n]).reshape(-1)
                 for k in range(math.prod(reduced[n])):
-                    v = torch.zeros_like(z)
-                    v[pos:pos + label.numel()] = (label == k).to(z.dtype)
+                    v = torch.zeros(total, dtype=dtype, device=device)
+                    v[pos:pos + label.numel()] = (label == k).to(dtype)
                     probes.append(v)
                 pos += label.numel()
-            diag = -curv.hessian_diagonal(z, probes, shapes={n: draws[n].shape for n in names})
-            if not bool(torch.isfinite(diag).all()):
-                return {}
-            pos = 0
-            for n in names:
-                g, k = groups[n], draws[n].numel()
-                part = diag[pos:pos + k].reshape(draws[n].shape)
-                pos += k
-                index = g.subsample_index(record)
-                if index:
-                    part = _scatter(g.params["loc"], part / self._plate_scale(g, [record]),
-                                    index)
-                sums[g.key] = sums.get(g.key, 0) + part
-        return {key: value / len(records) for key, value in sums.items()}
+            for p in range(particles):
+                z = torch.cat([batched[n][p].reshape(-1) for n in names])
+                diag = -curv.hessian_diagonal(z, probes, shapes=shapes)
+                if not bool(torch.isfinite(diag).all()):
+                    return {}
+                pos = 0
+                for n in names:
+                    g, k = groups[n], shapes[n].numel()
+                    part = diag[pos:pos + k].reshape(shapes[n])
+                    pos += k
+                    index = g.subsample_index(record)
+                    if index:
+                        part = _scatter(g.params["loc"], part / self._plate_scale(g, [record]),
+                                        index)
+                    sums[g.key] = sums.get(g.key, 0) + part
+                count += 1
+        return {key: value / count for key, value in sums.items()}
 
     def _step_group(self, group, records, target=None):
         grads = group.grads()

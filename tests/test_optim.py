@@ -971,11 +971,14 @@ def test_minibatch_first_visit_exact_with_exact_gradients(float64):
         assert torch.equal(before[k][out], after[k][out])
 
 
-def test_minibatch_curvature_on_a_plate_larger_than_the_limit(float64, rng):
+@pytest.mark.parametrize("particles", [1, 3])
+def test_minibatch_curvature_on_a_plate_larger_than_the_limit(float64, rng, particles):
     """A plate of 1,000 (more than MAX_CURVATURE_DIM) subsampled 10 at a time: the limit
     applies to the step's latents (1 global, 10 locals), so the visited locals' variances
     land on their exact conditional variance 1 / (1/tau^2 + 1/sigma^2) in one visit
-    (rho = 1, no trust region); gradient-only steps would not."""
+    (rho = 1, no trust region); gradient-only steps would not. Also with vectorised
+    particles (one Hessian diagonal per particle; they fell back to gradient-only
+    steps before)."""
     n, batch = 1000, 10
     y = 2.0 + torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=F64)
 
@@ -987,7 +990,9 @@ def test_minibatch_curvature_on_a_plate_larger_than_the_limit(float64, rng):
 
     guide = AutoNormal(model, init_scale=1.0,
                        create_plates=lambda y, idx: pyro.plate("data", n, subsample=idx))
-    svi = SVI(model, guide, NaturalGradient(guide, max_kl=None), Trace_ELBO())
+    loss = Trace_ELBO() if particles == 1 else Trace_ELBO(
+        num_particles=particles, vectorize_particles=True, max_plate_nesting=1)
+    svi = SVI(model, guide, NaturalGradient(guide, max_kl=None), loss)
     idx = torch.arange(batch) * 7
     svi.step(y, idx)
     cond_sd = (TAU_Z ** -2 + SIGMA_Z ** -2) ** -0.5
