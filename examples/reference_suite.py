@@ -6,8 +6,9 @@ gold-standard posteriors and provenance are in ``pyro_natgrad/data/``): the
 posteriordb models (long-run Stan NUTS) and inference-gym's German credit and
 radon targets. Each model is fitted with a Gaussian guide
 (``AutoMultivariateNormal`` by default, ``--guide normal`` for ``AutoNormal``,
-``--guide both``) by ``NaturalGradient(guide)`` with its defaults and by Pyro's
-``Adam`` (``--lr``), each with ``Trace_ELBO()`` and one particle. The table gives,
+``--guide lowrank`` for ``AutoLowRankMultivariateNormal`` with Pyro's default rank,
+``--guide both`` for the first two) by ``NaturalGradient(guide)`` with its defaults
+and by Pyro's ``Adam`` (``--lr``), each with ``Trace_ELBO()`` and one particle. The table gives,
 per model, guide and optimizer: the steps, the wall time of the fit, the largest
 error of a posterior mean in reference sds (``max |mean err|``), the range of the
 ratios of variational to reference sds, and the final ELBO (mean of the last 50
@@ -33,12 +34,14 @@ import numpy as np
 import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+from pyro.infer.autoguide import (AutoLowRankMultivariateNormal, AutoMultivariateNormal,
+                                  AutoNormal)
 
 from pyro_natgrad import NaturalGradient
 from pyro_natgrad.datasets import list_references, load_reference
 
-GUIDES = {"mvn": AutoMultivariateNormal, "normal": AutoNormal}
+GUIDES = {"mvn": AutoMultivariateNormal, "normal": AutoNormal,
+          "lowrank": AutoLowRankMultivariateNormal}
 DEFAULT_STEPS = {"natgrad": 200, "adam": 2000}
 ELBO_WINDOW = 50  # final ELBO: mean of the last 50 losses, negated
 MEAN_TOL, SD_TOL = 0.1, 0.1  # "close": max |mean err| <= 0.1 ref sd, sd ratios in [0.9, 1.1]
@@ -54,9 +57,9 @@ def parse_args(argv=None):
         help="references to fit: exact names or substrings matching one or more names "
              "(default: all; see --list)")
     parser.add_argument("--list", action="store_true", help="list the references and exit")
-    parser.add_argument("--guide", choices=("mvn", "normal", "both"), default="mvn",
-                        help="mvn (AutoMultivariateNormal, the default), normal (AutoNormal) "
-                             "or both")
+    parser.add_argument("--guide", choices=("mvn", "normal", "lowrank", "both"), default="mvn",
+                        help="mvn (AutoMultivariateNormal, the default), normal (AutoNormal), "
+                             "lowrank (AutoLowRankMultivariateNormal) or both (mvn and normal)")
     parser.add_argument("--optimizer", choices=("natgrad", "adam", "both"), default="both",
                         help="natgrad (pyro_natgrad.NaturalGradient), adam, or both "
                              "(the default)")

@@ -239,3 +239,18 @@ def test_reference_suite_mean_field_option_and_bad_model_name():
                            "no_such_model"], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "matches no reference" in proc.stderr
+
+
+def test_reference_suite_lowrank_option():
+    """--guide lowrank on kidiq (4 dimensions, rank 2; sigma starts far off, so, as for
+    AutoMultivariateNormal, the first 50 steps are spent getting there): close to the
+    reference after 100 steps, the sds at most the reference's (a low-rank family can
+    only lose variance in the directions it does not represent) within MC noise."""
+    out = run_example("reference_suite.py", "--models", "kidiq", "--guide", "lowrank",
+                      "--optimizer", "natgrad", "--steps", "100", "--samples", "2000",
+                      "--quiet")
+    rows = suite_rows(out)
+    key = ("kidiq-kidscore_momhsiq", "AutoLowRankMultivariateNormal", "NaturalGradient")
+    assert list(rows) == [key], out
+    steps, err, lo, hi, elbo, close = rows[key]
+    assert steps == 100 and err < 0.15 and 0.5 < lo <= hi < 1.08
