@@ -364,3 +364,26 @@ def test_other_elbos_reach_lowrank_optimum(loss):
     for _ in range(30):
         assert math.isfinite(svi.step(X, y))
     assert abs(best - guide_elbo(guide, X, y)) < 1e-5
+
+
+def test_module_local_params():
+    """pyro.settings module_local_params=True: the parameters live on the guide, not in
+    the param store; the groups are found by tensor identity all the same."""
+    X, y = data(d=6)
+    best = lowrank_optimum(X, y, 2)
+    pyro.set_rng_seed(6)
+    with pyro.settings.context(module_local_params=True):
+        # Pyro 1.9.2's SVI cannot run AutoContinuous guides with module-local params
+        # ('Parameter' object has no attribute 'unconstrained', with Adam too): a loop.
+        guide = AutoLowRankMultivariateNormal(model, rank=2)
+        guide(X, y)
+        opt, elbo = NaturalGradient(guide), Trace_ELBO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NaturalGradientWarning)
+            for _ in range(20):
+                for p in guide.parameters():
+                    p.grad = None
+                elbo.differentiable_loss(model, guide, X, y).backward()
+                opt(list(guide.parameters()))
+        assert len(pyro.get_param_store()) == 0
+        assert abs(best - guide_elbo(guide, X, y)) < 1e-5

@@ -564,7 +564,8 @@ def test_nan_gradient_skips_group_and_counts(float64, rng):
         assert opt.get_state()["skipped"] == count
 
 
-@pytest.mark.parametrize("guide_cls", [AutoMultivariateNormal, AutoNormal])
+@pytest.mark.parametrize("guide_cls", [AutoMultivariateNormal, AutoNormal,
+                                       AutoLowRankMultivariateNormal])
 def test_nan_gradient_default_curvature(float64, rng, guide_cls):
     X, y = diabetes()
     guide = fresh(guide_cls)
