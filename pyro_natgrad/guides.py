@@ -25,7 +25,8 @@ from typing import Dict, List
 import torch
 from pyro import poutine
 from pyro.infer.autoguide import (
-    AutoDiagonalNormal, AutoGuide, AutoGuideList, AutoMultivariateNormal, AutoNormal,
+    AutoCallable, AutoDiagonalNormal, AutoGuide, AutoGuideList, AutoMultivariateNormal,
+    AutoNormal,
 )
 from torch.distributions import transform_to
 from torch.distributions.transforms import ExpTransform
@@ -282,6 +283,8 @@ def read_guide(guide, prefix="") -> List[_Group]:
         for i, part in enumerate(guide):
             groups += read_guide(part, prefix=f"{prefix}{i}.")
         return groups
+    if isinstance(guide, AutoCallable):
+        return []  # a hand-written part: read by pyro_natgrad.handwritten
     if isinstance(guide, AutoGuide) and getattr(guide, "prototype_trace", None) is None:
         raise RuntimeError(
             f"{type(guide).__name__} has not been run yet, so its parameters do not exist; "

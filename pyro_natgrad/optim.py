@@ -22,7 +22,8 @@ import torch
 import pyro
 from pyro.optim import PyroOptim
 
-from pyro.infer.autoguide import AutoContinuous, AutoGuide, AutoNormal
+from pyro.infer.autoguide import (AutoCallable, AutoContinuous, AutoGuide, AutoGuideList,
+                                  AutoNormal)
 
 from .curvature import ModelCurvature
 from .gaussian import (CHUNK, StepError, diagonal_gaussian_step, full_step,
@@ -49,7 +50,8 @@ class NaturalGradient(PyroOptim):
     * :class:`~pyro.infer.autoguide.AutoNormal`,
       :class:`~pyro.infer.autoguide.AutoDiagonalNormal`,
       :class:`~pyro.infer.autoguide.AutoMultivariateNormal`, and
-      :class:`~pyro.infer.autoguide.AutoGuideList` of these: the steps below;
+      :class:`~pyro.infer.autoguide.AutoGuideList` of these and of hand-written parts:
+      the steps below;
     * :class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal`: with the model's
       Hessian (see ``curvature``), a Newton step for ``loc`` and the covariance set to
       the low-rank member nearest the running precision (a KL projection); without
@@ -149,7 +151,7 @@ class NaturalGradient(PyroOptim):
         """Hook every guide module so each call records its draws."""
         if not self.control_variate or not isinstance(self.guide, torch.nn.Module):
             return
-        modules = list(self.guide) if isinstance(self.guide, pyro.infer.autoguide.AutoGuideList) \
+        modules = list(self.guide) if isinstance(self.guide, AutoGuideList) \
             else [self.guide]
         for m in modules:
             self._recorders.append(DrawRecorder(m, sites=(), owner=self))
@@ -165,8 +167,17 @@ class NaturalGradient(PyroOptim):
             self._curvature.remove()
             self._curvature = None
 
+    def _callable_parts(self):
+        """``[(index, part)]``: the hand-written parts of an ``AutoGuideList`` (Pyro wraps
+        each callable it is given in an ``AutoCallable``)."""
+        if not isinstance(self.guide, AutoGuideList):
+            return []
+        return [(i, part) for i, part in enumerate(self.guide) if isinstance(part, AutoCallable)]
+
     def _handwritten(self) -> bool:
-        return not isinstance(self.guide, AutoGuide)
+        """Whether reading the guide means running hand-written code with the guide's
+        arguments: a hand-written guide, or an ``AutoGuideList`` with hand-written parts."""
+        return not isinstance(self.guide, AutoGuide) or bool(self._callable_parts())
 
     def _discover(self):
         if self._handwritten():
@@ -177,11 +188,19 @@ class NaturalGradient(PyroOptim):
                     "NaturalGradient needs the arguments of a hand-written guide to read it; "
                     "inside SVI.step they are found automatically, otherwise call "
                     "optim.read_guide(*args, **kwargs) with the guide's arguments first")
+        if not isinstance(self.guide, AutoGuide):
             groups, self._param_names, self._rejected = read_handwritten(
                 self.guide, *self._guide_args)
         else:
             groups = read_guide(self.guide) + read_lowrank(self.guide)
             self._param_names, self._rejected = {}, {}
+            for i, part in self._callable_parts():
+                found, names, rejected = read_handwritten(part._guide, *self._guide_args)
+                for g in found:
+                    g.key = f"{i}.{g.key}"
+                groups += found
+                self._param_names.update(names)
+                self._rejected.update(rejected)
         self._groups = {g.key: g for g in groups}
         self._owner = {p: g for g in groups for p in g.tensors()}
         sites = [g.site for g in groups]
