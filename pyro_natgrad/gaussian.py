@@ -346,33 +346,41 @@ CHUNK = 1 << 18
 
 
 def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_kl: float,
-                           out_loc, out_raw, work):
+                           out_loc, out_raw, work, scale=None):
     """:func:`diagonal_gaussian_step` with a trust region, fused for the parameterisation
     ``scale = softplus(raw)`` of Pyro's guides and written without temporaries of full
     size: the new ``loc`` and ``raw`` go to ``out_loc`` and ``out_raw``.
 
-    The same maths, in the unconstrained coordinates: ``dl/dscale = dl/draw / sigmoid(raw)``
-    with ``sigmoid(raw) = e / (1 + e)``, ``e = exp(raw)``, ``softplus(raw) = log1p(e)``;
+    The same maths, in the unconstrained coordinates: ``dl/dscale = dl/draw / sigmoid(raw)``;
     ``eps = (draw - loc) / scale`` (one draw, or None for no control variate);
     ``rho_i = min(rho, sqrt(max_kl / size_i))``; ``B = 1 + x + min(x, 0)^2 / 2``,
     ``x = rho_i S``; ``scale' = scale / sqrt(B)``, ``loc' = loc - rho_i scale'^2 g``,
-    ``raw' = log(expm1(scale'))``. Needs ``raw <= 20`` (where ``softplus`` is
-    ``log1p(exp)``) and 1-d contiguous tensors of one length.
+    ``raw' = log(expm1(scale'))``. ``scale`` is the guide's own ``softplus(raw)`` if
+    given (saving two of the four transcendental functions per element, the larger part
+    of the cost); else it is computed as ``log1p(exp(raw))``, which needs ``raw <= 20``.
+    1-d contiguous tensors of one length.
 
     :param work: a list of 5 scratch tensors of length ``min(len(loc), CHUNK)``.
-    :returns: ``sum(rho_i)``, a 0-d tensor.
+    :returns: ``(sum(rho_i), sum(loc') + sum(raw'))``, 0-d tensors; the second is finite
+        only if every output is (the caller's check, made while the outputs are in cache).
     """
     n = loc.shape[0]
     taken = loc.new_zeros(())
+    check = loc.new_zeros(())
     w = 0.5 / max_kl
     for start in range(0, n, CHUNK):
         stop = min(n, start + CHUNK)
         r, m, gl, gr = (t[start:stop] for t in (raw, loc, grad_loc, grad_raw))
         s, A, C, D, E = (t[:stop - start] for t in work)
-        torch.exp(r, out=A)
-        torch.log1p(A, out=s)                          # scale
-        torch.div(gr, A, out=C)
-        C.mul_(A.add_(1)).mul_(s)                      # scale dl/dscale
+        if scale is None:
+            torch.exp(r, out=A)
+            torch.log1p(A, out=s)                      # scale
+            torch.div(gr, A, out=C)
+            C.mul_(A.add_(1)).mul_(s)                  # scale dl/dscale, 1/sigmoid = (1+e)/e
+        else:
+            s = scale[start:stop]
+            torch.sigmoid(r, out=A)
+            torch.div(gr, A, out=C).mul_(s)            # scale dl/dscale
         if draw is not None:
             torch.sub(draw[start:stop], m, out=D).div_(s)   # eps
             g = torch.addcdiv(gl, D, s, value=-1, out=A)     # dl/dloc - eps / scale
@@ -388,7 +396,8 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
         C.add_(1).addcmul_(E, E, value=0.5).rsqrt_()   # B^(-1/2)
         torch.mul(s, C, out=E)                         # scale'
         D.mul_(g).mul_(E)
-        torch.addcmul(m, D, E, value=-1, out=out_loc[start:stop])
+        new_loc = torch.addcmul(m, D, E, value=-1, out=out_loc[start:stop])
         torch.expm1(E, out=D)
-        torch.log(D, out=out_raw[start:stop])
-    return taken
+        new_raw = torch.log(D, out=out_raw[start:stop])
+        check += new_loc.sum() + new_raw.sum()
+    return taken, check

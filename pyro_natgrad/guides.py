@@ -28,7 +28,7 @@ from pyro.infer.autoguide import (
     AutoCallable, AutoDiagonalNormal, AutoGuide, AutoGuideList, AutoMultivariateNormal,
     AutoNormal,
 )
-from torch.distributions import transform_to
+from torch.distributions import Independent, transform_to
 from torch.distributions.transforms import ExpTransform
 
 
@@ -40,8 +40,15 @@ class DrawRecorder:
     records, so a hooked guide still saves with ``torch.save``.
     """
 
+    #: Key of a record's ``{site: (scale, version)}``: the scale tensor of the site's
+    #: distribution (for the sites of :attr:`scale_params`, ``{site: raw parameter}``)
+    #: and the parameter's version counter then, so a step can reuse the guide's own
+    #: ``softplus(raw)`` while ``raw`` is unchanged. Not a string: no site name.
+    SCALES = ("scales",)
+
     def __init__(self, module: torch.nn.Module, sites, owner=None):
         self.sites = set(sites)
+        self.scale_params: Dict[str, torch.Tensor] = {}
         self.records: List[Dict] = []
         self._tracer = None
         # With several recorders on one module (a new optimizer for the same guide), the
@@ -83,6 +90,19 @@ class DrawRecorder:
                 record[name] = (node["value"].detach(), node["cond_indep_stack"])
             elif node["fn"].__class__.__name__ == "_Subsample":
                 record[name] = node["value"].detach()
+        scales = {}
+        for name, raw in self.scale_params.items():
+            node = tr.nodes.get(name)
+            if node is None or node["type"] != "sample":
+                continue
+            fn = node["fn"]
+            while isinstance(fn, Independent):
+                fn = fn.base_dist
+            scale = getattr(fn, "scale", None)
+            if torch.is_tensor(scale):
+                scales[name] = (scale.detach(), raw._version)
+        if scales:
+            record[self.SCALES] = scales
         self.records.append(record)
         del self.records[:-self.MAX_RECORDS]
 
@@ -96,7 +116,7 @@ class DrawRecorder:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(records=[], _tracer=None, _handles=[], _owner=None)
+        state.update(records=[], _tracer=None, _handles=[], _owner=None, scale_params={})
         return state
 
 

@@ -204,8 +204,11 @@ class NaturalGradient(PyroOptim):
         self._groups = {g.key: g for g in groups}
         self._owner = {p: g for g in groups for p in g.tensors()}
         sites = [g.site for g in groups]
+        scale_params = {g.site: g.params["scale"] for g in groups
+                        if isinstance(g, DiagonalGaussianGroup) and g.softplus()}
         for r in self._recorders:
             r.sites = set(sites)
+            r.scale_params = scale_params
         for key in list(self._groups) + ["curvature"]:
             if key in self._waiting_state:  # a loaded state wins over the live one
                 self._state[key] = self._waiting_state.pop(key)
@@ -436,6 +439,14 @@ class NaturalGradient(PyroOptim):
         grads = group.grads()
         if any(g is None for g in grads.values()):
             return  # a part of the guide unused in this step
+        if isinstance(group, DiagonalGaussianGroup) and target is None and \
+                not self._per_element(group, records):
+            # The fused step checks its outputs before writing them, which also rejects
+            # non-finite gradients (they make the outputs non-finite): no separate
+            # pass over the gradients. If it declines, the checks below decide.
+            with torch.no_grad():
+                if self._step_diagonal_fused(group, grads, records, self._state[group.key]):
+                    return
         if not _all_finite(grads.values()):
             self._skipped += 1
             warnings.warn(f"non-finite gradient for {group.key}: step skipped "
@@ -466,13 +477,7 @@ class NaturalGradient(PyroOptim):
     def _step_diagonal(self, group, grads, records, state, target=None):
         loc = group.params["loc"]
         raw = group.params["scale"]
-        # Per-element step counts only for plates that are subsampled (or were): an
-        # unsubsampled plate steps every element every time, like an event dimension.
-        per_element = bool(group.plates) and (
-            torch.is_tensor(state.get("t_elem")) or self._subsampled(group, records))
-        if not per_element and target is None and \
-                self._step_diagonal_fused(group, grads, records, state):
-            return
+        per_element = self._per_element(group, records)
         scale, dscale = group.scale()
         g_loc, g_scale = grads["loc"], grads["scale"] / dscale
         moments = group.eps_moments(records, loc.detach(), scale) if records else None
@@ -511,6 +516,13 @@ class NaturalGradient(PyroOptim):
             state["t_elem"] = t + active.to(t.dtype) * taken
             state["t"] += 1
 
+    def _per_element(self, group, records) -> bool:
+        """Whether the group keeps per-element step counts: only for plates that are
+        subsampled (or were); an unsubsampled plate steps every element every time, like
+        an event dimension."""
+        return bool(group.plates) and (torch.is_tensor(self._state[group.key].get("t_elem"))
+                                       or self._subsampled(group, records))
+
     def _plate_stack(self, group, records):
         """The plates of the group's site in this step's draws or, without any, in the
         guide's prototype trace."""
@@ -534,32 +546,40 @@ class NaturalGradient(PyroOptim):
         if self.max_kl is None or not group.softplus() or loc.dtype not in (
                 torch.float32, torch.float64) or loc.shape != raw.shape:
             return False
-        draw = None
+        draw = scale = None
         if records:
-            found = [r[group.site][0] for r in records if group.site in r]
-            if len(found) != 1 or found[0].shape != loc.shape:
+            found = [r for r in records if group.site in r]
+            if len(found) != 1 or found[0][group.site][0].shape != loc.shape:
                 return False
-            draw = found[0].reshape(-1)
+            draw = found[0][group.site][0].reshape(-1)
+            # The guide's own scale at this draw, valid while raw has not changed since.
+            scale, version = found[0].get(DrawRecorder.SCALES, {}).get(group.site, (None, -1))
+            if scale is not None and (version != raw._version or scale.shape != loc.shape
+                                      or not scale.is_contiguous()):
+                scale = None
         tensors = (loc, raw, g_loc, g_raw)
         if any(t.shape != loc.shape or t.dtype != loc.dtype or t.device != loc.device
-               or not t.is_contiguous() for t in tensors) or (
-                draw is not None and (draw.dtype != loc.dtype or draw.device != loc.device)):
+               or not t.is_contiguous() for t in tensors) or any(
+                t is not None and (t.dtype != loc.dtype or t.device != loc.device)
+                for t in (draw, scale)):
             return False
         n = loc.numel()
         if n == 0:
             return False
-        lo, hi = torch.aminmax(raw.detach())
-        if not (float(hi) <= 20.0 and float(lo) >= -30.0):
-            return False  # softplus is not log1p(exp(raw)) there, or the scale underflows
+        if scale is None:
+            lo, hi = torch.aminmax(raw.detach())
+            if not (float(hi) <= 20.0 and float(lo) >= -30.0):
+                return False  # softplus is not log1p(exp(raw)) there, or the scale underflows
         flat = [t.detach().reshape(-1) for t in tensors]
         new_loc, new_raw, *work = group.work((n, n) + (min(n, CHUNK),) * 5, loc.dtype,
                                              loc.device)
         rho = float(self.step_size(state["t"]))
-        taken = softplus_diagonal_step(flat[0], flat[1], flat[2], flat[3], draw, rho,
-                                       self.max_kl, new_loc, new_raw, work)
-        checks = torch.stack([taken, new_loc.sum(), new_raw.sum()]).tolist()
+        taken, check = softplus_diagonal_step(
+            flat[0], flat[1], flat[2], flat[3], draw, rho, self.max_kl, new_loc, new_raw, work,
+            scale=None if scale is None else scale.reshape(-1))
+        checks = torch.stack([taken, check]).tolist()
         if not all(math.isfinite(c) for c in checks):
-            return False  # e.g. an overflow: the general route decides
+            return False  # e.g. an overflow or an underflowed scale: the general route decides
         with torch.no_grad():
             loc.view(-1).copy_(new_loc)
             raw.view(-1).copy_(new_raw)

@@ -1228,9 +1228,11 @@ def test_full_step_retraction_is_iblr_and_never_doubles_variance(float64, max_kl
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("with_draw", [True, False])
-def test_fused_diagonal_step_matches_general(monkeypatch, dtype, with_draw):
+@pytest.mark.parametrize("given_scale", [True, False])
+def test_fused_diagonal_step_matches_general(monkeypatch, dtype, with_draw, given_scale):
     """The fused softplus step of large mean-field guides equals the general step
-    (several passes, the last one partial)."""
+    (several passes, the last one partial), with the scale computed or given (the
+    guide's own, recorded in its forward pass)."""
     from pyro.distributions.transforms import SoftplusTransform
 
     from pyro_natgrad import gaussian
@@ -1247,8 +1249,9 @@ def test_fused_diagonal_step_matches_general(monkeypatch, dtype, with_draw):
     draw = loc + scale * torch.randn(n, generator=gen, dtype=dtype) if with_draw else None
     out_loc, out_raw = torch.empty_like(loc), torch.empty_like(loc)
     work = [torch.empty(1000, dtype=dtype) for _ in range(5)]
-    taken = gaussian.softplus_diagonal_step(loc, raw, g_loc, g_raw, draw, 0.7, 2.0,
-                                            out_loc, out_raw, work)
+    taken, check = gaussian.softplus_diagonal_step(loc, raw, g_loc, g_raw, draw, 0.7, 2.0,
+                                                   out_loc, out_raw, work,
+                                                   scale=scale if given_scale else None)
     moments = None
     if with_draw:
         eps = (draw - loc) / scale
@@ -1260,6 +1263,7 @@ def test_fused_diagonal_step_matches_general(monkeypatch, dtype, with_draw):
     torch.testing.assert_close(out_loc, ref.loc, **tol)
     torch.testing.assert_close(T(out_raw), ref.scale_tril, **tol)
     torch.testing.assert_close(taken, ref.rho.sum(), **tol)
+    torch.testing.assert_close(check, out_loc.sum() + out_raw.sum(), **tol)
 
 
 def test_unsubsampled_plate_steps_like_an_event(float64):
@@ -1284,3 +1288,69 @@ def test_unsubsampled_plate_steps_like_an_event(float64):
             svi.step()
         out.append((guide.locs.z.detach().clone(), guide.scales.z.detach().clone()))
     torch.testing.assert_close(out[0], out[1], rtol=1e-12, atol=1e-12)
+
+
+def test_fused_step_reuses_the_guides_scale_only_while_raw_is_unchanged(float64, monkeypatch):
+    """The fused step takes softplus(raw) from the guide's forward pass (recorded with
+    raw's version counter) instead of computing it again, and only while raw is
+    unchanged since: an in-place change in between makes it compute the scale."""
+    from pyro_natgrad import optim as optim_module
+
+    n = 1000  # above MAX_CURVATURE_DIM: the gradient-only, fused path
+    data = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=F64)
+
+    def model():
+        with pyro.plate("N", n):
+            z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=F64), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=data)
+
+    guide = AutoNormal(model)
+    opt = NaturalGradient(guide)
+    svi = SVI(model, guide, opt, Trace_ELBO())
+    svi.step()
+    given = []
+    original = optim_module.softplus_diagonal_step
+
+    def spy(*args, scale=None, **kwargs):
+        given.append(scale is not None)
+        if scale is not None:  # it is the guide's softplus(raw), bit for bit
+            assert torch.equal(scale, guide.scales.z.detach().reshape(-1))
+        return original(*args, scale=scale, **kwargs)
+
+    monkeypatch.setattr(optim_module, "softplus_diagonal_step", spy)
+    svi.step()
+    assert given == [True]
+    elbo = Trace_ELBO()
+    elbo.differentiable_loss(model, guide).backward()
+    with torch.no_grad():
+        guide.scales.z_unconstrained.mul_(1.0)  # same values, a new version
+    opt(list(guide.parameters()))
+    assert given == [True, False]
+
+
+@pytest.mark.parametrize("which", ["loc", "scale"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_gradient_on_the_fused_path(float64, which, bad):
+    """Large AutoNormal (the fused step, which has no separate pass over the gradients
+    and relies on its output check): a non-finite gradient element skips the step with
+    the counting warning and leaves every parameter untouched, bit for bit."""
+    n = 1000
+    data = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=F64)
+
+    def model():
+        with pyro.plate("N", n):
+            z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=F64), 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=data)
+
+    guide = AutoNormal(model)
+    opt = NaturalGradient(guide)
+    svi = SVI(model, guide, opt, Trace_ELBO())
+    svi.step()
+    Trace_ELBO().differentiable_loss(model, guide).backward()
+    param = guide.locs.z_unconstrained if which == "loc" else guide.scales.z_unconstrained
+    param.grad[17] = bad
+    before = store_snapshot()
+    with pytest.warns(NaturalGradientWarning, match="1 skipped"):
+        opt(list(guide.parameters()))
+    after = store_snapshot()
+    assert all(torch.equal(before[k], after[k]) for k in before)
