@@ -28,10 +28,10 @@ from pyro.infer.autoguide import (AutoCallable, AutoContinuous, AutoGuide, AutoG
 from .curvature import ModelCurvature
 from .gaussian import (CHUNK, StepError, diagonal_gaussian_step, full_step,
                        softplus_diagonal_step)
-from .guides import (DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, _scatter,
-                     read_guide)
+from .guides import DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide
 from .handwritten import describe_rejected, find_svi_args, read_handwritten
 from .lowrank import LowRankGaussianGroup, project_lowrank, read_lowrank
+from .minibatch import minibatch_targets, plate_scale, subsampled
 from .schedule import StepSize
 
 #: Largest latent dimension for which ``curvature="auto"`` computes the model's Hessian.
@@ -362,78 +362,10 @@ class NaturalGradient(PyroOptim):
                       f"parameters; see NaturalGradient.routing().", NaturalGradientWarning)
 
     def _minibatch_targets(self, records) -> Dict[str, torch.Tensor]:
-        """``{group key: precision target}`` for a subsampled ``AutoNormal``: minus the
-        diagonal of the model's Hessian at this step's draws (globals and the
-        subsample's locals), averaged over the draws, full-size (0 outside the
-        subsample); each local's entry is unscaled by its plate's ``full_size / size``,
-        as its gradient is.
-
-        The items of a subsampled plate are conditionally independent, so one
-        Hessian-vector product gives a local coordinate's diagonal entry for every item
-        at once: the cost is one backward pass per global coordinate and per local
-        coordinate of one item, not per subsample element, for each particle. Empty
-        (gradient-only steps) when the draws do not allow it or, with
-        ``curvature="auto"``, above :data:`MAX_CURVATURE_DIM` products."""
-        curv = self._curvature
-        groups = {g.site[: -len("_unconstrained")]: g for g in self._groups.values()}
-        names = [name for name, _, _ in curv._sites()]
-        if not records or set(names) != set(groups):
-            return {}
-        sums, count = {}, 0
-        for record in records:
-            if not all(groups[n].site in record for n in names):
-                return {}
-            # Vectorised particles: a leading particle dimension (and the particle
-            # plate's singleton dims); each particle's draw is one Hessian evaluation.
-            batched = {}
-            for n in names:
-                value = record[groups[n].site][0]
-                lead = value.dim() - groups[n].params["loc"].dim()
-                if lead < 0:
-                    return {}
-                batched[n] = value.reshape((-1,) + value.shape[lead:])
-            particles = {b.shape[0] for b in batched.values()}
-            if len(particles) != 1:
-                return {}
-            particles = particles.pop()
-            shapes = {n: batched[n].shape[1:] for n in names}
-            # One item's shape per site: the draw's with its subsampled dims set to 1.
-            reduced = {}
-            for n in names:
-                shape = shapes[n]
-                items = {d % len(shape) for d, _ in groups[n].subsample_index(record)}
-                reduced[n] = [1 if i in items else s for i, s in enumerate(shape)]
-            if self.curvature == "auto" and \
-                    sum(math.prod(r) for r in reduced.values()) > MAX_CURVATURE_DIM:
-                return {}
-            total = sum(shapes[n].numel() for n in names)
-            dtype, device = batched[names[0]].dtype, batched[names[0]].device
-            probes, pos = [], 0
-            for n in names:
-                label = torch.arange(math.prod(reduced[n]), device=device).reshape(reduced[n])
-                label = label.expand(shapes[n]).reshape(-1)
-                for k in range(math.prod(reduced[n])):
-                    v = torch.zeros(total, dtype=dtype, device=device)
-                    v[pos:pos + label.numel()] = (label == k).to(dtype)
-                    probes.append(v)
-                pos += label.numel()
-            for p in range(particles):
-                z = torch.cat([batched[n][p].reshape(-1) for n in names])
-                diag = -curv.hessian_diagonal(z, probes, shapes=shapes)
-                if not bool(torch.isfinite(diag).all()):
-                    return {}
-                pos = 0
-                for n in names:
-                    g, k = groups[n], shapes[n].numel()
-                    part = diag[pos:pos + k].reshape(shapes[n])
-                    pos += k
-                    index = g.subsample_index(record)
-                    if index:
-                        part = _scatter(g.params["loc"], part / self._plate_scale(g, [record]),
-                                        index)
-                    sums[g.key] = sums.get(g.key, 0) + part
-                count += 1
-        return {key: value / count for key, value in sums.items()}
+        """:func:`~pyro_natgrad.minibatch.minibatch_targets` for this step, with the
+        dimension limit under ``curvature="auto"``."""
+        limit = MAX_CURVATURE_DIM if self.curvature == "auto" else None
+        return minibatch_targets(self._curvature, self._groups.values(), records, limit)
 
     def _step_group(self, group, records, target=None):
         grads = group.grads()
@@ -491,7 +423,7 @@ class NaturalGradient(PyroOptim):
             t = state.get("t_elem")
             if not torch.is_tensor(t):
                 t = torch.full_like(loc.detach(), float(state["t"]))
-            c = self._plate_scale(group, records)
+            c = plate_scale(self.guide, group, records)
             g_loc, g_scale = g_loc / c, g_scale / c
             rho = self.step_size(t)
         else:
@@ -521,21 +453,7 @@ class NaturalGradient(PyroOptim):
         subsampled (or were); an unsubsampled plate steps every element every time, like
         an event dimension."""
         return bool(group.plates) and (torch.is_tensor(self._state[group.key].get("t_elem"))
-                                       or self._subsampled(group, records))
-
-    def _plate_stack(self, group, records):
-        """The plates of the group's site in this step's draws or, without any, in the
-        guide's prototype trace."""
-        for record in records:
-            if group.site in record:
-                return record[group.site][1]
-        name = group.site[: -len("_unconstrained")]
-        return self.guide.prototype_trace.nodes[name]["cond_indep_stack"]
-
-    def _subsampled(self, group, records) -> bool:
-        """Whether the group's site is in a subsampled plate this step."""
-        return any(f.full_size is not None and f.full_size != f.size
-                   for f in self._plate_stack(group, records))
+                                       or subsampled(self.guide, group, records))
 
     def _step_diagonal_fused(self, group, grads, records, state) -> bool:
         """The step of :meth:`_step_diagonal` for the common case (softplus scale, a trust
@@ -585,15 +503,6 @@ class NaturalGradient(PyroOptim):
             raw.view(-1).copy_(new_raw)
         state["t"] += min(1.0, max(0.0, checks[0] / (n * max(rho, 1e-300))))
         return True
-
-    def _plate_scale(self, group, records):
-        """``full_size / size`` of the site's subsampled plates, from this step's draws
-        or, without them, from the guide's prototype trace."""
-        c = 1.0
-        for f in self._plate_stack(group, records):
-            if f.full_size is not None and f.size:
-                c *= f.full_size / f.size
-        return c
 
     def _step_full(self, group, grads, records, state, target=None, correction=None, rho=None):
         loc, raw_tril = group.params["loc"], group.params["scale_tril"]
