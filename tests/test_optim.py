@@ -1290,14 +1290,10 @@ def test_unsubsampled_plate_steps_like_an_event(float64):
     torch.testing.assert_close(out[0], out[1], rtol=1e-12, atol=1e-12)
 
 
-def test_fused_step_reuses_the_guides_scale_only_while_raw_is_unchanged(float64, monkeypatch):
-    """The fused step takes softplus(raw) from the guide's forward pass (recorded with
-    raw's version counter) instead of computing it again, and only while raw is
-    unchanged since: an in-place change in between makes it compute the scale."""
-    from pyro_natgrad import optim as optim_module
-
-    n = 1000  # above MAX_CURVATURE_DIM: the gradient-only, fused path
-    data = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=F64)
+def _large_mean_field(seed, n=1000):
+    """An AutoNormal over a plate of ``n`` > MAX_CURVATURE_DIM (the gradient-only, fused
+    path) after one SVI step: ``(model, guide, optimizer, svi)``."""
+    data = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
     def model():
         with pyro.plate("N", n):
@@ -1308,6 +1304,16 @@ def test_fused_step_reuses_the_guides_scale_only_while_raw_is_unchanged(float64,
     opt = NaturalGradient(guide)
     svi = SVI(model, guide, opt, Trace_ELBO())
     svi.step()
+    return model, guide, opt, svi
+
+
+def test_fused_step_reuses_the_guides_scale_only_while_raw_is_unchanged(float64, monkeypatch):
+    """The fused step takes softplus(raw) from the guide's forward pass (recorded with
+    raw's version counter) instead of computing it again, and only while raw is
+    unchanged since: an in-place change in between makes it compute the scale."""
+    from pyro_natgrad import optim as optim_module
+
+    model, guide, opt, svi = _large_mean_field(seed=0)
     given = []
     original = optim_module.softplus_diagonal_step
 
@@ -1334,18 +1340,7 @@ def test_nonfinite_gradient_on_the_fused_path(float64, which, bad):
     """Large AutoNormal (the fused step, which has no separate pass over the gradients
     and relies on its output check): a non-finite gradient element skips the step with
     the counting warning and leaves every parameter untouched, bit for bit."""
-    n = 1000
-    data = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=F64)
-
-    def model():
-        with pyro.plate("N", n):
-            z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=F64), 1.0))
-            pyro.sample("x", dist.Normal(z, 1.0), obs=data)
-
-    guide = AutoNormal(model)
-    opt = NaturalGradient(guide)
-    svi = SVI(model, guide, opt, Trace_ELBO())
-    svi.step()
+    model, guide, opt, svi = _large_mean_field(seed=1)
     Trace_ELBO().differentiable_loss(model, guide).backward()
     param = guide.locs.z_unconstrained if which == "loc" else guide.scales.z_unconstrained
     param.grad[17] = bad
