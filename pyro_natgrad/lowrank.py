@@ -12,14 +12,15 @@ parameters ``loc``, ``C`` (``cov_factor``, ``d x k``) and ``s`` (``scale``,
   member of the low-rank family nearest ``N(loc, P'^{-1})`` in ``KL(q || .)``
   (:func:`project_lowrank`). For a Gaussian posterior this lands on the best low-rank
   ELBO: its stationary points are exactly the projections of ``E_q[H]``.
-* **Without it**: ``loc`` alone takes the natural-gradient step
+* **Without it** (above that dimension, ``curvature="none"``, or a step without
+  recorded draws such as under ``JitTrace_ELBO``): ``loc`` alone takes the step
   ``loc' = loc - rho Sigma dl/dloc`` (the Fisher of ``LowRankMultivariateNormal`` is
   block diagonal, mean | covariance), with the schedule and the KL trust region
   ``rho^2/2 g^T Sigma g <= max_kl``, the gradient first cleared of the guide's score
   at its own draws (the "sticking the landing" control variate, :func:`score_at`);
   ``cov_factor`` and ``scale`` go to the base optimizer (Adam by default).
 
-Why the covariance has no natural-gradient step of its own: there is no closed-form
+Why the covariance then has no natural-gradient step: there is no closed-form
 mirror step inside the low-rank family, and the Fisher-preconditioned step in
 ``(C, s)`` (closed-form Fisher, rotations of ``C`` projected out, exact-KL
 backtracking, no diagonal variance more than doubling or halving per step; also
