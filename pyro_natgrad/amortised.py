@@ -39,7 +39,7 @@ from torch.distributions import Independent, TransformedDistribution, transform_
 from .fisher.registry import lookup_fisher
 from .ggn import GGNOperator, _Head
 from .linalg import conjugate_gradient
-from .optim import NaturalGradientWarning
+from .optim import NaturalGradientWarning, param_labels
 from .schedule import StepSize
 
 __all__ = ["AmortisedNaturalGradient", "GuideGGN", "StepInfo"]
@@ -494,9 +494,8 @@ class AmortisedNaturalGradient(PyroOptim):
             params = [store._params[n] for n in store.keys()]
         routes = self._routes(params)
         other = self._other_name()
-        return {(store.param_name(p) or f"<tensor {tuple(p.shape)}>"):
-                ("natural gradient (GGN)" if p in routes else f"other optimizer ({other})")
-                for p in params}
+        return {name: ("natural gradient (GGN)" if p in routes else f"other optimizer ({other})")
+                for name, p in zip(param_labels(params), params)}
 
     def operator(self, params=None) -> GuideGGN:
         """The :class:`GuideGGN` at the current parameters and the last recorded draws
@@ -549,8 +548,7 @@ class AmortisedNaturalGradient(PyroOptim):
         if not new:
             return
         self._warned.update(new)
-        store = pyro.get_param_store()
-        names = [store.param_name(p) or f"<tensor {tuple(p.shape)}>" for p in new]
+        names = param_labels(new)
         warnings.warn(f"AmortisedNaturalGradient: {len(new)} parameter(s) do not reach the "
                       f"guide and take {self._other_name()} steps: "
                       f"{names[:8]}{' ...' if len(names) > 8 else ''} (expected for model "

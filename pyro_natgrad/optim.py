@@ -216,7 +216,7 @@ class NaturalGradient(PyroOptim):
                 self._state.setdefault(key, {"t": 0})
         lowrank = [g for g in groups if isinstance(g, LowRankGaussianGroup)]
         gaussian = all(isinstance(g, (DiagonalGaussianGroup, FullGaussianGroup)) for g in groups) \
-            or (len(groups) == 1 and lowrank)
+            or (len(groups) == 1 and bool(lowrank))
         self._use_curvature, self._minibatch_curvature = (
             self._curvature_modes(groups) if gaussian else (False, False))
         if self._use_curvature:
@@ -326,8 +326,8 @@ class NaturalGradient(PyroOptim):
             group = self._owner.get(p)
             if group is None:
                 rest.append(p)
-            elif group.key not in curved and any(
-                    p is t for t in getattr(group, "covariance_tensors", list)()):
+            elif isinstance(group, LowRankGaussianGroup) and group.key not in curved and any(
+                    p is t for t in group.covariance_tensors()):
                 # A low-rank covariance in a step without the model's Hessian (no
                 # draws recorded): only the projection step can move it naturally.
                 rest.append(p)
@@ -354,8 +354,7 @@ class NaturalGradient(PyroOptim):
         if not new:
             return
         self._warned_params.update(new)
-        store = pyro.get_param_store()
-        names = [store.param_name(p) or f"<tensor {tuple(p.shape)}>" for p in new]
+        names = param_labels(new)
         warnings.warn(f"NaturalGradient: {len(new)} parameter(s) feed no supported guide site "
                       f"and take {type(self.base_optimizer).__name__} steps: {names[:8]}"
                       f"{' ...' if len(names) > 8 else ''}. That is expected for model "
@@ -736,6 +735,12 @@ class NaturalGradient(PyroOptim):
 
     def load(self, filename: str, map_location=None) -> None:
         self.set_state(torch.load(filename, map_location=map_location, weights_only=False))
+
+
+def param_labels(params):
+    """The param store's name of each tensor, or its shape where it has none."""
+    store = pyro.get_param_store()
+    return [store.param_name(p) or f"<tensor {tuple(p.shape)}>" for p in params]
 
 
 def _all_finite(tensors) -> bool:
