@@ -26,10 +26,24 @@ whitened draw below the floor proves the need to retract; otherwise one Cholesky
 factorisation of ``B - I/2`` decides.
 
 Single-sample gradients are noisy. With the whitened draws ``eps = L^{-1}(z - mu)``
-that produced them, the control variate ``dl/dmu -= L^{-T} E[eps]``,
-``K -= Phi(E[eps eps^T] - I)`` (averages over the particles) has mean zero and
-cancels the noise that the current precision predicts: all of it at the optimum
-when the posterior is Gaussian. The step functions take these two moments.
+that produced them, the control variate ``dl/dmu -= c L^{-T} E[eps]``,
+``K -= c Phi(E[eps eps^T] - I)`` (averages over the particles) has mean zero. Its
+coefficient ``c = (tr(L^T G_L) + d) / tr(E[eps eps^T])`` (:func:`cv_coefficient`)
+estimates the mean eigenvalue of the whitened curvature ``M = L^T E[H] L`` (the
+``+ d`` removes the entropy's exact ``-I``): the gradient's noise is about
+``M eps eps^T``, so ``c`` cancels all of it when ``M`` is a multiple of ``I`` (far
+from the optimum too, e.g. a guide started too narrow) and ``c = 1`` at the optimum
+of a Gaussian posterior, where ``M = I``. Taken from the same draws, ``c`` biases the
+estimate of ``S`` by ``2 (M - c I) / (d + 2)``, which vanishes at the optimum.
+
+Steps from the ELBO's gradient alone (no ``precision_target``) with a trust region
+also take ``rho <= 1 / (2 |S|_F)``, so ``B >= I/2`` holds without the retraction.
+From one draw ``S`` is a rank-two estimate whose error has norm about
+``|M - c I| d``; a larger step, retracted, shrank or inflated the variance along the
+draws systematically (the ``X^2/2`` term, and a multiplicative random walk), and the
+full-rank guide diverged above a few dozen dimensions. Such steps estimate ``d^2/2``
+precision entries from ``d`` numbers each, so they need ``O(d)`` steps or more;
+the model's Hessian (``precision_target``) avoids that.
 """
 
 import math
@@ -49,6 +63,21 @@ class GaussianStep(NamedTuple):
     scale_tril: torch.Tensor  # or scale, for the diagonal step
     rho: torch.Tensor
     retracted: torch.Tensor  # whether the PD-preserving retraction was needed
+
+
+#: With a trust region and no precision target, ``rho |S|_F`` is at most this: the
+#: spectrum of ``X`` lies in ``[-1/2, 1/2]``, so ``B >= I/2`` with no retraction.
+NOISY_STEP_LIMIT = 0.5
+
+
+def cv_coefficient(trace_LtG, d: int, second_moment):
+    """The control variate's coefficient ``c = (tr(L^T G_L) + d) / tr(E[eps eps^T])``
+    (see the module docstring); 1 where the draws are all zero. Works on tensors of
+    any batch shape and on floats."""
+    if torch.is_tensor(second_moment):
+        ok = second_moment > 0
+        return torch.where(ok, (trace_LtG + d) / torch.where(ok, second_moment, 1), 1.0)
+    return (trace_LtG + d) / second_moment if second_moment > 0 else 1.0
 
 
 def _phi(x: torch.Tensor) -> torch.Tensor:
@@ -167,23 +196,30 @@ def full_gaussian_step(loc, scale_tril, grad_loc, grad_scale_tril, rho,
     d = L.shape[-1]
     eye = torch.eye(d, dtype=L.dtype, device=L.device)
     g = grad_loc
+    c = torch.ones(L.shape[:-2], dtype=L.dtype, device=L.device)
     if precision_target is not None:
         S = L.mT @ precision_target @ L - eye
     else:
-        K = _phi(L.mT @ grad_scale_tril.tril())
+        LtG = L.mT @ grad_scale_tril.tril()
+        K = _phi(LtG)
         if eps_moments is not None:
-            K = K - _phi(eps_moments[1] - eye)
+            c = cv_coefficient(LtG.diagonal(dim1=-2, dim2=-1).sum(-1), d,
+                               eps_moments[1].diagonal(dim1=-2, dim2=-1).sum(-1))
+            K = K - c[..., None, None] * _phi(eps_moments[1] - eye)
         S = K + K.mT
     if loc_correction is not None:
         g = g - loc_correction
     elif eps_moments is not None:
-        g = g - torch.linalg.solve_triangular(
+        g = g - c[..., None] * torch.linalg.solve_triangular(
             L.mT, eps_moments[0].unsqueeze(-1), upper=True).squeeze(-1)
     rho = torch.as_tensor(rho, dtype=L.dtype, device=L.device).expand(L.shape[:-2])
     if max_kl is not None:
         w = (L.mT @ g.unsqueeze(-1)).squeeze(-1)
         size = whitened_sizes(w, S).clamp_min(torch.finfo(L.dtype).tiny)
         rho = torch.minimum(rho, (max_kl / size).sqrt())
+        if precision_target is None:
+            s_norm = S.square().sum((-1, -2)).sqrt().clamp_min(torch.finfo(L.dtype).tiny)
+            rho = torch.minimum(rho, NOISY_STEP_LIMIT / s_norm)
     r = rho[..., None, None]
     B = eye + r * S
     _, info = torch.linalg.cholesky_ex(B - 0.5 * eye if max_kl is not None else B)
@@ -213,26 +249,31 @@ def full_step(loc, L, grad_loc, G, rho, eps_moments=None, draws=None,
         work = [torch.empty_like(L), torch.empty_like(L)]
     P, S = work
     g = grad_loc
+    c = 1.0
     # Only the lower triangle of the symmetric S (and B) is formed: it is all that the
     # factorisations read.
     if precision_target is not None:
         torch.matmul(L.mT, torch.matmul(precision_target, L, out=P), out=S)
         S.diagonal().sub_(1)
     else:
-        # S = Phi(P) + Phi(P)^T - (E[eps eps^T] - I) with P = tril(L^T G), whose lower
-        # triangle is P's own, less that of E[eps eps^T] - I.
+        # S = Phi(P) + Phi(P)^T - c (E[eps eps^T] - I) with P = tril(L^T G), whose lower
+        # triangle is P's own, less that of c (E[eps eps^T] - I).
         _tril_ut_l(L, G, S)
+        trace = float(S.diagonal().sum())  # tr(L^T G)
         if draws is not None:
-            S.addmm_(draws.mT, draws, alpha=-1.0 / draws.shape[0])
-            S.diagonal().add_(1)
+            n = draws.shape[0]
+            c = cv_coefficient(trace, L.shape[-1], float(draws.square().sum()) / n)
+            S.addmm_(draws.mT, draws, alpha=-c / n)
+            S.diagonal().add_(c)
         elif eps_moments is not None:
-            S.sub_(eps_moments[1])
-            S.diagonal().add_(1)
+            c = cv_coefficient(trace, L.shape[-1], float(eps_moments[1].diagonal().sum()))
+            S.sub_(c * eps_moments[1])
+            S.diagonal().add_(c)
     S.tril_()
     if loc_correction is not None:
         g = g - loc_correction
     elif eps_moments is not None:
-        g = g - torch.linalg.solve_triangular(
+        g = g - c * torch.linalg.solve_triangular(
             L.mT, eps_moments[0].unsqueeze(-1), upper=True).squeeze(-1)
     # |S|_F^2 from the lower triangle
     s_norm = math.sqrt(max(0.0, 2 * float(torch.linalg.vector_norm(S)) ** 2
@@ -243,14 +284,18 @@ def full_step(loc, L, grad_loc, G, rho, eps_moments=None, draws=None,
         size = 0.5 * float(w.square().sum()) + 0.25 * s_norm ** 2
         if size > 0:
             rho = min(rho, math.sqrt(max_kl / size))
+        if precision_target is None and s_norm > 0:
+            rho = min(rho, NOISY_STEP_LIMIT / s_norm)
     # B = I + X, X = rho S, while B >= I/2 with a trust region (no variance more than
-    # doubles), or while B > 0 without one; else the iBLR retraction
+    # doubles; always, for noisy S, by the limit above), or while B > 0 without one;
+    # else the iBLR retraction
     # B = I + X + X^2/2 = (I + (I + X)^2) / 2, which always is >= I/2.
     B = S.mul_(rho)
     B.diagonal().add_(1)
     floor = 0.5 if max_kl is not None else 0.0
-    if rho * s_norm < 1 - floor:
-        retract = False  # the spectrum of X lies within +-|X|_F
+    bound = rho * s_norm  # the spectrum of X lies within +-|X|_F
+    if bound < 1 - floor or (floor > 0 and bound <= floor * (1 + 1e-9)):
+        retract = False
     else:
         retract = _below(B, floor, draws, eps_moments)
 

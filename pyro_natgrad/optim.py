@@ -134,6 +134,7 @@ class NaturalGradient(PyroOptim):
         self._skipped = 0
         self._warned_params = set()
         self._warned_no_draws = False
+        self._warned_gradient_only = False
         self._use_curvature = False
         self._minibatch_curvature = False
         # Hand-written guides: the guide's arguments (to trace it), the names of its
@@ -219,11 +220,31 @@ class NaturalGradient(PyroOptim):
             or (len(groups) == 1 and bool(lowrank))
         self._use_curvature, self._minibatch_curvature = (
             self._curvature_modes(groups) if gaussian else (False, False))
+        self._warn_gradient_only(groups)
         if self._use_curvature:
             # The projection step sets the low-rank covariance from the model's Hessian.
             for g in lowrank:
                 g.own_covariance()
             self._owner = {p: g for g in groups for p in g.tensors()}
+
+    def _warn_gradient_only(self, groups):
+        """Once: a large full-rank Gaussian left to gradient-only steps by ``"auto"``."""
+        big = [g for g in groups if isinstance(g, FullGaussianGroup)
+               and g.params["loc"].shape[-1] > MAX_CURVATURE_DIM]
+        if self._use_curvature or self.curvature != "auto" or not big \
+                or self._warned_gradient_only:
+            return
+        self._warned_gradient_only = True
+        d = big[0].params["loc"].shape[-1]
+        warnings.warn(
+            f"NaturalGradient: the full-rank Gaussian over {d} latent dimensions takes steps "
+            f"from the ELBO's gradient alone (curvature='auto' skips the model's Hessian above "
+            f"{MAX_CURVATURE_DIM} dimensions: it costs {d} Hessian-vector products per step). "
+            f"Such steps estimate the {d} x {d} precision from one draw at a time, so they need "
+            f"O({d}) steps or more, and a tuned Adam can be faster on a correlated posterior. "
+            f"For natural-gradient steps with the model's curvature pass curvature='hessian' "
+            f"(or 'ggn'); AutoLowRankMultivariateNormal or AutoNormal scale further",
+            NaturalGradientWarning)
 
     def _curvature_modes(self, groups):
         """``(joint, minibatch)``: whether steps take the model's Hessian over all the

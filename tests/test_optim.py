@@ -1141,23 +1141,32 @@ def _full_problem(d, noise, seed=0, dtype=F64, draws=1):
     return L, G, loc, g, eps
 
 
+def _cv_c(L, G, eps):
+    """The control variate's coefficient, ``(tr(L^T G) + d) / mean |eps|^2``, as the
+    module docstring of :mod:`pyro_natgrad.gaussian` defines it (1 without draws)."""
+    if eps is None:
+        return 1.0
+    d = L.shape[-1]
+    return float((torch.trace(L.T @ G) + d) / (eps.square().sum() / eps.shape[0]))
+
+
 def _dense_linear_B(L, G, eps, rho):
     """``I + rho S`` from dense products, as the module docstring of
-    :mod:`pyro_natgrad.gaussian` writes it (``K = Phi(L^T G) - Phi(E[eps eps^T] - I)``)."""
+    :mod:`pyro_natgrad.gaussian` writes it (``K = Phi(L^T G) - c Phi(E[eps eps^T] - I)``)."""
     eye = torch.eye(L.shape[-1], dtype=L.dtype)
     M = L.T @ G
     K = M.tril(-1) + 0.5 * torch.diag(M.diagonal())
     if eps is not None:
         E = eps.T @ eps / eps.shape[0] - eye
-        K = K - (E.tril(-1) + 0.5 * torch.diag(E.diagonal()))
+        K = K - _cv_c(L, G, eps) * (E.tril(-1) + 0.5 * torch.diag(E.diagonal()))
     return eye + rho * (K + K.T)
 
 
-def _expected_step(L, B, loc, g, eps, rho):
+def _expected_step(L, B, loc, g, eps, rho, c=1.0):
     Sigma = L @ torch.linalg.inv(B) @ L.T
     if eps is not None:
-        g = g - torch.linalg.solve_triangular(L.T, eps.mean(0).unsqueeze(-1),
-                                              upper=True).squeeze(-1)
+        g = g - c * torch.linalg.solve_triangular(L.T, eps.mean(0).unsqueeze(-1),
+                                                  upper=True).squeeze(-1)
     return loc - rho * Sigma @ g, Sigma
 
 
@@ -1170,7 +1179,7 @@ def test_full_step_matches_dense_formula(float64, d):
     rho = 0.8
     B = _dense_linear_B(L, G, eps, rho)
     assert float(torch.linalg.eigvalsh(B).min()) > 0.5  # no retraction here
-    mean, Sigma = _expected_step(L, B, loc, g, eps, rho)
+    mean, Sigma = _expected_step(L, B, loc, g, eps, rho, _cv_c(L, G, eps))
     M2 = eps.T @ eps / eps.shape[0]
     for step in (full_step(loc, L, g, G, rho, (eps.mean(0), None), eps),
                  full_gaussian_step(loc, L, g, G, rho, (eps.mean(0), M2)),
@@ -1185,12 +1194,79 @@ def test_full_step_matches_dense_formula(float64, d):
         torch.testing.assert_close(step.loc, mean.expand_as(step.loc), rtol=1e-9, atol=1e-12)
 
 
+def test_full_step_control_variate_is_exact_for_isotropic_curvature(float64):
+    """A guide far too narrow (whitened curvature M = L^T H L = m I, m = 0.02) at the
+    posterior mean: with the scaled control variate one draw's gradient (by autograd of
+    the single-sample loss, an independent route) gives S = (m - 1) I exactly, so the
+    covariance grows in every direction alike. The unscaled variate (c = 1) left a
+    rank-one error of size (1 - m)|eps|^2 along the draw."""
+    from pyro_natgrad.gaussian import full_step
+
+    d, m = 50, 0.02
+    gen = torch.Generator().manual_seed(4)
+    A = torch.randn(d, d, generator=gen, dtype=F64)
+    L = torch.linalg.cholesky(A @ A.T / d + torch.eye(d, dtype=F64))
+    H = m * torch.cholesky_inverse(L)  # m Sigma^{-1}
+    mu = torch.randn(d, generator=gen, dtype=F64)
+    eps = torch.randn(1, d, generator=gen, dtype=F64)
+    loc, Lv = mu.clone().requires_grad_(), L.clone().requires_grad_()
+    z = loc + Lv.tril() @ eps[0]
+    log_p = -0.5 * (z - mu) @ H @ (z - mu)
+    log_q = dist.MultivariateNormal(loc, scale_tril=Lv.tril()).log_prob(z)
+    g, G = torch.autograd.grad(log_q - log_p, [loc, Lv])
+    rho = 0.3
+    step = full_step(mu, L, g, G.tril(), rho, (eps.mean(0), None), eps, max_kl=None)
+    expected = L @ L.T / (1 + rho * (m - 1))
+    L_new = step.scale_tril
+    torch.testing.assert_close(L_new @ L_new.T, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(step.loc, mu, rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_gradient_only_full_rank_converges_on_a_stiff_posterior(float64):
+    """AutoMultivariateNormal with ``curvature="none"`` (gradients only) on a linear
+    regression whose posterior precision spans four decades (d = 32): the exact ELBO
+    reaches the log evidence within 1 nat. Before the noisy-step limit and the scaled
+    control variate, this run stayed 1.4e4 nats away with collapsed variances."""
+    d = 32
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(4 * d, d, generator=gen, dtype=F64)
+    X = X @ (torch.eye(d, dtype=F64) + 0.3 * torch.randn(d, d, generator=gen, dtype=F64)
+             / math.sqrt(d))
+    X = X * torch.logspace(-1, 1, d, dtype=F64)
+    y = X @ torch.randn(d, generator=gen, dtype=F64) + torch.randn(4 * d, generator=gen,
+                                                                  dtype=F64)
+    Lam = X.T @ X + torch.eye(d, dtype=F64)
+    mean = torch.linalg.solve(Lam, X.T @ y)
+
+    def model():
+        w = pyro.sample("w", dist.Normal(torch.zeros(d, dtype=F64), 1.0).to_event(1))
+        with pyro.plate("n", X.shape[0]):
+            pyro.sample("y", dist.Normal(X @ w, 1.0), obs=y)
+
+    def gap(guide):
+        # KL(q || posterior): the ELBO's distance to the log evidence, exactly
+        post = guide.get_posterior()
+        m, S = post.loc.detach(), post.covariance_matrix.detach()
+        r = m - mean
+        return 0.5 * float(torch.trace(Lam @ S) + r @ Lam @ r - d
+                           - torch.logdet(Lam @ S))
+
+    pyro.set_rng_seed(0)
+    guide = AutoMultivariateNormal(model)
+    svi = SVI(model, guide, NaturalGradient(guide, curvature="none"), Trace_ELBO())
+    for _ in range(1000):
+        svi.step()
+    assert gap(guide) < 1.0
+
+
 @pytest.mark.parametrize("max_kl", [None, 10.0])
 @pytest.mark.parametrize("control", ["draws", "moments", "none"])
 def test_full_step_retraction_is_iblr_and_never_doubles_variance(float64, max_kl, control):
-    """Where I + rho S is not >= I/2 (not > 0 without a trust region) the step uses
-    B = I + X + X^2/2, X = rho S: checked against eigendecompositions. With a draw the
-    need to retract is seen from a Rayleigh quotient, without one from a Cholesky."""
+    """Without a trust region, where I + rho S is not > 0 the step uses
+    B = I + X + X^2/2, X = rho S: checked against eigendecompositions. With one, a step
+    from gradients alone is shortened to rho |S|_F <= 1/2 instead, so I + rho S >= I/2
+    needs no retraction. Either way no variance more than doubles."""
     from pyro_natgrad.gaussian import full_gaussian_step, full_step
 
     d = 300
@@ -1202,14 +1278,20 @@ def test_full_step_retraction_is_iblr_and_never_doubles_variance(float64, max_kl
         eps = None
     step = full_step(loc, L, g, G, 0.9, moments, draws, max_kl)
     rho = float(step.rho)
-    assert bool(step.retracted)
     B_lin = _dense_linear_B(L, G, eps, rho)
-    floor = 0.5 if max_kl is not None else 0.0
-    assert float(torch.linalg.eigvalsh(B_lin).min()) < floor  # retraction was due
-    lam, Q = torch.linalg.eigh(B_lin - torch.eye(d, dtype=F64))  # X = B_lin - I
-    B = (Q * (1 + lam + 0.5 * lam.square())) @ Q.T
+    X = B_lin - torch.eye(d, dtype=F64)
+    if max_kl is not None:
+        assert not bool(step.retracted)
+        # the limit binds here (the trust region alone would allow a longer step)
+        assert rho * float(torch.linalg.matrix_norm(X / rho)) == pytest.approx(0.5, rel=1e-9)
+        B = B_lin
+    else:
+        assert bool(step.retracted)
+        assert float(torch.linalg.eigvalsh(B_lin).min()) < 0  # retraction was due
+        lam, Q = torch.linalg.eigh(X)
+        B = (Q * (1 + lam + 0.5 * lam.square())) @ Q.T
     assert float(torch.linalg.eigvalsh(B).min()) >= 0.5 - 1e-12
-    mean, Sigma = _expected_step(L, B, loc, g, eps, rho)
+    mean, Sigma = _expected_step(L, B, loc, g, eps, rho, _cv_c(L, G, eps))
     L_new = step.scale_tril
     torch.testing.assert_close(L_new @ L_new.T, Sigma, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(step.loc, mean, rtol=1e-8, atol=1e-10)
