@@ -36,6 +36,17 @@ from .schedule import StepSize
 
 #: Largest latent dimension for which ``curvature="auto"`` computes the model's Hessian.
 MAX_CURVATURE_DIM = 256
+#: The same for a full-rank guide alone (``AutoMultivariateNormal``), whose steps from
+#: gradients alone must estimate ``D^2/2`` precision entries from ``D`` numbers per draw
+#: and lost to Adam from a few hundred dimensions on (``docs/optimizer.rst``).
+MAX_FULL_RANK_CURVATURE_DIM = 1024
+
+
+def _curvature_limit(groups) -> int:
+    """The largest latent dimension for which ``"auto"`` uses the model's Hessian."""
+    if groups and all(isinstance(g, FullGaussianGroup) for g in groups):
+        return MAX_FULL_RANK_CURVATURE_DIM
+    return MAX_CURVATURE_DIM
 
 
 class NaturalGradientWarning(UserWarning):
@@ -95,9 +106,11 @@ class NaturalGradient(PyroOptim):
         ``O(condition number)`` steps. ``"none"``: the ELBO gradient only (a rank-one
         estimate per draw). ``"auto"`` (default): ``"hessian"`` for an
         ``AutoContinuous`` or ``AutoNormal`` guide with at most
-        :data:`MAX_CURVATURE_DIM` latent dimensions (for a subsampled ``AutoNormal``:
-        this step's globals and subsample, whose variances then move towards the
-        diagonal of the Hessian over them), else ``"none"``. ``"ggn"``: as
+        :data:`MAX_CURVATURE_DIM` latent dimensions (:data:`MAX_FULL_RANK_CURVATURE_DIM`
+        for an ``AutoMultivariateNormal``, whose gradient-only steps need ``O(D)``
+        steps or more; above 256 it warns once about the cost; for a subsampled
+        ``AutoNormal``: this step's globals and subsample, whose variances then move
+        towards the diagonal of the Hessian over them), else ``"none"``. ``"ggn"``: as
         ``"hessian"`` but the likelihood's curvature is its generalized Gauss-Newton
         matrix ``E[J^T F_R J]`` (:mod:`pyro_natgrad.ggn`), positive semi-definite for
         any likelihood with a closed-form Fisher; equal to the Hessian for canonical
@@ -228,23 +241,35 @@ class NaturalGradient(PyroOptim):
             self._owner = {p: g for g in groups for p in g.tensors()}
 
     def _warn_gradient_only(self, groups):
-        """Once: a large full-rank Gaussian left to gradient-only steps by ``"auto"``."""
-        big = [g for g in groups if isinstance(g, FullGaussianGroup)
-               and g.params["loc"].shape[-1] > MAX_CURVATURE_DIM]
-        if self._use_curvature or self.curvature != "auto" or not big \
-                or self._warned_gradient_only:
+        """Once, under ``"auto"``: the model's Hessian is computed over more than
+        :data:`MAX_CURVATURE_DIM` latents (a cost notice), or a full-rank Gaussian too
+        large for it is left to steps from gradients alone."""
+        if self.curvature != "auto" or self._warned_gradient_only or not groups or not all(
+                isinstance(g, (DiagonalGaussianGroup, FullGaussianGroup)) for g in groups):
             return
-        self._warned_gradient_only = True
-        d = big[0].params["loc"].shape[-1]
-        warnings.warn(
-            f"NaturalGradient: the full-rank Gaussian over {d} latent dimensions takes steps "
-            f"from the ELBO's gradient alone (curvature='auto' skips the model's Hessian above "
-            f"{MAX_CURVATURE_DIM} dimensions: it costs {d} Hessian-vector products per step). "
-            f"Such steps estimate the {d} x {d} precision from one draw at a time, so they need "
-            f"O({d}) steps or more, and a tuned Adam can be faster on a correlated posterior. "
-            f"For natural-gradient steps with the model's curvature pass curvature='hessian' "
-            f"(or 'ggn'); AutoLowRankMultivariateNormal or AutoNormal scale further",
-            NaturalGradientWarning)
+        dim = sum(g.params["loc"].numel() for g in groups)
+        full = [g for g in groups if isinstance(g, FullGaussianGroup)]
+        if self._use_curvature and dim > MAX_CURVATURE_DIM:
+            self._warned_gradient_only = True
+            warnings.warn(
+                f"NaturalGradient: each step computes the model's Hessian over {dim} latent "
+                f"dimensions ({dim} backward passes through the model): curvature='auto' does "
+                f"so for a full-rank guide up to {MAX_FULL_RANK_CURVATURE_DIM} dimensions, "
+                f"because its steps from gradients alone need O({dim}) steps or more. Pass "
+                f"curvature='hessian' to silence this, or curvature='none' for cheap steps "
+                f"that converge slowly", NaturalGradientWarning)
+        elif not self._use_curvature and full and dim > _curvature_limit(groups) \
+                and self._curvature is not None and self.control_variate:
+            self._warned_gradient_only = True
+            warnings.warn(
+                f"NaturalGradient: the full-rank Gaussian over {dim} latent dimensions takes "
+                f"steps from the ELBO's gradient alone (curvature='auto' computes the model's "
+                f"Hessian only up to {MAX_FULL_RANK_CURVATURE_DIM} dimensions: it costs one "
+                f"backward pass per dimension and step). Such steps estimate the {dim} x {dim} "
+                f"precision from one draw at a time, need O({dim}) steps or more, and a tuned "
+                f"Adam can do better on a correlated posterior. Pass curvature='hessian' (or "
+                f"'ggn') to use the model's curvature anyway; AutoLowRankMultivariateNormal or "
+                f"AutoNormal scale further", NaturalGradientWarning)
 
     def _curvature_modes(self, groups):
         """``(joint, minibatch)``: whether steps take the model's Hessian over all the
@@ -267,7 +292,7 @@ class NaturalGradient(PyroOptim):
                 return False, False
             return False, True
         dim = sum(g.params["loc"].numel() for g in groups)
-        return not (self.curvature == "auto" and dim > MAX_CURVATURE_DIM), False
+        return not (self.curvature == "auto" and dim > _curvature_limit(groups)), False
 
     def routing(self) -> Dict[str, str]:
         """Which parameter goes where: ``{parameter name: description}``."""

@@ -1222,6 +1222,47 @@ def test_full_step_control_variate_is_exact_for_isotropic_curvature(float64):
     torch.testing.assert_close(step.loc, mu, rtol=0, atol=1e-12)
 
 
+def _vector_model(d, data):
+    def model():
+        z = pyro.sample("z", dist.Normal(torch.zeros(d, dtype=F64), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=data)
+    return model
+
+
+def test_auto_curvature_for_a_full_rank_guide_above_the_mean_field_limit(float64):
+    """curvature="auto" computes the model's Hessian for an AutoMultivariateNormal of
+    300 > MAX_CURVATURE_DIM dimensions (up to MAX_FULL_RANK_CURVATURE_DIM), warning
+    once about its cost: the exact posterior N(x/2, I/2) in 25 steps. Above that
+    limit it warns once that the steps use gradients alone."""
+    from pyro_natgrad import optim
+
+    assert optim.MAX_CURVATURE_DIM < 300 <= optim.MAX_FULL_RANK_CURVATURE_DIM
+    d = 300
+    data = torch.randn(d, generator=torch.Generator().manual_seed(0), dtype=F64)
+    model = _vector_model(d, data)
+    pyro.set_rng_seed(0)
+    guide = AutoMultivariateNormal(model)
+    svi = SVI(model, guide, NaturalGradient(guide), Trace_ELBO())
+    with pytest.warns(NaturalGradientWarning, match="Hessian over 300 latent dimensions"):
+        svi.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NaturalGradientWarning)  # once only
+        for _ in range(24):  # the trust region (10 nats) paces the first 18
+            svi.step()
+    post = guide.get_posterior()
+    torch.testing.assert_close(post.loc.detach(), data / 2, rtol=0, atol=1e-8)
+    torch.testing.assert_close(post.covariance_matrix.detach(),
+                               0.5 * torch.eye(d, dtype=F64), rtol=0, atol=1e-8)
+
+    d = optim.MAX_FULL_RANK_CURVATURE_DIM + 1
+    pyro.clear_param_store()
+    model = _vector_model(d, torch.zeros(d, dtype=F64))
+    guide = AutoMultivariateNormal(model)
+    svi = SVI(model, guide, NaturalGradient(guide), Trace_ELBO())
+    with pytest.warns(NaturalGradientWarning, match="gradient alone"):
+        svi.step()
+
+
 @pytest.mark.slow
 def test_gradient_only_full_rank_converges_on_a_stiff_posterior(float64):
     """AutoMultivariateNormal with ``curvature="none"`` (gradients only) on a linear
