@@ -35,6 +35,9 @@ estimates the mean eigenvalue of the whitened curvature ``M = L^T E[H] L`` (the
 from the optimum too, e.g. a guide started too narrow) and ``c = 1`` at the optimum
 of a Gaussian posterior, where ``M = I``. Taken from the same draws, ``c`` biases the
 estimate of ``S`` by ``2 (M - c I) / (d + 2)``, which vanishes at the optimum.
+Mean-field steps take ``c`` from the previous step's draws instead (the same formula,
+summed over the elements), which keeps the variate's mean zero for any size; see
+:func:`diagonal_gaussian_step`.
 
 Steps from the ELBO's gradient alone (no ``precision_target``) with a trust region
 also take ``rho <= 1 / (2 |S|_F)``, so ``B >= I/2`` holds without the retraction.
@@ -348,13 +351,16 @@ def _below(B, floor, draws, eps_moments) -> bool:
 
 def diagonal_gaussian_step(loc, scale, grad_loc, grad_scale, rho,
                            eps_moments=None, max_kl: Optional[float] = None,
-                           precision_target=None, loc_step=None, floor=None):
+                           precision_target=None, loc_step=None, floor=None, cv=1.0):
     """Elementwise natural-gradient step for independent ``N(loc, scale^2)``.
 
     Shapes broadcast elementwise; ``eps_moments = (E[eps], E[eps^2])``. Same maths
     as :func:`full_gaussian_step` with ``d = 1`` per element: ``S = scale * dl/dscale``
-    (minus ``mean(eps^2) - 1``), ``scale' = scale / sqrt(1 + rho S)``,
-    ``loc' = loc - rho scale'^2 dl/dloc``. ``max_kl`` bounds each element's step.
+    (minus ``cv (mean(eps^2) - 1)``), ``scale' = scale / sqrt(1 + rho S)``,
+    ``loc' = loc - rho scale'^2 dl/dloc`` (``dl/dloc`` less ``cv E[eps] / scale``).
+    ``cv``: the control variate's coefficient, a number that must not depend on these
+    draws (e.g. :func:`cv_coefficient` of an earlier step's). ``max_kl`` bounds each
+    element's step.
     ``precision_target`` (elementwise ``-E[f'']``) replaces the precision target
     from ``grad_scale``; ``loc_step`` replaces the mean's step direction
     ``scale'^2 dl/dloc`` (e.g. by a Newton direction). ``floor`` (default: whether
@@ -366,9 +372,9 @@ def diagonal_gaussian_step(loc, scale, grad_loc, grad_scale, rho,
     else:
         S = scale * grad_scale
         if eps_moments is not None:
-            S = S - (eps_moments[1] - 1)
+            S = S - cv * (eps_moments[1] - 1)
     if eps_moments is not None:
-        g = g - eps_moments[0] / scale
+        g = g - cv * eps_moments[0] / scale
     rho = torch.as_tensor(rho, dtype=loc.dtype, device=loc.device)
     if max_kl is not None:
         size = (0.5 * (scale * g).square() + 0.25 * S.square()).clamp_min(
@@ -391,7 +397,7 @@ CHUNK = 1 << 18
 
 
 def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_kl: float,
-                           out_loc, out_raw, work, scale=None):
+                           out_loc, out_raw, work, scale=None, cv: float = 1.0):
     """:func:`diagonal_gaussian_step` with a trust region, fused for the parameterisation
     ``scale = softplus(raw)`` of Pyro's guides and written without temporaries of full
     size: the new ``loc`` and ``raw`` go to ``out_loc`` and ``out_raw``.
@@ -405,13 +411,19 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
     of the cost); else it is computed as ``log1p(exp(raw))``, which needs ``raw <= 20``.
     1-d contiguous tensors of one length.
 
+    ``cv`` is the control variate's coefficient, as in :func:`diagonal_gaussian_step`.
+
     :param work: a list of 5 scratch tensors of length ``min(len(loc), CHUNK)``.
-    :returns: ``(sum(rho_i), sum(loc') + sum(raw'))``, 0-d tensors; the second is finite
-        only if every output is (the caller's check, made while the outputs are in cache).
+    :returns: ``(sum(rho_i), sum(loc') + sum(raw'), sum(scale dl/dscale), sum(eps^2))``,
+        0-d tensors. The second is finite only if every output is (the caller's check,
+        made while the outputs are in cache); the last two give :func:`cv_coefficient`
+        for a later step (zeros without a draw).
     """
     n = loc.shape[0]
     taken = loc.new_zeros(())
     check = loc.new_zeros(())
+    sum_a = loc.new_zeros(())
+    sum_e2 = loc.new_zeros(())
     w = 0.5 / max_kl
     for start in range(0, n, CHUNK):
         stop = min(n, start + CHUNK)
@@ -428,8 +440,10 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
             torch.div(gr, A, out=C).mul_(s)            # scale dl/dscale
         if draw is not None:
             torch.sub(draw[start:stop], m, out=D).div_(s)   # eps
-            g = torch.addcdiv(gl, D, s, value=-1, out=A)     # dl/dloc - eps / scale
-            C.addcmul_(D, D, value=-1).add_(1)               # S
+            sum_a += C.sum()
+            sum_e2 += torch.dot(D, D)
+            g = torch.addcdiv(gl, D, s, value=-cv, out=A)    # dl/dloc - cv eps / scale
+            C.addcmul_(D, D, value=-cv).add_(cv)             # S
         else:
             g = gl
         torch.mul(s, g, out=D)
@@ -445,4 +459,4 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
         torch.expm1(E, out=D)
         new_raw = torch.log(D, out=out_raw[start:stop])
         check += new_loc.sum() + new_raw.sum()
-    return taken, check
+    return taken, check, sum_a, sum_e2

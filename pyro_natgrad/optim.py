@@ -26,7 +26,7 @@ from pyro.infer.autoguide import (AutoCallable, AutoContinuous, AutoGuide, AutoG
                                   AutoNormal)
 
 from .curvature import ModelCurvature
-from .gaussian import (CHUNK, StepError, diagonal_gaussian_step, full_step,
+from .gaussian import (CHUNK, StepError, cv_coefficient, diagonal_gaussian_step, full_step,
                        softplus_diagonal_step)
 from .guides import DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide
 from .handwritten import describe_rejected, find_svi_args, read_handwritten
@@ -40,6 +40,27 @@ MAX_CURVATURE_DIM = 256
 #: gradients alone must estimate ``D^2/2`` precision entries from ``D`` numbers per draw
 #: and lost to Adam from a few hundred dimensions on (``docs/optimizer.rst``).
 MAX_FULL_RANK_CURVATURE_DIM = 1024
+
+
+#: Mean-field groups smaller than this keep the control variate's coefficient at 1: the
+#: estimate of :func:`~pyro_natgrad.gaussian.cv_coefficient` from one draw of a few
+#: elements is a ratio of small sums, too noisy to help.
+CV_MIN_ELEMENTS = 64
+
+
+def _cv(state, n: int) -> float:
+    """The control variate's coefficient for this step of a mean-field group: the
+    estimate from the previous step's draws (independent of this step's, so the variate
+    keeps mean zero), or 1."""
+    return float(state.get("cv", 1.0)) if n >= CV_MIN_ELEMENTS else 1.0
+
+
+def _update_cv(state, n: int, sum_a: float, sum_e2: float):
+    """Store :func:`~pyro_natgrad.gaussian.cv_coefficient` of this step's draws
+    (``sum_a = sum(scale dl/dscale)``, ``sum_e2 = sum(E[eps^2])`` over ``n`` elements) for
+    the next step."""
+    if n >= CV_MIN_ELEMENTS and math.isfinite(sum_a) and math.isfinite(sum_e2):
+        state["cv"] = float(cv_coefficient(sum_a, n, sum_e2))
 
 
 def _curvature_limit(groups) -> int:
@@ -478,9 +499,14 @@ class NaturalGradient(PyroOptim):
             # A Hessian entry of a non-log-concave model can be negative: keep the
             # current precision there.
             target = torch.where(target > 0, target, scale.square().reciprocal())
+        cv = _cv(state, loc.numel()) if target is None else 1.0
         step = diagonal_gaussian_step(loc.detach(), scale, g_loc, g_scale, rho,
                                       moments[:2] if moments is not None else None, self.max_kl,
-                                      precision_target=target)
+                                      precision_target=target, cv=cv)
+        if target is None and moments is not None:
+            seen = moments[2] > 0  # with a subsample, only its elements
+            _update_cv(state, int(seen.sum()), float((scale * g_scale)[seen].sum()),
+                       float(moments[1][seen].sum()))
         new_raw = group.transforms["scale"].inv(step.scale_tril)
         taken = _fraction_taken(step.rho, rho)
         if active is None:
@@ -537,16 +563,18 @@ class NaturalGradient(PyroOptim):
         new_loc, new_raw, *work = group.work((n, n) + (min(n, CHUNK),) * 5, loc.dtype,
                                              loc.device)
         rho = float(self.step_size(state["t"]))
-        taken, check = softplus_diagonal_step(
+        taken, check, sum_a, sum_e2 = softplus_diagonal_step(
             flat[0], flat[1], flat[2], flat[3], draw, rho, self.max_kl, new_loc, new_raw, work,
-            scale=None if scale is None else scale.reshape(-1))
-        checks = torch.stack([taken, check]).tolist()
-        if not all(math.isfinite(c) for c in checks):
+            scale=None if scale is None else scale.reshape(-1), cv=_cv(state, n))
+        checks = torch.stack([taken, check, sum_a, sum_e2]).tolist()
+        if not all(math.isfinite(c) for c in checks[:2]):
             return False  # e.g. an overflow or an underflowed scale: the general route decides
         with torch.no_grad():
             loc.view(-1).copy_(new_loc)
             raw.view(-1).copy_(new_raw)
         state["t"] += min(1.0, max(0.0, checks[0] / (n * max(rho, 1e-300))))
+        if draw is not None:
+            _update_cv(state, n, checks[2], checks[3])
         return True
 
     def _step_full(self, group, grads, records, state, target=None, correction=None, rho=None):
