@@ -124,3 +124,34 @@ class WarningLog:
             key = (w.category.__name__, str(w.message).splitlines()[0][:160])
             counts[key] = counts.get(key, 0) + 1
         return [(c, m, n) for (c, m), n in list(counts.items())[:limit]]
+
+
+def svi_gaps(model, guide_cls, contenders, best, budgets, elbo_of, seed=0):
+    """Rows ``[name, gap after each budget ..., ms per step]`` of single-particle
+    ``Trace_ELBO`` runs: ``contenders`` are ``(name, make_optim(guide), steps)``, the gap
+    is ``best - elbo_of(guide)`` ('-' past a contender's steps or a non-finite ELBO)."""
+    import time
+
+    from pyro.infer import SVI, Trace_ELBO
+
+    rows = []
+    for name, make_optim, steps in contenders:
+        log(f"{name}: {steps} steps ...")
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        guide = guide_cls(model)
+        svi = SVI(model, guide, make_optim(guide), Trace_ELBO())
+        elbos, elapsed, i = {}, 0.0, 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the optimizers' one-time notices
+            for i in range(1, steps + 1):
+                start = time.perf_counter()
+                svi.step()
+                elapsed += time.perf_counter() - start
+                if i in budgets:
+                    elbos[i] = elbo_of(guide)
+                    if not math.isfinite(elbos[i]):
+                        break
+        rows.append([name] + [fmt(best - elbos[b]) if b in elbos else "-" for b in budgets]
+                    + [f"{1000 * elapsed / max(1, i):.1f}"])
+    return rows

@@ -17,16 +17,13 @@ import argparse
 import math
 import os
 import sys
-import time
-import warnings
 
 import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment_line, fmt, log, markdown_table, set_threads  # noqa: E402
+from common import environment_line, markdown_table, set_threads, svi_gaps  # noqa: E402
 from problems import LinearRegression, guide_moments  # noqa: E402
 
 from pyro_natgrad import NaturalGradient  # noqa: E402
@@ -42,25 +39,6 @@ def design(d, mixing, decades, seed=1):
     w = torch.randn(d, generator=g, dtype=torch.float64)
     y = X @ w + torch.randn(n, generator=g, dtype=torch.float64)
     return LinearRegression(X, y, 1.0)
-
-
-def run(problem, guide_cls, make_optim, steps, checkpoints, seed):
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    guide = guide_cls(problem.model)
-    svi = SVI(problem.model, guide, make_optim(guide), Trace_ELBO())
-    out, elapsed = {}, 0.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for i in range(1, steps + 1):
-            start = time.perf_counter()
-            svi.step()
-            elapsed += time.perf_counter() - start
-            if i in checkpoints:
-                out[i] = problem.elbo(*guide_moments(guide))
-                if not math.isfinite(out[i]):
-                    break
-    return out, elapsed / max(1, i)
 
 
 def main(argv=None):
@@ -86,12 +64,8 @@ def main(argv=None):
          lambda g: NaturalGradient(g, curvature="hessian"), args.hessian_steps),
     ] + [(f"Adam, lr {lr}", lambda g, lr=lr: pyro.optim.Adam({"lr": lr}), args.steps)
          for lr in (0.001, 0.01, 0.1)]
-    rows = []
-    for name, make, steps in contenders:
-        log(f"{name}: {steps} steps ...")
-        elbos, per_step = run(problem, guide_cls, make, steps, set(budgets), args.seed)
-        rows.append([name] + [fmt(best - elbos[b]) if b in elbos else "-" for b in budgets]
-                    + [f"{1000 * per_step:.1f}"])
+    rows = svi_gaps(problem.model, guide_cls, contenders, best, budgets,
+                    lambda g: problem.elbo(*guide_moments(g)), args.seed)
     print(f"### {guide_cls.__name__}, correlated linear regression (d = {args.d}, mixing "
           f"{args.mixing}, {2 * args.decades:g} decades of column scales)\n")
     print(f"Exact ELBO gap to the optimum of the guide's family ({best:.2f}) after each "

@@ -22,16 +22,13 @@ every contender.
 import argparse
 import os
 import sys
-import time
-import warnings
 
 import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment_line, fmt, log, markdown_table, set_threads  # noqa: E402
+from common import environment_line, log, markdown_table, set_threads, svi_gaps  # noqa: E402
 from problems import GLMRegression, full_rank_moments  # noqa: E402
 
 from pyro_natgrad import NaturalGradient  # noqa: E402
@@ -59,28 +56,6 @@ def moments(guide):
         with torch.no_grad():
             return guide.locs.w.detach(), torch.diag(guide.scales.w.detach())
     return full_rank_moments(guide)
-
-
-def run(problem, guide_cls, make_optim, steps, checkpoints, seed):
-    """``({step: exact ELBO}, seconds per step)``; a non-finite ELBO ends the run."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    guide = guide_cls(problem.model)
-    optim = make_optim(guide)
-    svi = SVI(problem.model, guide, optim, Trace_ELBO())
-    out, elapsed = {}, 0.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the cost notice of the Hessian path
-        for i in range(1, steps + 1):
-            start = time.perf_counter()
-            svi.step()
-            elapsed += time.perf_counter() - start
-            if i in checkpoints:
-                value = problem.elbo(*moments(guide))
-                out[i] = value
-                if value != value or abs(value) == float("inf"):
-                    break
-    return out, elapsed / max(1, i)
 
 
 def main(argv=None):
@@ -117,12 +92,8 @@ def main(argv=None):
                          lambda g: NaturalGradient(g, curvature="hessian"), args.hessian_steps)
         contenders[1] = ("NaturalGradient (defaults: gradients alone)",
                          lambda g: NaturalGradient(g), args.steps)
-    rows = []
-    for name, make, steps in contenders:
-        log(f"{name}: {steps} steps ...")
-        elbos, per_step = run(problem, guide_cls, make, steps, set(budgets), args.seed)
-        rows.append([name] + [fmt(best - elbos[b]) if b in elbos else "-" for b in budgets]
-                    + [f"{1000 * per_step:.1f}"])
+    rows = svi_gaps(problem.model, guide_cls, contenders, best, budgets,
+                    lambda g: problem.elbo(*moments(g)), args.seed)
     print(f"### {guide_cls.__name__} at d = {args.d}: exact ELBO gap to the full-rank "
           f"optimum\n")
     print(f"{problem.name}; optimal full-rank ELBO {best:.2f} (L-BFGS on the exact ELBO). "
