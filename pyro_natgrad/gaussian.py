@@ -396,8 +396,20 @@ def diagonal_gaussian_step(loc, scale, grad_loc, grad_scale, rho,
 CHUNK = 1 << 18
 
 
+class FusedSums(NamedTuple):
+    """The sums a pass of :func:`softplus_diagonal_step` returns, 0-d tensors."""
+
+    taken: torch.Tensor  # sum(rho_i)
+    check: torch.Tensor  # sum(loc') + sum(raw'): finite only if every output is
+    curvature: torch.Tensor  # sum(scale dl/dscale), for cv_coefficient (0 without a draw)
+    second_moment: torch.Tensor  # sum(eps^2), likewise
+    agreement: torch.Tensor  # <w, previous w>, w = scale (dl/dloc - cv eps / scale)
+    norm2: torch.Tensor  # |w|^2
+
+
 def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_kl: float,
-                           out_loc, out_raw, work, scale=None, cv: float = 1.0):
+                           out_loc, out_raw, work, scale=None, cv: float = 1.0,
+                           previous=None) -> FusedSums:
     """:func:`diagonal_gaussian_step` with a trust region, fused for the parameterisation
     ``scale = softplus(raw)`` of Pyro's guides and written without temporaries of full
     size: the new ``loc`` and ``raw`` go to ``out_loc`` and ``out_raw``.
@@ -414,16 +426,20 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
     ``cv`` is the control variate's coefficient, as in :func:`diagonal_gaussian_step`.
 
     :param work: a list of 5 scratch tensors of length ``min(len(loc), CHUNK)``.
-    :returns: ``(sum(rho_i), sum(loc') + sum(raw'), sum(scale dl/dscale), sum(eps^2))``,
-        0-d tensors. The second is finite only if every output is (the caller's check,
-        made while the outputs are in cache); the last two give :func:`cv_coefficient`
-        for a later step (zeros without a draw).
+    :param previous: optional, the whitened mean gradient ``w`` of the previous step
+        (length ``len(loc)``); it is read for ``agreement`` and overwritten with this
+        step's ``w``.
+    :returns: :class:`FusedSums`. ``check`` is the caller's check of the outputs, made
+        while they are in cache; ``curvature`` and ``second_moment`` give
+        :func:`cv_coefficient` for a later step.
     """
     n = loc.shape[0]
     taken = loc.new_zeros(())
     check = loc.new_zeros(())
     sum_a = loc.new_zeros(())
     sum_e2 = loc.new_zeros(())
+    agreement = loc.new_zeros(())
+    norm2 = loc.new_zeros(())
     w = 0.5 / max_kl
     for start in range(0, n, CHUNK):
         stop = min(n, start + CHUNK)
@@ -446,7 +462,11 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
             C.addcmul_(D, D, value=-cv).add_(cv)             # S
         else:
             g = gl
-        torch.mul(s, g, out=D)
+        torch.mul(s, g, out=D)                         # w
+        norm2 += torch.dot(D, D)
+        if previous is not None:
+            agreement += torch.dot(D, previous[start:stop])
+            previous[start:stop].copy_(D)
         # rho_i = min(rho, (size / max_kl)^(-1/2)), size = |scale g|^2 / 2 + S^2 / 4
         D.mul_(D).mul_(w).addcmul_(C, C, value=0.5 * w).rsqrt_().clamp_max_(rho)
         taken += D.sum()
@@ -459,4 +479,4 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
         torch.expm1(E, out=D)
         new_raw = torch.log(D, out=out_raw[start:stop])
         check += new_loc.sum() + new_raw.sum()
-    return taken, check, sum_a, sum_e2
+    return FusedSums(taken, check, sum_a, sum_e2, agreement, norm2)

@@ -42,6 +42,10 @@ MAX_CURVATURE_DIM = 256
 MAX_FULL_RANK_CURVATURE_DIM = 1024
 
 
+#: A decaying step size of a mean-field group holds while successive whitened mean
+#: gradients agree by more than this cosine (see ``NaturalGradient._advance_clock``).
+HOLD_COSINE = 0.1
+
 #: Mean-field groups smaller than this keep the control variate's coefficient at 1: the
 #: estimate of :func:`~pyro_natgrad.gaussian.cv_coefficient` from one draw of a few
 #: elements is a ratio of small sums, too noisy to help.
@@ -512,7 +516,18 @@ class NaturalGradient(PyroOptim):
         if active is None:
             self._write(loc, step.loc)
             self._write(raw, new_raw)
-            state["t"] += float(taken.mean())
+            if target is None:
+                # the whitened mean gradient, as the fused step computes it
+                w = (scale * g_loc - (cv * moments[0] if moments is not None else 0)).reshape(-1)
+                previous = state.get("w")
+                if not (torch.is_tensor(previous) and previous.shape == w.shape):
+                    previous = None
+                    state.pop("w_norm2", None)
+                agreement = float(w @ previous) if previous is not None else 0.0
+                state["w"] = w.detach().clone()
+                self._advance_clock(state, float(taken.mean()), agreement, float(w @ w))
+            else:
+                state["t"] += float(taken.mean())
         else:
             self._write(loc, torch.where(active, step.loc, loc))
             self._write(raw, torch.where(active, new_raw, raw))
@@ -563,19 +578,42 @@ class NaturalGradient(PyroOptim):
         new_loc, new_raw, *work = group.work((n, n) + (min(n, CHUNK),) * 5, loc.dtype,
                                              loc.device)
         rho = float(self.step_size(state["t"]))
-        taken, check, sum_a, sum_e2 = softplus_diagonal_step(
+        previous = state.get("w")
+        if not (torch.is_tensor(previous) and previous.shape == (n,)
+                and previous.dtype == loc.dtype and previous.device == loc.device):
+            previous = state["w"] = loc.new_zeros(n)
+            state.pop("w_norm2", None)
+        sums = softplus_diagonal_step(
             flat[0], flat[1], flat[2], flat[3], draw, rho, self.max_kl, new_loc, new_raw, work,
-            scale=None if scale is None else scale.reshape(-1), cv=_cv(state, n))
-        checks = torch.stack([taken, check, sum_a, sum_e2]).tolist()
-        if not all(math.isfinite(c) for c in checks[:2]):
+            scale=None if scale is None else scale.reshape(-1), cv=_cv(state, n),
+            previous=previous)
+        taken, check, sum_a, sum_e2, agreement, norm2 = torch.stack(list(sums)).tolist()
+        if not (math.isfinite(taken) and math.isfinite(check)):
+            state.pop("w_norm2", None)  # the stored gradient is this rejected step's
             return False  # e.g. an overflow or an underflowed scale: the general route decides
         with torch.no_grad():
             loc.view(-1).copy_(new_loc)
             raw.view(-1).copy_(new_raw)
-        state["t"] += min(1.0, max(0.0, checks[0] / (n * max(rho, 1e-300))))
+        self._advance_clock(state, min(1.0, max(0.0, taken / (n * max(rho, 1e-300)))),
+                            agreement, norm2)
         if draw is not None:
-            _update_cv(state, n, checks[2], checks[3])
+            _update_cv(state, n, sum_a, sum_e2)
         return True
+
+    def _advance_clock(self, state, advance, agreement, norm2):
+        """Advance a mean-field group's step-size clock by ``advance``, unless (after the
+        warm-up) this step's whitened mean gradient ``w`` still agrees with the previous
+        one, ``cos(w, w') > HOLD_COSINE``: the iterates are still making progress, which a
+        decaying step would slow (a Jacobi-type mean step on a correlated posterior
+        needed thousands of steps), rather than averaging noise, whose successive
+        gradients are uncorrelated."""
+        before = state.get("w_norm2")
+        held = (before is not None and state["t"] >= getattr(self.step_size, "warmup", 0)
+                and math.isfinite(agreement)
+                and agreement > HOLD_COSINE * math.sqrt(max(norm2 * before, 0.0)))
+        if not held:
+            state["t"] += advance
+        state["w_norm2"] = norm2 if math.isfinite(norm2) else None
 
     def _step_full(self, group, grads, records, state, target=None, correction=None, rho=None):
         loc, raw_tril = group.params["loc"], group.params["scale_tril"]
