@@ -396,6 +396,17 @@ def diagonal_gaussian_step(loc, scale, grad_loc, grad_scale, rho,
 CHUNK = 1 << 18
 
 
+#: Elements of a mean-field group's whitened mean gradient compared between steps:
+#: the cosine of two random vectors of this size is about 1/256, far below the
+#: threshold that matters (0.1), and larger groups are strided down to it.
+HOLD_SAMPLE = 1 << 16
+
+
+def hold_stride(n: int) -> int:
+    """The stride of the sample ``w[::stride]`` (at most about ``HOLD_SAMPLE`` of ``n``)."""
+    return max(1, -(-n // HOLD_SAMPLE))
+
+
 class FusedSums(NamedTuple):
     """The sums a pass of :func:`softplus_diagonal_step` returns, 0-d tensors."""
 
@@ -403,8 +414,8 @@ class FusedSums(NamedTuple):
     check: torch.Tensor  # sum(loc') + sum(raw'): finite only if every output is
     curvature: torch.Tensor  # sum(scale dl/dscale), for cv_coefficient (0 without a draw)
     second_moment: torch.Tensor  # sum(eps^2), likewise
-    agreement: torch.Tensor  # <w, previous w>, w = scale (dl/dloc - cv eps / scale)
-    norm2: torch.Tensor  # |w|^2
+    agreement: torch.Tensor  # <w, previous w> on the sample, w = scale (dl/dloc - cv eps/scale)
+    norm2: torch.Tensor  # |w|^2 on the sample
 
 
 def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_kl: float,
@@ -427,8 +438,8 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
 
     :param work: a list of 5 scratch tensors of length ``min(len(loc), CHUNK)``.
     :param previous: optional, the whitened mean gradient ``w`` of the previous step
-        (length ``len(loc)``); it is read for ``agreement`` and overwritten with this
-        step's ``w``.
+        on the sample ``w[::hold_stride(len(loc))]``; it is read for ``agreement`` and
+        overwritten with this step's.
     :returns: :class:`FusedSums`. ``check`` is the caller's check of the outputs, made
         while they are in cache; ``curvature`` and ``second_moment`` give
         :func:`cv_coefficient` for a later step.
@@ -440,6 +451,7 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
     sum_e2 = loc.new_zeros(())
     agreement = loc.new_zeros(())
     norm2 = loc.new_zeros(())
+    stride = hold_stride(n)
     w = 0.5 / max_kl
     for start in range(0, n, CHUNK):
         stop = min(n, start + CHUNK)
@@ -463,10 +475,13 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
         else:
             g = gl
         torch.mul(s, g, out=D)                         # w
-        norm2 += torch.dot(D, D)
         if previous is not None:
-            agreement += torch.dot(D, previous[start:stop])
-            previous[start:stop].copy_(D)
+            first = -(-start // stride) * stride  # the chunk's first sampled element
+            sample = D[first - start::stride]
+            part = previous[first // stride:first // stride + sample.shape[0]]
+            norm2 += torch.dot(sample, sample)
+            agreement += torch.dot(sample, part)
+            part.copy_(sample)
         # rho_i = min(rho, (size / max_kl)^(-1/2)), size = |scale g|^2 / 2 + S^2 / 4
         D.mul_(D).mul_(w).addcmul_(C, C, value=0.5 * w).rsqrt_().clamp_max_(rho)
         taken += D.sum()

@@ -27,7 +27,7 @@ from pyro.infer.autoguide import (AutoCallable, AutoContinuous, AutoGuide, AutoG
 
 from .curvature import ModelCurvature
 from .gaussian import (CHUNK, StepError, cv_coefficient, diagonal_gaussian_step, full_step,
-                       softplus_diagonal_step)
+                       hold_stride, softplus_diagonal_step)
 from .guides import DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide
 from .handwritten import describe_rejected, find_svi_args, read_handwritten
 from .lowrank import LowRankGaussianGroup, project_lowrank, read_lowrank
@@ -519,6 +519,7 @@ class NaturalGradient(PyroOptim):
             if target is None:
                 # the whitened mean gradient, as the fused step computes it
                 w = (scale * g_loc - (cv * moments[0] if moments is not None else 0)).reshape(-1)
+                w = w[::hold_stride(w.numel())]
                 previous = state.get("w")
                 if not (torch.is_tensor(previous) and previous.shape == w.shape):
                     previous = None
@@ -579,9 +580,10 @@ class NaturalGradient(PyroOptim):
                                              loc.device)
         rho = float(self.step_size(state["t"]))
         previous = state.get("w")
-        if not (torch.is_tensor(previous) and previous.shape == (n,)
+        sampled = len(range(0, n, hold_stride(n)))
+        if not (torch.is_tensor(previous) and previous.shape == (sampled,)
                 and previous.dtype == loc.dtype and previous.device == loc.device):
-            previous = state["w"] = loc.new_zeros(n)
+            previous = state["w"] = loc.new_zeros(sampled)
             state.pop("w_norm2", None)
         sums = softplus_diagonal_step(
             flat[0], flat[1], flat[2], flat[3], draw, rho, self.max_kl, new_loc, new_raw, work,
