@@ -39,8 +39,8 @@ Mean-field steps take ``c`` from the previous step's draws instead (the same for
 summed over the elements), which keeps the variate's mean zero for any size; see
 :func:`diagonal_gaussian_step`.
 
-Steps from the ELBO's gradient alone (no ``precision_target``) with a trust region
-also take ``rho <= 1 / (2 |S|_F)``, so ``B >= I/2`` holds without the retraction.
+Full-rank steps from the ELBO's gradient alone (no ``precision_target``) with a trust
+region also take ``rho <= 1 / (2 |S|_F)``, so ``B >= I/2`` holds without the retraction.
 From one draw ``S`` is a rank-two estimate whose error has norm about
 ``|M - c I| d``; a larger step, retracted, shrank or inflated the variance along the
 draws systematically (the ``X^2/2`` term, and a multiplicative random walk), and the
@@ -297,6 +297,8 @@ def full_step(loc, L, grad_loc, G, rho, eps_moments=None, draws=None,
     B.diagonal().add_(1)
     floor = 0.5 if max_kl is not None else 0.0
     bound = rho * s_norm  # the spectrum of X lies within +-|X|_F
+    # With a floor, B >= I/2 holds at bound = 1/2, where the limit above puts noisy
+    # steps (up to the rounding of rho = 1/(2 |S|_F)).
     if bound < 1 - floor or (floor > 0 and bound <= floor * (1 + 1e-9)):
         retract = False
     else:

@@ -67,6 +67,16 @@ def _update_cv(state, n: int, sum_a: float, sum_e2: float):
         state["cv"] = float(cv_coefficient(sum_a, n, sum_e2))
 
 
+def _previous_gradient(state, size: int, like) -> torch.Tensor:
+    """The sample of the previous step's whitened mean gradient kept in a mean-field
+    group's ``state`` (zeros, stored there, when there is none of this size)."""
+    previous = state.get("w")
+    if not (torch.is_tensor(previous) and previous.shape == (size,)
+            and previous.dtype == like.dtype and previous.device == like.device):
+        previous = state["w"] = like.new_zeros(size)
+    return previous
+
+
 def _curvature_limit(groups) -> int:
     """The largest latent dimension for which ``"auto"`` uses the model's Hessian."""
     if groups and all(isinstance(g, FullGaussianGroup) for g in groups):
@@ -113,7 +123,10 @@ class NaturalGradient(PyroOptim):
     :param guide: the guide that ``SVI`` is given.
     :param step_size: a :class:`~pyro_natgrad.schedule.StepSize`, or a float for a
         constant ``rho``. Default: ``StepSize()``, which starts at 1 (10 steps) and decays like
-        ``1/t`` so that late iterates average out gradient noise.
+        ``1/t`` so that late iterates average out gradient noise. The clock ``t`` counts
+        the fraction of each step the trust region allowed; a mean-field group stepping
+        from gradients alone holds it while successive whitened mean gradients agree
+        (cosine above :data:`HOLD_COSINE`).
     :param max_kl: trust region: each step's quadratic estimate of ``KL(q' || q)`` is
         at most this (per element for diagonal Gaussians without model curvature),
         and no step more than doubles a variance in any direction. None turns both
@@ -128,7 +141,7 @@ class NaturalGradient(PyroOptim):
         linear-Gaussian models; ``D`` backward passes per step); for mean-field
         guides the mean then takes a Newton step with the full Hessian, since the
         mean-field natural gradient alone is a Jacobi iteration that needs
-        ``O(condition number)`` steps. ``"none"``: the ELBO gradient only (a rank-one
+        ``O(condition number)`` steps. ``"none"``: the ELBO gradient only (a rank-two
         estimate per draw). ``"auto"`` (default): ``"hessian"`` for an
         ``AutoContinuous`` or ``AutoNormal`` guide with at most
         :data:`MAX_CURVATURE_DIM` latent dimensions (:data:`MAX_FULL_RANK_CURVATURE_DIM`
@@ -289,7 +302,7 @@ class NaturalGradient(PyroOptim):
             warnings.warn(
                 f"NaturalGradient: the full-rank Gaussian over {dim} latent dimensions takes "
                 f"steps from the ELBO's gradient alone (curvature='auto' computes the model's "
-                f"Hessian only up to {MAX_FULL_RANK_CURVATURE_DIM} dimensions: it costs one "
+                f"Hessian only up to {_curvature_limit(groups)} dimensions: it costs one "
                 f"backward pass per dimension and step). Such steps estimate the {dim} x {dim} "
                 f"precision from one draw at a time, need O({dim}) steps or more, and a tuned "
                 f"Adam can do better on a correlated posterior. Pass curvature='hessian' (or "
@@ -517,16 +530,13 @@ class NaturalGradient(PyroOptim):
             self._write(loc, step.loc)
             self._write(raw, new_raw)
             if target is None:
-                # the whitened mean gradient, as the fused step computes it
+                # the whitened mean gradient's sample, as the fused step computes it
                 w = (scale * g_loc - (cv * moments[0] if moments is not None else 0)).reshape(-1)
                 w = w[::hold_stride(w.numel())]
-                previous = state.get("w")
-                if not (torch.is_tensor(previous) and previous.shape == w.shape):
-                    previous = None
-                    state.pop("w_norm2", None)
-                agreement = float(w @ previous) if previous is not None else 0.0
-                state["w"] = w.detach().clone()
-                self._advance_clock(state, float(taken.mean()), agreement, float(w @ w))
+                previous = _previous_gradient(state, w.numel(), w)
+                sums = torch.stack([w @ previous, w @ w, previous @ previous]).tolist()
+                previous.copy_(w)
+                self._advance_clock(state, float(taken.mean()), *sums)
             else:
                 state["t"] += float(taken.mean())
         else:
@@ -579,43 +589,39 @@ class NaturalGradient(PyroOptim):
         new_loc, new_raw, *work = group.work((n, n) + (min(n, CHUNK),) * 5, loc.dtype,
                                              loc.device)
         rho = float(self.step_size(state["t"]))
-        previous = state.get("w")
-        sampled = len(range(0, n, hold_stride(n)))
-        if not (torch.is_tensor(previous) and previous.shape == (sampled,)
-                and previous.dtype == loc.dtype and previous.device == loc.device):
-            previous = state["w"] = loc.new_zeros(sampled)
-            state.pop("w_norm2", None)
+        previous = _previous_gradient(state, len(range(0, n, hold_stride(n))), loc)
+        before = previous @ previous  # the kernel overwrites it
         sums = softplus_diagonal_step(
             flat[0], flat[1], flat[2], flat[3], draw, rho, self.max_kl, new_loc, new_raw, work,
             scale=None if scale is None else scale.reshape(-1), cv=_cv(state, n),
             previous=previous)
-        taken, check, sum_a, sum_e2, agreement, norm2 = torch.stack(list(sums)).tolist()
+        taken, check, sum_a, sum_e2, agreement, norm2, before = torch.stack(
+            list(sums) + [before]).tolist()
         if not (math.isfinite(taken) and math.isfinite(check)):
-            state.pop("w_norm2", None)  # the stored gradient is this rejected step's
             return False  # e.g. an overflow or an underflowed scale: the general route decides
         with torch.no_grad():
             loc.view(-1).copy_(new_loc)
             raw.view(-1).copy_(new_raw)
         self._advance_clock(state, min(1.0, max(0.0, taken / (n * max(rho, 1e-300)))),
-                            agreement, norm2)
+                            agreement, norm2, before)
         if draw is not None:
             _update_cv(state, n, sum_a, sum_e2)
         return True
 
-    def _advance_clock(self, state, advance, agreement, norm2):
+    def _advance_clock(self, state, advance, agreement, norm2, before):
         """Advance a mean-field group's step-size clock by ``advance``, unless (after the
         warm-up) this step's whitened mean gradient ``w`` still agrees with the previous
-        one, ``cos(w, w') > HOLD_COSINE``: the iterates are still making progress, which a
-        decaying step would slow (a Jacobi-type mean step on a correlated posterior
-        needed thousands of steps), rather than averaging noise, whose successive
-        gradients are uncorrelated."""
-        before = state.get("w_norm2")
-        held = (before is not None and state["t"] >= getattr(self.step_size, "warmup", 0)
-                and math.isfinite(agreement)
+        one ``w'`` (``agreement = <w, w'>``, ``norm2 = |w|^2``, ``before = |w'|^2``, on the
+        sample), ``cos(w, w') > HOLD_COSINE``: the iterates are still making progress,
+        which a decaying step would slow (a Jacobi-type mean step on a correlated
+        posterior needed thousands of steps), rather than averaging noise, whose
+        successive gradients are uncorrelated. With no previous gradient (zeros) it
+        advances."""
+        held = (state["t"] >= getattr(self.step_size, "warmup", 0)
+                and math.isfinite(agreement) and math.isfinite(norm2 * before)
                 and agreement > HOLD_COSINE * math.sqrt(max(norm2 * before, 0.0)))
         if not held:
             state["t"] += advance
-        state["w_norm2"] = norm2 if math.isfinite(norm2) else None
 
     def _step_full(self, group, grads, records, state, target=None, correction=None, rho=None):
         loc, raw_tril = group.params["loc"], group.params["scale_tril"]
