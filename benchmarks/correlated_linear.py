@@ -30,7 +30,7 @@ from pyro_natgrad import NaturalGradient  # noqa: E402
 
 
 def design(d, mixing, decades, seed=1):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=torch.empty(0).device).manual_seed(seed)  # the default device
     n = 4 * d
     Z = torch.randn(n, d, generator=g, dtype=torch.float64)
     mix = torch.eye(d, dtype=torch.float64) + mixing * torch.randn(

@@ -152,7 +152,7 @@ class GLMRegression:
     def synthetic(cls, n, d, likelihood="logistic", seed=0, dtype=torch.float64):
         """Gaussian design (standardised columns, the last one an intercept), weights
         ``N(0, 1/d)`` drawn with ``seed``; prior ``N(0, 1)``."""
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(device=torch.empty(0).device).manual_seed(seed)  # the default device
         X = torch.randn(n, d, generator=g, dtype=dtype)
         X[:, -1] = 1.0
         w = torch.randn(d, generator=g, dtype=dtype) / math.sqrt(d)

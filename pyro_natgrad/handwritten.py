@@ -193,7 +193,9 @@ def _node_of(t: torch.Tensor):
 
 def _leaves(tensors) -> set:
     """ids of the leaf tensors (requiring grad) that ``tensors`` depend on."""
-    out, seen = set(), set()
+    # ``seen`` maps id -> node, keeping each node's Python wrapper alive: a wrapper that
+    # is freed may hand its id to a different node, which would then be skipped.
+    out, seen = set(), {}
     stack = []
     for t in tensors:
         if not torch.is_tensor(t) or not t.requires_grad:
@@ -206,7 +208,7 @@ def _leaves(tensors) -> set:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         var = getattr(node, "variable", None)
         if var is not None:
             out.add(id(var))
@@ -239,8 +241,11 @@ def read_handwritten(guide, args=(), kwargs=None):
     kwargs = kwargs or {}
     store = pyro.get_param_store()
     rng = pyro.util.get_rng_state()
+    # pyro's RNG state is the CPU generator's: fork the CUDA ones too, so that reading a
+    # guide on a GPU leaves the draws of the run unchanged.
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
-        with torch.enable_grad(), poutine.block():
+        with torch.random.fork_rng(devices=cuda), torch.enable_grad(), poutine.block():
             trace = poutine.trace(guide).get_trace(*args, **kwargs)
     finally:
         pyro.util.set_rng_state(rng)
@@ -256,9 +261,10 @@ def read_handwritten(guide, args=(), kwargs=None):
             leaf = store._params.get(name, value)
         params[name] = (value, leaf, store._constraints.get(name, constraints.real))
     names = {id(leaf): (leaf, name) for name, (_, leaf, _) in params.items()}
-    by_node = {}
-    for name, (value, _, _) in params.items():
-        by_node[id(_node_of(value))] = name
+    by_node = {}  # id(node) -> name; ``nodes`` keeps the wrappers (and so the ids) alive
+    nodes = [_node_of(value) for value, _, _ in params.values()]
+    for name, node in zip(params, nodes):
+        by_node[id(node)] = name
 
     rejected: Dict[int, str] = {}
     uses: Dict[int, int] = {}

@@ -653,7 +653,7 @@ class NaturalGradient(PyroOptim):
             warnings.warn(f"{e}: step of {group.key} skipped ({self._skipped} skipped so far); "
                           f"the parameters are unchanged. If this repeats, set max_kl (a "
                           f"trust region) or lower it", NaturalGradientWarning)
-            return torch.zeros((), dtype=loc.dtype)
+            return loc.new_zeros(())
         if count:
             state["t"] += float(_fraction_taken(step.rho, rho).mean())
         L_new = step.scale_tril  # a scratch tensor

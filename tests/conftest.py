@@ -1,4 +1,10 @@
-"""Shared fixtures for the pyro_natgrad test suite."""
+"""Shared fixtures for the pyro_natgrad test suite.
+
+Set ``PYRO_NATGRAD_TEST_DEVICE=cuda`` to run the whole suite with CUDA as
+torch's default device (how the optimizer was checked on a GPU).
+"""
+
+import os
 
 import pyro
 import pytest
@@ -7,6 +13,9 @@ import torch
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    device = os.environ.get("PYRO_NATGRAD_TEST_DEVICE")
+    if device:
+        torch.set_default_device(device)
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from pyro.nn import PyroModule
 
 from pyro_natgrad import NaturalGradient, NaturalGradientWarning
 from pyro_natgrad.amortised import AmortisedNaturalGradient, GuideGGN
+from tests.seeding import generator
 
 jacobian = torch.autograd.functional.jacobian
 
@@ -281,7 +282,7 @@ def test_nan_gradient_leaves_parameters_untouched(float64):
 
 def linear_gaussian(N, Dx, Kz, sigma, seed=0, mu=None):
     """x_n = A z_n + b (+ mu) + noise; the exact posterior of z_n given x_n."""
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     dtype = torch.get_default_dtype()
     A = torch.randn(Dx, Kz, generator=g, dtype=dtype)
     b = torch.randn(Dx, generator=g, dtype=dtype)

@@ -14,10 +14,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "benchmarks"))
 
 from problems import GLMRegression  # noqa: E402
+from tests.seeding import generator  # noqa: E402
 
 
 def _random_q(dim, scale, seed):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     m = 0.3 * torch.randn(dim, generator=g, dtype=torch.float64)
     A = torch.randn(dim, dim, generator=g, dtype=torch.float64) * scale / math.sqrt(dim)
     L = torch.linalg.cholesky(A @ A.T + scale ** 2 * torch.eye(dim, dtype=torch.float64))
@@ -27,7 +28,7 @@ def _random_q(dim, scale, seed):
 def _mc_elbo(problem, m, L, draws, seed):
     """Mean and standard error of ``log p(y, w) - log q(w)``, ``log p`` from the Pyro
     model's trace (vectorised over draws by hand: one trace per draw is slow)."""
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     z = m + torch.randn(draws, problem.dim, generator=g, dtype=m.dtype) @ L.T
     q = torch.distributions.MultivariateNormal(m, scale_tril=L)
     values = []

@@ -8,10 +8,11 @@ import pyro.distributions as dist
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 from pyro_natgrad.curvature import ModelCurvature
+from tests.seeding import generator
 
 
 def _data(n=40, d=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     X = torch.randn(n, d, generator=g, dtype=torch.float64)
     return X, (X @ torch.tensor([1.0, -0.5, 0.2], dtype=torch.float64)
                + 0.3 * torch.randn(n, generator=g, dtype=torch.float64))
@@ -101,7 +102,7 @@ def test_minibatch_hessian_diagonal_matches_autograd_hessian(float64):
     from pyro_natgrad import NaturalGradient
 
     N, B = 12, 4
-    g = torch.Generator().manual_seed(1)
+    g = generator(1)
     y = torch.randn(N, generator=g, dtype=torch.float64)
     idx = torch.tensor([7, 2, 9, 4])
 

@@ -172,8 +172,8 @@ def test_german_credit_standardisation():
         "german_credit_numeric_logistic_regression",
         "german_credit_numeric_probit_regression",
     ):
-        x = ref(name).data["x"].numpy()
-        y = ref(name).data["y"].numpy()
+        x = ref(name).data["x"].cpu().numpy()
+        y = ref(name).data["y"].cpu().numpy()
         np.testing.assert_allclose(x.mean(0), 0.0, atol=1e-12)
         np.testing.assert_allclose(x.std(0, ddof=0), 1.0, rtol=1e-12)
         feats = rows[:, :24]
@@ -184,12 +184,12 @@ def test_german_credit_standardisation():
 
 def test_radon_data_recipe():
     r = ref("radon_contextual_effects_minnesota")
-    county = r.data["county"].numpy()
-    floor = r.data["floor"].numpy()
+    county = r.data["county"].cpu().numpy()
+    floor = r.data["floor"].cpu().numpy()
     assert r.data["J"] == 85 and set(np.unique(county)) == set(range(85))
     assert set(np.unique(floor)) == {0.0, 1.0}
     means = np.array([floor[county == j].mean() for j in range(85)])
-    np.testing.assert_allclose(r.data["floor_by_county"].numpy(), means[county], atol=1e-12)
+    np.testing.assert_allclose(r.data["floor_by_county"].cpu().numpy(), means[county], atol=1e-12)
     names = list(r.raw_data["county_names"])
     assert names == sorted(names) and len(names) == 85
     # activity <= 0 was set to 0.1 before the log
@@ -197,18 +197,18 @@ def test_radon_data_recipe():
 
 
 def test_linear_designs():
-    z = ref("earnings-logearn_interaction_z").data["X"].numpy()[:, 1]
+    z = ref("earnings-logearn_interaction_z").data["X"].cpu().numpy()[:, 1]
     assert abs(z.mean()) < 1e-12 and abs(z.std(ddof=1) - 1) < 1e-12
-    Xc = ref("diamonds-diamonds").data["Xc"].numpy()
+    Xc = ref("diamonds-diamonds").data["Xc"].cpu().numpy()
     X = np.asarray(ref("diamonds-diamonds").raw_data["X"])
     np.testing.assert_array_equal(X[:, 0], 1.0)
     np.testing.assert_allclose(Xc.mean(0), 0.0, atol=1e-12)
     np.testing.assert_allclose(Xc, X[:, 1:] - X[:, 1:].mean(0), atol=1e-12)
     a = ref("arK-arK").data
     y = raw("arK-arK", "y")
-    np.testing.assert_array_equal(a["y_obs"].numpy(), y[5:])
+    np.testing.assert_array_equal(a["y_obs"].cpu().numpy(), y[5:])
     for k in range(1, 6):
-        np.testing.assert_array_equal(a["y_lags"].numpy()[:, k - 1], y[5 - k : 200 - k])
+        np.testing.assert_array_equal(a["y_lags"].cpu().numpy()[:, k - 1], y[5 - k : 200 - k])
 
 
 # ------------------------------------------------------------------ extract / to_sites
@@ -222,7 +222,7 @@ def test_extract_roundtrip(name):
     sites = r.to_sites(flat)
     back = r.extract(sites)
     assert back.shape == (4, 3, r.n_params)
-    np.testing.assert_allclose(back.numpy(), flat, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(back.cpu().numpy(), flat, rtol=1e-10, atol=1e-10)
     # a single draw works too, and the sites are exactly those the model samples
     single = r.to_sites(r.mean)
     tr = prune_subsample_sites(poutine.trace(poutine.condition(r.model, single)).get_trace())
@@ -238,18 +238,18 @@ def test_extract_roundtrip(name):
 def test_extract_positions():
     r = ref("sblri-blr")
     out = r.extract({"beta": torch.arange(1.0, 6.0), "sigma": torch.tensor(7.0)})
-    np.testing.assert_array_equal(out.numpy(), [1, 2, 3, 4, 5, 7])
+    np.testing.assert_array_equal(out.cpu().numpy(), [1, 2, 3, 4, 5, 7])
 
     r = ref("diamonds-diamonds")
     out = r.extract(
         {"b": torch.arange(24.0), "Intercept": torch.tensor(-1.0), "sigma": torch.tensor(0.5)}
     )
-    np.testing.assert_array_equal(out.numpy(), list(range(24)) + [-1.0, 0.5])
+    np.testing.assert_array_equal(out.cpu().numpy(), list(range(24)) + [-1.0, 0.5])
 
     r = ref("eight_schools-eight_schools_noncentered")
     tt = torch.linspace(-1, 1, 8, dtype=torch.float64)
     out = r.extract({"mu": torch.tensor(1.0), "tau": torch.tensor(2.0), "theta_trans": tt})
-    np.testing.assert_allclose(out.numpy(), np.r_[1 + 2 * tt.numpy(), 1.0, 2.0])
+    np.testing.assert_allclose(out.cpu().numpy(), np.r_[1 + 2 * tt.cpu().numpy(), 1.0, 2.0])
 
     r = ref("gp_pois_regr-gp_pois_regr")
     x = raw("gp_pois_regr-gp_pois_regr", "x")
@@ -264,7 +264,7 @@ def test_extract_positions():
         }
     )
     np.testing.assert_allclose(
-        out.numpy(), np.r_[rho, alpha, np.linalg.cholesky(K) @ ft], rtol=1e-10
+        out.cpu().numpy(), np.r_[rho, alpha, np.linalg.cholesky(K) @ ft], rtol=1e-10
     )
 
     r = ref("radon_contextual_effects_minnesota")
@@ -277,7 +277,7 @@ def test_extract_positions():
             "log_radon_scale": torch.tensor(3.0),
         }
     )
-    np.testing.assert_array_equal(out.numpy(), np.r_[1, 2, np.arange(85) + 10, -1, -2, -3, 3])
+    np.testing.assert_array_equal(out.cpu().numpy(), np.r_[1, 2, np.arange(85) + 10, -1, -2, -3, 3])
     assert r.param_names[2] == "county_effect[1]" and r.param_names[-1] == "log_radon_scale"
 
     with pytest.raises(KeyError):
@@ -300,7 +300,7 @@ def test_extract_predictive_deterministic_sites(name):
     reported = r.extract(out)  # uses the recorded theta / f
     latent_only = {k: v for k, v in out.items() if k not in ("theta", "f", "obs")}
     assert reported.shape[0] == 6 and reported.shape[-1] == r.n_params
-    np.testing.assert_allclose(reported.numpy(), r.extract(latent_only).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(reported.cpu().numpy(), r.extract(latent_only).cpu().numpy(), rtol=1e-12)
     pyro.clear_param_store()
 
 

@@ -130,11 +130,11 @@ def test_getting_started_code_runs_and_does_what_the_page_says():
     mean, cov, neg_log_evidence = exact_diabetes_posterior(sigma)
     sd = np.sqrt(np.diag(cov))
     # "The exact posterior ... to all the digits shown; the whole covariance matrix agrees"
-    q_mean = namespace["mean"].numpy()
-    q_sd = namespace["sd"].numpy()
+    q_mean = namespace["mean"].cpu().numpy()
+    q_sd = namespace["sd"].cpu().numpy()
     assert np.abs(q_mean - mean).max() / sd.min() < 1e-6
     assert np.abs(q_sd / sd - 1).max() < 1e-6
-    q_cov = namespace["posterior"].covariance_matrix.detach().numpy()
+    q_cov = namespace["posterior"].covariance_matrix.detach().cpu().numpy()
     assert np.abs(q_cov - cov).max() < 1e-6 * np.abs(cov).max()
 
     # "from about step 12 on the printed loss is that number [-log p(y)] at every step"

@@ -37,6 +37,7 @@ from torch.distributions.utils import broadcast_all
 from pyro_natgrad import fisher_information, fisher_operator, register_fisher
 from pyro_natgrad.fisher import FisherFallbackWarning
 from tests.fisher_cases import CASES, case_ids, flatten_dict, unflatten_dict
+from tests.seeding import generator
 
 F64 = torch.float64
 EPS64 = torch.finfo(F64).eps
@@ -417,7 +418,7 @@ def test_kl_second_order_expansion(case):
     p = case.params()
     fim = _fi(case, case.make(p))
     d = case.make_for_kl(p)
-    g = torch.Generator().manual_seed(1234)
+    g = generator(1234)
     u = torch.randn(tuple(case.batch_shape) + (case.k,), generator=g, dtype=F64)
     u = u / u.norm(dim=-1, keepdim=True)
     # steps are measured in each coordinate's natural units (a scale, a concentration,
@@ -467,7 +468,7 @@ def test_symmetric_psd_and_operator(case):
 
     # dense() and mv agree with fisher_information
     assert_fisher_close(op.dense(), fim, 1e-12, f"{case.id}: dense() vs fisher_information")
-    g = torch.Generator().manual_seed(7)
+    g = generator(7)
     v = torch.randn(tuple(case.batch_shape) + (k,), generator=g, dtype=F64)
     mv = op.mv(v)
     ref = _bmv(fim, v)

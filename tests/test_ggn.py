@@ -23,6 +23,7 @@ from pyro import poutine
 
 from pyro_natgrad.fisher import fisher_information
 from pyro_natgrad.ggn import CGInfo, GGNOperator, ModelGGN, observation_ggn
+from tests.seeding import generator
 
 hessian = torch.autograd.functional.hessian
 jacobian = torch.autograd.functional.jacobian
@@ -57,7 +58,7 @@ P = 4
 
 
 def make_net(N, K, linear=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     A = torch.randn(N, K, P, generator=g) / 2
     B = torch.zeros(N, K, P) if linear else torch.randn(N, K, P, generator=g)
 

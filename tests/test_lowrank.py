@@ -16,6 +16,7 @@ from pyro.infer.autoguide import AutoLowRankMultivariateNormal
 
 from pyro_natgrad import NaturalGradient, NaturalGradientWarning
 from pyro_natgrad.lowrank import project_lowrank
+from tests.seeding import generator
 
 F64 = torch.float64
 SIGMA = 0.5
@@ -32,7 +33,7 @@ def _clean():
 
 
 def data(n=30, d=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     X = torch.randn(n, d, generator=g, dtype=F64)
     y = X @ torch.linspace(-1, 1, d, dtype=F64) + SIGMA * torch.randn(n, generator=g, dtype=F64)
     return X, y
@@ -166,7 +167,7 @@ def direct_minimum(P, rank, starts=3):
     d = P.shape[0]
     best = (math.inf, None)
     for seed in range(starts):
-        g = torch.Generator().manual_seed(seed)
+        g = generator(seed)
         C = torch.randn(d, rank, generator=g, dtype=F64).requires_grad_()
         u = (-0.5 * P.diagonal().log() - torch.rand(d, generator=g, dtype=F64)).requires_grad_()
         opt = torch.optim.LBFGS([C, u], max_iter=400, tolerance_grad=1e-10,
@@ -189,7 +190,7 @@ def direct_minimum(P, rank, starts=3):
 
 
 def random_precision(d, seed, strength=1.0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     A = torch.randn(d, d, generator=g, dtype=F64)
     scales = torch.logspace(-1, 1, d, dtype=F64)
     return (strength * A @ A.T / d + torch.eye(d, dtype=F64)) / scales.outer(scales)
@@ -322,7 +323,7 @@ def test_without_draws_the_covariance_takes_base_steps():
 def test_ggn_curvature_follows_the_hessian_for_a_canonical_link():
     """Logistic regression: the GGN of a canonical link equals the Hessian (checked in
     tests/test_curvature.py), so curvature="ggn" must follow the default's trajectory."""
-    g = torch.Generator().manual_seed(4)
+    g = generator(4)
     X = torch.randn(60, 5, generator=g, dtype=F64)
     y = torch.bernoulli(torch.sigmoid(X @ torch.linspace(-1, 1, 5, dtype=F64)), generator=g)
 
@@ -395,7 +396,7 @@ def test_projection_from_a_warm_start_in_a_worse_basin(d, rank, seed):
     100% of the mean-field ones) L-BFGS alone ends in a local minimum 0.01-0.27 worse.
     The projection also runs from the mean-field start and keeps the better one."""
     P = random_precision(d, seed, strength=3.0)
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     warm = P.diagonal().rsqrt() * torch.exp(-3 * torch.rand(d, generator=g, dtype=F64))
     value, _ = direct_minimum(P, rank)
     C, s = project_lowrank(P, rank, scale=warm)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from pyro_natgrad import natural_gradient
+from tests.seeding import generator
 
 F64 = torch.float64
 
@@ -35,7 +36,7 @@ def hessian(fn, x):
 
 
 def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return torch.randn(*shape, generator=generator(seed), dtype=F64)
 
 
 # ----------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from pyro.infer.autoguide import (
 )
 
 from pyro_natgrad import NaturalGradient, NaturalGradientWarning, StepSize
+from tests.seeding import generator, rng_state as rng_state_now, set_rng_state
 
 F64 = torch.float64
 SIGMA, TAU_W, TAU_B = 0.7, 1.0, 2.0
@@ -146,7 +147,7 @@ def store_snapshot():
 
 def perturb(guide, seed, size=0.3):
     """Move every guide parameter away from Pyro's default init (e.g. U = I)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     with torch.no_grad():
         for _, p in guide.named_parameters():
             p.add_(size * torch.randn(p.shape, generator=gen, dtype=p.dtype))
@@ -272,7 +273,7 @@ def _uncentred_line():
     sds are about 1/200 of its marginal sds, and the intercept starts hundreds of
     mean-field sds from the optimum. Returns (model, t, y, prior sds)."""
     t = torch.arange(1952.0, 2014.0, dtype=F64)
-    g = torch.Generator().manual_seed(3)
+    g = generator(3)
     y = -60.0 + 0.035 * t + torch.randn(t.shape, generator=g, dtype=F64)
     prior = torch.tensor([100.0, 1.0], dtype=F64)
 
@@ -369,7 +370,7 @@ def noise_model(X, y):
 
 
 def _small_data(n=40, d=3, seed=3):
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     X = torch.randn(n, d, generator=gen, dtype=F64)
     w = torch.tensor([1.0, -2.0, 0.5], dtype=F64)[:d]
     y = X @ w + 0.5 * torch.randn(n, generator=gen, dtype=F64)
@@ -633,7 +634,7 @@ def _resume(guide_cls, X, y, param_state, optim_state, rng_state):
     opt = NaturalGradient(guide)
     if optim_state is not None:
         opt.set_state(optim_state)
-    torch.set_rng_state(rng_state)
+    set_rng_state(rng_state)
     return guide, SVI(ckpt_model, guide, opt, Trace_ELBO())
 
 
@@ -647,7 +648,7 @@ def test_checkpoint_resume_bitwise(float64, rng, tmp_path, guide_cls):
     _run(svi, 10, X, y)
     param_state = copy.deepcopy(pyro.get_param_store().get_state())
     optim_state = copy.deepcopy(opt.get_state())
-    rng_state = torch.get_rng_state()
+    rng_state = rng_state_now()
     pyro.get_param_store().save(tmp_path / "params.pt")
     opt.save(tmp_path / "optim.pt")
     torch.save(rng_state, tmp_path / "rng.pt")
@@ -670,7 +671,7 @@ def test_checkpoint_resume_bitwise(float64, rng, tmp_path, guide_cls):
     guide(X, y)
     opt = NaturalGradient(guide)
     opt.load(tmp_path / "optim.pt")
-    torch.set_rng_state(torch.load(tmp_path / "rng.pt"))
+    set_rng_state(torch.load(tmp_path / "rng.pt"))
     svi = SVI(ckpt_model, guide, opt, Trace_ELBO())
     _run(svi, 10, X, y)
     got = store_snapshot()
@@ -719,7 +720,7 @@ def test_set_state_in_place_restores_running_precision(float64, rng):
     saved = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
     optim_state = copy.deepcopy(opt.get_state())
     assert "precision" in optim_state["natural_gradient"]["curvature"]
-    rng_state = torch.get_rng_state()
+    rng_state = rng_state_now()
     for _ in range(3):
         svi.step(X, y)
     expected = store_snapshot()
@@ -727,7 +728,7 @@ def test_set_state_in_place_restores_running_precision(float64, rng):
         for k, v in pyro.get_param_store().named_parameters():
             v.copy_(saved[k])
     opt.set_state(copy.deepcopy(optim_state))
-    torch.set_rng_state(rng_state)
+    set_rng_state(rng_state)
     for _ in range(3):
         svi.step(X, y)
     got = store_snapshot()
@@ -747,12 +748,12 @@ def test_rollback_param_store_in_same_process(float64, rng):
     _run(svi, 5, X, y)
     param_state = copy.deepcopy(pyro.get_param_store().get_state())
     optim_state = copy.deepcopy(opt.get_state())
-    rng_state = torch.get_rng_state()
+    rng_state = rng_state_now()
     _run(svi, 5, X, y)
     expected = store_snapshot()
     pyro.get_param_store().set_state(copy.deepcopy(param_state))
     opt.set_state(copy.deepcopy(optim_state))
-    torch.set_rng_state(rng_state)
+    set_rng_state(rng_state)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always", NaturalGradientWarning)
         for _ in range(5):
@@ -879,7 +880,7 @@ def hier_exact(y):
 
 
 def _hier_data():
-    gen = torch.Generator().manual_seed(11)
+    gen = generator(11)
     z = 2.0 + TAU_Z * torch.randn(N_LOCAL, generator=gen, dtype=F64)
     return z + SIGMA_Z * torch.randn(N_LOCAL, generator=gen, dtype=F64)
 
@@ -981,7 +982,7 @@ def test_minibatch_curvature_on_a_plate_larger_than_the_limit(float64, rng, part
     particles (one Hessian diagonal per particle; they fell back to gradient-only
     steps before)."""
     n, batch = 1000, 10
-    y = 2.0 + torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=F64)
+    y = 2.0 + torch.randn(n, generator=generator(5), dtype=F64)
 
     def model(y, idx):
         mu = pyro.sample("mu", dist.Normal(y.new_zeros(()), TAU_MU))
@@ -1131,7 +1132,7 @@ def test_float32_close_to_float64():
 # 10. the fast routes of the step against dense formulas
 # ----------------------------------------------------------------------------------------
 def _full_problem(d, noise, seed=0, dtype=F64, draws=1):
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     A = torch.randn(d, d, generator=gen, dtype=dtype)
     L = torch.linalg.cholesky(A @ A.T / d + torch.eye(d, dtype=dtype))
     G = noise * torch.randn(d, d, generator=gen, dtype=dtype).tril()
@@ -1203,7 +1204,7 @@ def test_full_step_control_variate_is_exact_for_isotropic_curvature(float64):
     from pyro_natgrad.gaussian import full_step
 
     d, m = 50, 0.02
-    gen = torch.Generator().manual_seed(4)
+    gen = generator(4)
     A = torch.randn(d, d, generator=gen, dtype=F64)
     L = torch.linalg.cholesky(A @ A.T / d + torch.eye(d, dtype=F64))
     H = m * torch.cholesky_inverse(L)  # m Sigma^{-1}
@@ -1238,7 +1239,7 @@ def test_auto_curvature_for_a_full_rank_guide_above_the_mean_field_limit(float64
 
     assert optim.MAX_CURVATURE_DIM < 300 <= optim.MAX_FULL_RANK_CURVATURE_DIM
     d = 300
-    data = torch.randn(d, generator=torch.Generator().manual_seed(0), dtype=F64)
+    data = torch.randn(d, generator=generator(0), dtype=F64)
     model = _vector_model(d, data)
     pyro.set_rng_seed(0)
     guide = AutoMultivariateNormal(model)
@@ -1270,7 +1271,7 @@ def test_gradient_only_full_rank_converges_on_a_stiff_posterior(float64):
     reaches the log evidence within 1 nat. Before the noisy-step limit and the scaled
     control variate, this run stayed 1.4e4 nats away with collapsed variances."""
     d = 32
-    gen = torch.Generator().manual_seed(1)
+    gen = generator(1)
     X = torch.randn(4 * d, d, generator=gen, dtype=F64)
     X = X @ (torch.eye(d, dtype=F64) + 0.3 * torch.randn(d, d, generator=gen, dtype=F64)
              / math.sqrt(d))
@@ -1362,7 +1363,7 @@ def test_fused_diagonal_step_matches_general(monkeypatch, dtype, with_draw, give
 
     monkeypatch.setattr(gaussian, "CHUNK", 1000)
     n = 2500
-    gen = torch.Generator().manual_seed(3)
+    gen = generator(3)
     raw = 2 * torch.randn(n, generator=gen, dtype=dtype) - 1
     loc = torch.randn(n, generator=gen, dtype=dtype)
     g_loc = 3 * torch.randn(n, generator=gen, dtype=dtype)
@@ -1433,7 +1434,7 @@ def test_unsubsampled_plate_steps_like_an_event(float64):
 def _large_mean_field(seed, n=1000):
     """An AutoNormal over a plate of ``n`` > MAX_CURVATURE_DIM (the gradient-only, fused
     path) after one SVI step: ``(model, guide, optimizer, svi)``."""
-    data = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    data = torch.randn(n, generator=generator(seed), dtype=F64)
 
     def model():
         with pyro.plate("N", n):
@@ -1460,7 +1461,7 @@ def test_mean_field_control_variate_scales_with_the_curvature(float64, monkeypat
     if not fused:
         monkeypatch.setattr(NaturalGradient, "_step_diagonal_fused", lambda *a, **k: False)
     n = 2000
-    data = torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=F64)
+    data = torch.randn(n, generator=generator(5), dtype=F64)
 
     def model():
         with pyro.plate("N", n):
