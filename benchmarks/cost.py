@@ -61,6 +61,14 @@ from common import (  # noqa: E402
 from pyro_natgrad import NaturalGradient  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_synchronize = None  # torch.cuda.synchronize with --device cuda: kernels run asynchronously
+
+
+def clock():
+    """``time.perf_counter()`` once the device has finished the work queued so far."""
+    if _synchronize is not None:
+        _synchronize()
+    return time.perf_counter()
 SVI_SKIP = 10  # SVI steps run before the timed ones
 NG_OPTIONS = {"curvature": "none"}  # the update from gradients alone (see the docstring)
 
@@ -145,9 +153,9 @@ def interleaved(contenders, repeats, warmup=3):
     for i in range(warmup + repeats):
         for name, (prepare, call) in contenders.items():
             prepare()
-            start = time.perf_counter()
+            start = clock()
             call()
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             if i >= warmup:
                 times[name].append(elapsed)
     return times
@@ -242,9 +250,9 @@ class TimedOptim(pyro.optim.PyroOptim):
 
     def __call__(self, params, *args, **kwargs):
         mark = LinalgLog.mark()
-        start = time.perf_counter()
+        start = clock()
         self.inner(params, *args, **kwargs)
-        self.times.append(time.perf_counter() - start)
+        self.times.append(clock() - start)
         self.paths.append(LinalgLog.since(mark))
 
     def get_state(self):
@@ -282,9 +290,9 @@ def in_svi(model, guide_cls, seed, steps, baseline=None, skip=SVI_SKIP):
             for svi in svis:
                 svi.step()
             if baseline is not None:
-                start = time.perf_counter()
+                start = clock()
                 baseline()
-                base_times.append(time.perf_counter() - start)
+                base_times.append(clock() - start)
     ng.inner.detach()
     return {"ng": ng.times[skip:], "ng_paths": ng.paths[skip:], "adam": adam.times[skip:],
             "base": base_times[skip:]}
@@ -377,7 +385,7 @@ def mvn_case(args, dname, dtype, case, svi_setting, rows, context, profiles, ver
              want_profile):
     """AutoMultivariateNormal, d: natural gradient vs one Cholesky."""
     model = vector_model(args.d, dtype)
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator(device=torch.empty(0).device).manual_seed(args.seed)
     M = torch.randn(args.d, args.d, generator=g, dtype=dtype)
     spd = M @ M.T / args.d + torch.eye(args.d, dtype=dtype)
     log(f"[AutoMultivariateNormal d={args.d} {dname}] inside SVI steps ...")
@@ -477,6 +485,8 @@ def parse_args(argv=None):
                    help="which targets to measure: AutoNormal, AutoMultivariateNormal (both)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device for the guides and the baselines, e.g. cuda (cpu)")
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 20 if args.quick else 30
@@ -488,9 +498,16 @@ def verdict(ratio, limit):
 
 
 def main(argv=None):
+    global _synchronize
     args = parse_args(argv)
     set_threads(args.threads)
-    total_start = time.perf_counter()
+    torch.set_default_device(args.device)
+    if torch.device(args.device).type == "cuda":
+        _synchronize = torch.cuda.synchronize
+        if args.profile != "never":
+            log("profiles are of CPU time; not taken with --device cuda")
+            args.profile = "never"
+    total_start = clock()
     rows, context, profiles, verdicts = [], [], [], []
     want_profile = {"always": lambda ok: True, "never": lambda ok: False,
                     "auto": lambda ok: not ok}[args.profile]
@@ -507,8 +524,11 @@ def main(argv=None):
                      verdicts, want_profile)
 
     print("### Cost of the optimizer's own update\n")
-    print(f"Only the optimizer call `optim(params)` is timed, never the ELBO; torch threads "
-          f"{torch.get_num_threads()}; medians of {args.repeats} calls per contender. "
+    where = (f"device {torch.cuda.get_device_name()}, each time taken after "
+             f"`torch.cuda.synchronize()`" if _synchronize is not None
+             else f"torch threads {torch.get_num_threads()}")
+    print(f"Only the optimizer call `optim(params)` is timed, never the ELBO; {where}; "
+          f"medians of {args.repeats} calls per contender. "
           f"*Fresh gradients*: before each call (untimed) the parameters are restored to the "
           f"same values (the guide after its first SVI step) and one `Trace_ELBO` backward "
           f"pass makes the gradients, so the natural gradient sees the draw behind them; "
@@ -533,7 +553,7 @@ def main(argv=None):
         print("Torch ops by self CPU time (torch.profiler, 5 more calls):\n")
         print(op_table + "\n")
     print(f"Environment: {environment_line()}; total wall time "
-          f"{time.perf_counter() - total_start:.0f} s.")
+          f"{clock() - total_start:.0f} s.")
     return 0
 
 

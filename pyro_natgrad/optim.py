@@ -26,7 +26,7 @@ from pyro.infer.autoguide import (AutoCallable, AutoContinuous, AutoGuide, AutoG
                                   AutoNormal)
 
 from .curvature import ModelCurvature
-from .gaussian import (CHUNK, StepError, cv_coefficient, diagonal_gaussian_step, full_step,
+from .gaussian import (StepError, chunk_size, cv_coefficient, diagonal_gaussian_step, full_step,
                        hold_stride, softplus_diagonal_step)
 from .guides import DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide
 from .handwritten import describe_rejected, find_svi_args, read_handwritten
@@ -586,7 +586,7 @@ class NaturalGradient(PyroOptim):
             if not (float(hi) <= 20.0 and float(lo) >= -30.0):
                 return False  # softplus is not log1p(exp(raw)) there, or the scale underflows
         flat = [t.detach().reshape(-1) for t in tensors]
-        new_loc, new_raw, *work = group.work((n, n) + (min(n, CHUNK),) * 5, loc.dtype,
+        new_loc, new_raw, *work = group.work((n, n) + (min(n, chunk_size(loc)),) * 5, loc.dtype,
                                              loc.device)
         rho = float(self.step_size(state["t"]))
         previous = _previous_gradient(state, len(range(0, n, hold_stride(n))), loc)

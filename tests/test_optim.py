@@ -1362,6 +1362,7 @@ def test_fused_diagonal_step_matches_general(monkeypatch, dtype, with_draw, give
     from pyro_natgrad import gaussian
 
     monkeypatch.setattr(gaussian, "CHUNK", 1000)
+    monkeypatch.setattr(gaussian, "DEVICE_CHUNK", 1000)
     n = 2500
     gen = generator(3)
     raw = 2 * torch.randn(n, generator=gen, dtype=dtype) - 1
