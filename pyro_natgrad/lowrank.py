@@ -174,9 +174,19 @@ def project_lowrank(P, rank, scale=None, tol=1e-6, max_iter=500):
     strongly correlated coordinates the infimum can lie at ``s_i -> 0`` (the factors
     carry coordinate ``i`` alone, a Heywood case of factor analysis), where Pyro's
     capacitance matrix ``I + W^T diag(s)^{-2} W`` would lose all precision. ``f`` is not
-    convex and a warm start alone can stay in a local minimum, so it runs from both
-    ``scale`` (a warm start) and the mean-field optimum ``P_ii^{-1/2}``, and keeps the
-    better. Computed in float64 with partial eigendecompositions (``O(d^2 rank)``).
+    convex and a warm start alone can stay in a local minimum, so it runs from
+    ``scale`` (a warm start) and from the mean-field optimum ``P_ii^{-1/2}``; without a
+    warm start also from the mean-field optimum with one coordinate ``i`` put at the
+    floor, for the ``2 rank`` coordinates with the largest ``P_ii (P^{-1})_ii`` (the
+    variance inflation factor: the coordinates best explained by the others, the
+    likeliest Heywood cases). It keeps the best. (The optimizer's steps pass the guide's
+    scale, whose basin the previous steps chose, and skip these extra runs.) The local
+    minima differ mainly in which coordinates are Heywood cases; from the mean-field
+    start alone it missed the best of these starts by up to 0.05 in
+    ``tr(P Sigma) - log|Sigma|`` for about half of random 12 x 12 (rank 3) and 20 x 20
+    (rank 4) precisions. Still a local search: the best of the starts, not a certified
+    global minimum. Computed in float64 with partial eigendecompositions
+    (``O(d^2 rank)`` per evaluation; two runs, or ``2 rank + 1`` without ``scale``).
 
     :param P: ``(d, d)`` symmetric positive definite precision.
     :param rank: ``k``, the number of columns of ``C``.
@@ -214,6 +224,16 @@ def project_lowrank(P, rank, scale=None, tol=1e-6, max_iter=500):
         return value, grad
 
     starts = [upper]
+    try:
+        vif = diag * np.diag(scipy.linalg.cho_solve(scipy.linalg.cho_factor(Pn), np.eye(d)))
+    except np.linalg.LinAlgError:  # not positive definite in floating point
+        vif = None
+    if m < d and vif is not None and scale is None:
+        # Heywood starts: the mean-field optimum with one coordinate at the floor
+        for i in np.argsort(-vif, kind="stable")[:2 * m]:
+            u0 = upper.copy()
+            u0[i] = lower[i]
+            starts.append(u0)
     if scale is not None:
         s0 = scale.detach().to("cpu", torch.float64).numpy()
         if np.all(np.isfinite(s0)) and np.all(s0 > 0):

@@ -437,7 +437,10 @@ def test_kl_second_order_expansion(case):
     e1, e2, e3 = rel_errs
     msg = f"{case.id}: relative error of 1/2 D^T F D vs KL at eps=1e-1,1e-2,1e-3: {e1}, {e2}, {e3}"
     assert (e3 < 1e-2).all(), msg
-    assert (e2 <= 0.5 * e1 + 1e-5).all() and (e3 <= 0.5 * e2 + 1e-5).all(), msg
+    # The error is a eps + b eps^2 + ...: from 1e-2 to 1e-3 it falls at least tenfold
+    # unless the terms cancel there; at 1e-1 they can cancel (a ~ 8e-3, b ~ -0.08 in one
+    # direction), so that step is not compared. A wrong F leaves a constant error.
+    assert (e3 <= 0.5 * e2 + 1e-5).all(), msg
 
 
 # ----------------------------------------------------------------------------------------
