@@ -346,6 +346,7 @@ class AmortisedNaturalGradient(PyroOptim):
         Default ``StepSize()``: ``rho = 1`` for 10 steps, then decaying like ``2/t`` so
         that the iterates average out the noise of single-sample ELBO gradients (with
         exact gradients, pass ``1.0``: Gauss-Newton on the distribution parameters).
+        ``t`` counts a step that the trust region shortened as the fraction taken.
     :param float damping: ``lambda = damping * g^T G g / g^T g`` (relative to the
         curvature along the gradient, so that it does not depend on the size of the
         data set); default ``1e-3``.
@@ -360,6 +361,21 @@ class AmortisedNaturalGradient(PyroOptim):
         no Fisher under ``q``. Default ``pyro.optim.Adam({"lr": 0.01})``.
     :param modules: the ``nn.Module`` whose parameters are swapped (default: the guide,
         or the module of a guide method).
+
+    **Composed with** :class:`~pyro_natgrad.NaturalGradient` (this optimizer as its
+    ``base_optimizer``, an autoguide for global latents and an encoder for local ones)
+    the two step their blocks from the same gradients: a block-Jacobi iteration that
+    ignores the coupling between the blocks. With the decaying step size its error falls
+    like ``t^(-2 (1 - c))``, ``c`` the posterior canonical correlation between the global
+    latents and the local ones. That is slow when ``c`` is large: on the linear-Gaussian
+    model of the tests (30 points, one global offset ``mu``) data with ``c = 0.49``
+    reach the mean-field optimum in about 120 steps, while with ``c = 0.89`` ``mu`` is
+    still 1.3 posterior sd away after 400. More particles do not help (32 gave the
+    same); a step that decays more slowly trades that error for noise in the scales. A
+    non-amortised ``AutoNormal`` over ``mu`` and the ``z_n`` together, stepped by
+    ``NaturalGradient`` with its default model curvature, lands on the mean-field
+    optimum of the same data (``c`` up to 0.89) to three digits in 120 steps: where the
+    local latents are few enough to have guide parameters of their own, prefer it.
 
     A step is skipped with a :class:`~pyro_natgrad.NaturalGradientWarning` (the
     guide parameters unchanged) when the gradient, a product or the solution is not
@@ -415,7 +431,7 @@ class AmortisedNaturalGradient(PyroOptim):
                     self._post(None, args, None)
 
             self.guide = recording_guide
-        self.t = 0
+        self.t = 0.0  # steps taken, each counted as the fraction of its scheduled size
         self.skipped = 0
         self.last_step = StepInfo(reason="no step yet")
         self._warned = set()
@@ -600,7 +616,7 @@ class AmortisedNaturalGradient(PyroOptim):
             info.residual = float((g - Gx - lam * x).norm()) / math.sqrt(gnorm2)
             if not (bool(torch.isfinite(x).all()) and math.isfinite(quad)):
                 return self._skip("non-finite natural-gradient direction", info)
-            rho = float(self.step_size(self.t))
+            scheduled = rho = float(self.step_size(self.t))
             limit = None if self.max_kl is None else self.max_kl * max(G.num_elements, 1.0)
             if limit is not None and 0.5 * rho**2 * quad > limit:
                 rho = math.sqrt(2 * limit / quad)
@@ -609,7 +625,10 @@ class AmortisedNaturalGradient(PyroOptim):
                 return self._skip("non-finite parameters", info)
             for p, v in zip(mine, new):
                 p.data.copy_(v)
-        self.t += 1
+        # A step the trust region shortened counts as the fraction taken (as in
+        # NaturalGradient), so the warm-up at the initial step size and the decay are not
+        # spent on steps that the trust region cut to a fraction of it.
+        self.t += min(1.0, rho / max(scheduled, 1e-300))
         info.taken, info.rho, info.kl = True, rho, 0.5 * rho**2 * quad
         return info
 
