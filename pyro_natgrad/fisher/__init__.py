@@ -22,7 +22,8 @@ from .coords import COORDS, check_coords, reparameterize
 from .fallback import MC_SAMPLES, FisherFallbackWarning, fallback_operator
 from .operators import (
     DenseFisher, DiagonalFisher, DiagPlusRankOneFisher, ElementBlockFisher, FisherOperator,
-    GaussianFisher, LowRankGaussianFisher, ReparamFisher, SingularFisherError, ZeroFisher,
+    GaussianFisher, LogitsFisher, LowRankGaussianFisher, ReparamFisher, SingularFisherError,
+    ZeroFisher,
 )
 from .params import ParamSpec
 from .registry import lookup_fisher, register_fisher
@@ -31,7 +32,8 @@ __all__ = [
     "COORDS", "MC_SAMPLES", "FisherFallbackWarning", "FisherOperator", "ParamSpec",
     "SingularFisherError", "fisher_information", "fisher_operator", "fisher_solve",
     "fisher_vp", "register_fisher", "DenseFisher", "DiagonalFisher", "DiagPlusRankOneFisher",
-    "ElementBlockFisher", "GaussianFisher", "LowRankGaussianFisher", "ReparamFisher",
+    "ElementBlockFisher", "GaussianFisher", "LogitsFisher", "LowRankGaussianFisher",
+    "ReparamFisher",
     "ZeroFisher",
 ]
 

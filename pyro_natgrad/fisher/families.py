@@ -15,7 +15,7 @@ from torch.distributions import (
 )
 
 from .operators import (
-    DiagonalFisher, DiagPlusRankOneFisher, ElementBlockFisher, GaussianFisher,
+    DiagonalFisher, DiagPlusRankOneFisher, ElementBlockFisher, GaussianFisher, LogitsFisher,
     LowRankGaussianFisher, ZeroFisher,
 )
 from .params import ParamSpec
@@ -182,9 +182,7 @@ def _categorical_like(d, probs, n, spec_source):
     if name == "probs":  # n (diag(1/p) - 1 1^T), null vector p
         return DiagPlusRankOneFisher([spec], d.batch_shape, n.unsqueeze(-1) / probs,
                                      torch.ones_like(probs), c, singular=True)
-    # n (diag(p) - p p^T), null vector 1
-    return DiagPlusRankOneFisher([spec], d.batch_shape, n.unsqueeze(-1) * probs, probs, c,
-                                 singular=True)
+    return LogitsFisher([spec], d.batch_shape, probs, n)  # n (diag(p) - p p^T), null 1
 
 
 @register_fisher(Categorical)
