@@ -224,16 +224,21 @@ def project_lowrank(P, rank, scale=None, tol=1e-6, max_iter=500):
         return value, grad
 
     starts = [upper]
-    try:
-        vif = diag * np.diag(scipy.linalg.cho_solve(scipy.linalg.cho_factor(Pn), np.eye(d)))
-    except np.linalg.LinAlgError:  # not positive definite in floating point
-        vif = None
-    if m < d and vif is not None and scale is None:
-        # Heywood starts: the mean-field optimum with one coordinate at the floor
-        for i in np.argsort(-vif, kind="stable")[:2 * m]:
-            u0 = upper.copy()
-            u0[i] = lower[i]
-            starts.append(u0)
+    if scale is None and m < d:
+        # Heywood starts: the mean-field optimum with one coordinate at the floor, for
+        # the coordinates of largest variance inflation P_ii (P^{-1})_ii, where
+        # (P^{-1})_ii is the squared norm of column i of L^{-1} (P = L L^T).
+        try:
+            Linv = scipy.linalg.solve_triangular(np.linalg.cholesky(Pn), np.eye(d),
+                                                 lower=True, check_finite=False)
+        except np.linalg.LinAlgError:  # not positive definite in floating point
+            Linv = None
+        if Linv is not None:
+            vif = diag * np.square(Linv).sum(0)
+            for i in np.argsort(-vif, kind="stable")[:2 * m]:
+                u0 = upper.copy()
+                u0[i] = lower[i]
+                starts.append(u0)
     if scale is not None:
         s0 = scale.detach().to("cpu", torch.float64).numpy()
         if np.all(np.isfinite(s0)) and np.all(s0 > 0):

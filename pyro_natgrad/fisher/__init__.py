@@ -33,8 +33,7 @@ __all__ = [
     "SingularFisherError", "fisher_information", "fisher_operator", "fisher_solve",
     "fisher_vp", "register_fisher", "DenseFisher", "DiagonalFisher", "DiagPlusRankOneFisher",
     "ElementBlockFisher", "GaussianFisher", "LogitsFisher", "LowRankGaussianFisher",
-    "ReparamFisher",
-    "ZeroFisher",
+    "ReparamFisher", "ZeroFisher",
 ]
 
 Coords = Union[str, dict]
