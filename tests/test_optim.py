@@ -1171,10 +1171,16 @@ def _expected_step(L, B, loc, g, eps, rho, c=1.0):
     return loc - rho * Sigma @ g, Sigma
 
 
+@pytest.mark.parametrize("unblocked", [False, True], ids=["blocked", "unblocked"])
 @pytest.mark.parametrize("d", [7, 300])
-def test_full_step_matches_dense_formula(float64, d):
-    """The blocked triangular products and solves give the step of the dense formula."""
+def test_full_step_matches_dense_formula(float64, monkeypatch, d, unblocked):
+    """The blocked triangular products and solves give the step of the dense formula;
+    so do the unblocked ones that a GPU takes (here forced on the CPU)."""
+    from pyro_natgrad import gaussian
     from pyro_natgrad.gaussian import full_gaussian_step, full_step
+
+    if unblocked:
+        monkeypatch.setattr(gaussian, "BLOCK", gaussian.DEVICE_BLOCK)
 
     L, G, loc, g, eps = _full_problem(d, noise=0.01, draws=50 * d)
     rho = 0.8
