@@ -19,6 +19,12 @@ def seed_everything(seed: int) -> None:
     pyro.set_rng_seed(seed)
 
 
+def seeded_generator(seed: int) -> torch.Generator:
+    """A generator seeded with ``seed`` on torch's default device (``cost.py --device
+    cuda`` sets it), so that data drawn with it land there."""
+    return torch.Generator(device=torch.empty(0).device).manual_seed(seed)
+
+
 def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 

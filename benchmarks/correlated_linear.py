@@ -23,14 +23,16 @@ import torch
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment_line, markdown_table, set_threads, svi_gaps  # noqa: E402
+from common import (  # noqa: E402
+    environment_line, markdown_table, seeded_generator, set_threads, svi_gaps,
+)
 from problems import LinearRegression, guide_moments  # noqa: E402
 
 from pyro_natgrad import NaturalGradient  # noqa: E402
 
 
 def design(d, mixing, decades, seed=1):
-    g = torch.Generator(device=torch.empty(0).device).manual_seed(seed)  # the default device
+    g = seeded_generator(seed)
     n = 4 * d
     Z = torch.randn(n, d, generator=g, dtype=torch.float64)
     mix = torch.eye(d, dtype=torch.float64) + mixing * torch.randn(

@@ -55,6 +55,7 @@ from common import (  # noqa: E402
     log,
     markdown_table,
     seed_everything,
+    seeded_generator,
     set_threads,
 )
 
@@ -385,7 +386,7 @@ def mvn_case(args, dname, dtype, case, svi_setting, rows, context, profiles, ver
              want_profile):
     """AutoMultivariateNormal, d: natural gradient vs one Cholesky."""
     model = vector_model(args.d, dtype)
-    g = torch.Generator(device=torch.empty(0).device).manual_seed(args.seed)
+    g = seeded_generator(args.seed)
     M = torch.randn(args.d, args.d, generator=g, dtype=dtype)
     spd = M @ M.T / args.d + torch.eye(args.d, dtype=dtype)
     log(f"[AutoMultivariateNormal d={args.d} {dname}] inside SVI steps ...")

@@ -12,6 +12,8 @@ import torch
 import pyro
 import pyro.distributions as dist
 
+from common import seeded_generator
+
 
 class LinearRegression:
     def __init__(self, X, y, noise, prior_scale=1.0):
@@ -152,7 +154,7 @@ class GLMRegression:
     def synthetic(cls, n, d, likelihood="logistic", seed=0, dtype=torch.float64):
         """Gaussian design (standardised columns, the last one an intercept), weights
         ``N(0, 1/d)`` drawn with ``seed``; prior ``N(0, 1)``."""
-        g = torch.Generator(device=torch.empty(0).device).manual_seed(seed)  # the default device
+        g = seeded_generator(seed)
         X = torch.randn(n, d, generator=g, dtype=dtype)
         X[:, -1] = 1.0
         w = torch.randn(d, generator=g, dtype=dtype) / math.sqrt(d)

@@ -39,7 +39,7 @@ from torch.distributions import Independent, TransformedDistribution, transform_
 from .fisher.registry import lookup_fisher
 from .ggn import GGNOperator, _Head
 from .linalg import conjugate_gradient
-from .optim import NaturalGradientWarning, param_labels
+from .optim import NaturalGradientWarning, _fraction_taken, param_labels
 from .schedule import StepSize
 
 __all__ = ["AmortisedNaturalGradient", "GuideGGN", "StepInfo"]
@@ -628,7 +628,7 @@ class AmortisedNaturalGradient(PyroOptim):
         # A step the trust region shortened counts as the fraction taken (as in
         # NaturalGradient), so the warm-up at the initial step size and the decay are not
         # spent on steps that the trust region cut to a fraction of it.
-        self.t += min(1.0, rho / max(scheduled, 1e-300))
+        self.t += float(_fraction_taken(rho, scheduled))
         info.taken, info.rho, info.kl = True, rho, 0.5 * rho**2 * quad
         return info
 

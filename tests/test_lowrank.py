@@ -202,7 +202,9 @@ def random_precision(d, seed, strength=1.0):
     return (strength * A @ A.T / d + torch.eye(d, dtype=F64)) / scales.outer(scales)
 
 
-@pytest.mark.parametrize("d,rank,seed", [(6, 1, 0), (6, 2, 1), (12, 3, 2)])
+# (12, 3, 1): from the mean-field start alone the projection ends 0.011 above the best
+# minimum; the Heywood starts find it.
+@pytest.mark.parametrize("d,rank,seed", [(6, 1, 0), (6, 2, 1), (12, 3, 2), (12, 3, 1)])
 def test_projection_matches_direct_minimisation(d, rank, seed):
     P = random_precision(d, seed)
     C, s = project_lowrank(P, rank)
