@@ -307,8 +307,13 @@ def context_rows(setup, repeats):
     def guide_call():
         guide()  # with grad enabled, as in a step (the hooks skip no_grad calls)
 
-    # (the draws recorded here are dropped by detach() below)
-    with_hooks = interleaved({"g": (lambda: None, guide_call)}, repeats)["g"]
+    def drop_records():
+        # As the optimizer's step does once per step: records left to pile up would keep
+        # every call's draws alive, and the allocator would hand out fresh pages each time.
+        for recorder in setup.ng._recorders:
+            recorder.take()
+
+    with_hooks = interleaved({"g": (drop_records, guide_call)}, repeats)["g"]
     setup.ng.detach()
     without = interleaved({"g": (lambda: None, guide_call)}, repeats)["g"]
     rows.append(("guide forward, with vs without the optimizer's recording hooks",
@@ -502,7 +507,11 @@ def main(argv=None):
     global _synchronize
     args = parse_args(argv)
     set_threads(args.threads)
-    torch.set_default_device(args.device)
+    if args.device != "cpu":
+        # Not for the CPU: the default-device mode adds Python work to every torch call
+        # (hundreds per natural-gradient update, a dozen per Adam update), and CPU users
+        # do not set one.
+        torch.set_default_device(args.device)
     if torch.device(args.device).type == "cuda":
         _synchronize = torch.cuda.synchronize
         if args.profile != "never":

@@ -13,7 +13,7 @@ same draw is rank one, which is why this is the default for small latents.
 """
 
 import functools
-from typing import List, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 from pyro import poutine
@@ -56,6 +56,11 @@ class ModelCurvature:
 
     def remove(self):
         self._handle.remove()
+
+    def _require_arguments(self):
+        if not self.seen:
+            raise RuntimeError("the guide has not been called yet, so the model's arguments "
+                               "are unknown; run svi.step(...) first")
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -115,9 +120,7 @@ class ModelCurvature:
     def hessian(self, z: torch.Tensor, prior_only: bool = False, shapes=None) -> torch.Tensor:
         """``grad^2 f(z)``, ``(D, D)``, by ``D`` Hessian-vector products; with
         ``prior_only`` the observed sites are left out; ``shapes`` as in :meth:`unpack`."""
-        if not self.seen:
-            raise RuntimeError("the guide has not been called yet, so the model's arguments "
-                               "are unknown; run svi.step(...) first")
+        self._require_arguments()
         with torch.enable_grad():
             z = z.detach().requires_grad_()
             (g,) = torch.autograd.grad(self.log_joint(z, prior_only, shapes), z,
@@ -138,6 +141,21 @@ class ModelCurvature:
                 H = torch.stack([r if r is not None else torch.zeros_like(z) for r in rows])
         return 0.5 * (H + H.mT)
 
+    def precision_operator(self, z: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``v -> -grad^2 f(z) v`` for ``v`` of shape ``(D,)``: one Hessian-vector product
+        (a backward pass through the gradient's graph, built once here) per call, with
+        no ``(D, D)`` matrix."""
+        self._require_arguments()
+        with torch.enable_grad():
+            z = z.detach().requires_grad_()
+            (g,) = torch.autograd.grad(self.log_joint(z), z, create_graph=True)
+
+        def product(v: torch.Tensor) -> torch.Tensor:
+            (hv,) = torch.autograd.grad(g, z, v, retain_graph=True, allow_unused=True)
+            return -hv.detach() if hv is not None else torch.zeros_like(v)
+
+        return product
+
     def hessian_diagonal(self, z: torch.Tensor, probes, shapes=None) -> torch.Tensor:
         """``diag(grad^2 f(z))``, ``(D,)``, by one Hessian-vector product per probe.
 
@@ -146,9 +164,7 @@ class ModelCurvature:
         entry is 0): e.g. one coordinate of every item of a subsampled plate, whose
         items are conditionally independent. Then ``H v`` is the diagonal on ``v``'s
         support."""
-        if not self.seen:
-            raise RuntimeError("the guide has not been called yet, so the model's arguments "
-                               "are unknown; run svi.step(...) first")
+        self._require_arguments()
         diag = torch.zeros_like(z)
         with torch.enable_grad():
             z = z.detach().requires_grad_()

@@ -1,8 +1,16 @@
 """Small batched linear-algebra routines shared by the Fisher and GGN operators."""
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
+
+
+class CGInfo(NamedTuple):
+    """How :func:`conjugate_gradient` stopped."""
+
+    iterations: int  # products with A
+    converged: bool  # every residual within tol
+    negative_curvature: bool  # stopped at a direction with p^T A p <= 0
 
 
 def conjugate_gradient(
@@ -12,13 +20,18 @@ def conjugate_gradient(
     tol: float = 1e-10,
     max_iter: int = 1000,
     raise_on_fail: bool = True,
-) -> torch.Tensor:
+    return_info: bool = False,
+):
     """Solve ``A x = b`` for symmetric positive definite ``A`` given as ``matvec``.
 
     Batched over all leading dims of ``b`` (shape ``... + (k,)``); each system
     stops when ``|r| <= tol * |b|``.
 
     :param precond: applies an approximation of ``A^{-1}`` (identity if None).
+    :param return_info: return ``(x, CGInfo)``. Then a search direction of
+        non-positive curvature, ``p^T A p <= 0`` (``A`` is not positive definite), stops
+        every system at once with the iterate reached (a truncated-Newton step), where
+        without it that system stops moving and the others go on.
     :raises RuntimeError: if some system does not meet ``tol`` in ``max_iter``
         iterations and ``raise_on_fail``.
     """
@@ -29,11 +42,17 @@ def conjugate_gradient(
     p = z.clone()
     rz = (r * z).sum(-1, keepdim=True)
     bnorm = b.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(b.dtype).tiny)
-    for _ in range(max_iter):
+
+    def result(x, products, converged, negative=False):
+        return (x, CGInfo(products, converged, negative)) if return_info else x
+
+    for k in range(max_iter):
         if bool((r.norm(dim=-1, keepdim=True) <= tol * bnorm).all()):
-            return x
+            return result(x, k, True)
         Ap = matvec(p)
         pAp = (p * Ap).sum(-1, keepdim=True)
+        if return_info and not bool((pAp > 0).all()):
+            return result(x, k + 1, False, True)
         alpha = torch.where(pAp > 0, rz / pAp.where(pAp > 0, torch.ones_like(pAp)),
                             torch.zeros_like(pAp))
         x = x + alpha * p
@@ -45,10 +64,10 @@ def conjugate_gradient(
         p = z + beta * p
         rz = rz_new
     if bool((r.norm(dim=-1, keepdim=True) <= tol * bnorm).all()):
-        return x
+        return result(x, max_iter, True)
     if raise_on_fail:
         worst = (r.norm(dim=-1, keepdim=True) / bnorm).max().item()
         raise RuntimeError(f"conjugate gradients did not reach relative residual {tol:g} in "
                            f"{max_iter} iterations (reached {worst:.3g}); raise damping or "
                            f"max_iter")
-    return x
+    return result(x, max_iter, False)

@@ -22,14 +22,15 @@ import torch
 import pyro
 from pyro.optim import PyroOptim
 
-from pyro.infer.autoguide import (AutoCallable, AutoContinuous, AutoGuide, AutoGuideList,
-                                  AutoNormal)
+from pyro.infer.autoguide import (AutoCallable, AutoContinuous, AutoDiagonalNormal, AutoGuide,
+                                  AutoGuideList, AutoNormal)
 
 from .curvature import ModelCurvature
 from .gaussian import (StepError, chunk_size, cv_coefficient, diagonal_gaussian_step, full_step,
                        hold_stride, softplus_diagonal_step)
 from .guides import DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide
 from .handwritten import describe_rejected, find_svi_args, read_handwritten
+from .linalg import conjugate_gradient
 from .lowrank import LowRankGaussianGroup, project_lowrank, read_lowrank
 from .minibatch import minibatch_targets, plate_scale, subsampled
 from .schedule import StepSize
@@ -41,6 +42,13 @@ MAX_CURVATURE_DIM = 256
 #: and lost to Adam from a few hundred dimensions on (``docs/optimizer.rst``).
 MAX_FULL_RANK_CURVATURE_DIM = 1024
 
+
+#: ``curvature="hvp"``: the Newton system for the mean is solved by conjugate gradients
+#: (preconditioned by the guide's variances) to this relative residual, with at most
+#: ``HVP_MAX_PRODUCTS`` Hessian-vector products; one more measures the step's KL, and a
+#: step the trust region shortens solves again.
+HVP_TOLERANCE = 1e-6
+HVP_MAX_PRODUCTS = 50
 
 #: A decaying step size of a mean-field group holds while successive whitened mean
 #: gradients agree by more than this cosine (see ``NaturalGradient._advance_clock``).
@@ -75,6 +83,25 @@ def _previous_gradient(state, size: int, like) -> torch.Tensor:
             and previous.dtype == like.dtype and previous.device == like.device):
         previous = state["w"] = like.new_zeros(size)
     return previous
+
+
+def _agreement(state, v):
+    """``(<v, v'>, |v|^2, |v'|^2)`` on the sample ``v[::hold_stride(v.numel())]`` of this
+    step's ``v``, ``v'`` the previous step's sample kept in ``state`` (then replaced by
+    this one): the arguments of ``NaturalGradient._advance_clock``."""
+    v = v.reshape(-1)
+    v = v[::hold_stride(v.numel())]
+    previous = _previous_gradient(state, v.numel(), v)
+    sums = torch.stack([v @ previous, v @ v, previous @ previous]).tolist()
+    previous.copy_(v)
+    return sums
+
+
+def _subsampled_latents(guide) -> bool:
+    """Whether a latent site of the autoguide lies in a subsampled plate."""
+    return any(any(f.full_size is not None and f.full_size != f.size
+                   for f in site["cond_indep_stack"])
+               for _, site in guide.prototype_trace.iter_stochastic_nodes())
 
 
 def _curvature_limit(groups) -> int:
@@ -152,14 +179,22 @@ class NaturalGradient(PyroOptim):
         ``"hessian"`` but the likelihood's curvature is its generalized Gauss-Newton
         matrix ``E[J^T F_R J]`` (:mod:`pyro_natgrad.ggn`), positive semi-definite for
         any likelihood with a closed-form Fisher; equal to the Hessian for canonical
-        links (logistic, Poisson-log, Gaussian).
+        links (logistic, Poisson-log, Gaussian). ``"hvp"``: for mean-field guides
+        (``AutoNormal``, ``AutoDiagonalNormal``) of any size, the mean takes a Newton
+        step ``-grad^2 f(mu)^{-1} dl/dmu`` at the guide's mean, solved by conjugate
+        gradients from Hessian-vector products (at most ``2 HVP_MAX_PRODUCTS + 1`` =
+        101 per step, each about two backward passes through the model, whatever ``D``;
+        no ``D x D`` matrix), and the variances step from the gradients as with
+        ``"none"``. For a correlated posterior too large for ``"hessian"``; a step whose
+        Hessian is not negative definite along the solve (a non-log-concave model away
+        from its mode) falls back to the steps of ``"none"``. Never chosen by ``"auto"``.
     """
 
     def __init__(self, guide, step_size=None, max_kl: Optional[float] = 10.0,
                  control_variate: bool = True, base_optimizer: Optional[PyroOptim] = None,
                  curvature: str = "auto"):
-        if curvature not in ("auto", "hessian", "ggn", "none"):
-            raise ValueError(f"curvature must be 'auto', 'hessian', 'ggn' or 'none', "
+        if curvature not in ("auto", "hessian", "ggn", "hvp", "none"):
+            raise ValueError(f"curvature must be 'auto', 'hessian', 'ggn', 'hvp' or 'none', "
                              f"got {curvature!r}")
         if not callable(guide):
             raise TypeError(f"NaturalGradient expects the guide, got {type(guide).__name__}")
@@ -269,6 +304,8 @@ class NaturalGradient(PyroOptim):
         lowrank = [g for g in groups if isinstance(g, LowRankGaussianGroup)]
         gaussian = all(isinstance(g, (DiagonalGaussianGroup, FullGaussianGroup)) for g in groups) \
             or (len(groups) == 1 and bool(lowrank))
+        if self.curvature == "hvp":
+            self._check_hvp(groups)
         self._use_curvature, self._minibatch_curvature = (
             self._curvature_modes(groups) if gaussian else (False, False))
         self._warn_gradient_only(groups)
@@ -309,6 +346,21 @@ class NaturalGradient(PyroOptim):
                 f"'ggn') to use the model's curvature anyway; AutoLowRankMultivariateNormal or "
                 f"AutoNormal scale further", NaturalGradientWarning)
 
+    def _check_hvp(self, groups):
+        """``curvature="hvp"`` applies to this guide, or a ValueError says why not."""
+        why = None
+        if not isinstance(self.guide, (AutoNormal, AutoDiagonalNormal)):
+            why = f"an AutoNormal or AutoDiagonalNormal guide, not {type(self.guide).__name__}"
+        elif not groups or not all(isinstance(g, DiagonalGaussianGroup) for g in groups):
+            why = "a guide whose every part is a mean-field Gaussian"
+        elif _subsampled_latents(self.guide):
+            why = "latents without subsampled plates (for minibatch SVI use 'auto' or 'none')"
+        elif not self.control_variate:
+            why = "control_variate=True: the step uses the guide's recorded draws"
+        if why is not None:
+            raise ValueError(f"curvature='hvp' needs a mean-field guide: {why}. Use "
+                             f"curvature='hessian' for full-rank and low-rank guides, or 'none'")
+
     def _curvature_modes(self, groups):
         """``(joint, minibatch)``: whether steps take the model's Hessian over all the
         latents (:meth:`_step_with_curvature`), or, for an ``AutoNormal`` over a
@@ -317,10 +369,9 @@ class NaturalGradient(PyroOptim):
         latents, not to the full plate)."""
         if self._curvature is None or not self.control_variate:
             return False, False
-        subsampled = any(any(f.full_size is not None and f.full_size != f.size
-                             for f in site["cond_indep_stack"])
-                         for _, site in self.guide.prototype_trace.iter_stochastic_nodes())
-        if subsampled:
+        if self.curvature == "hvp":
+            return True, False  # checked by _check_hvp
+        if _subsampled_latents(self.guide):
             if self.curvature == "ggn" or not all(
                     isinstance(g, DiagonalGaussianGroup) for g in groups):
                 if self.curvature in ("hessian", "ggn"):
@@ -489,7 +540,12 @@ class NaturalGradient(PyroOptim):
                 else:
                     state["t"] += float(_fraction_taken(used, rho).mean())
 
-    def _step_diagonal(self, group, grads, records, state, target=None):
+    def _step_diagonal(self, group, grads, records, state, target=None, mean=None, rho=None):
+        """The natural-gradient step of a mean-field group (``target``: a precision
+        target from the model's Hessian). ``mean``, with ``rho`` the scheduled step
+        size: the new ``loc`` from :meth:`_step_hvp`, whose clock counts the step; the
+        variances step as usual, and the whitened precision gradient ``S`` of the step
+        is returned for that clock."""
         loc = group.params["loc"]
         raw = group.params["scale"]
         per_element = self._per_element(group, records)
@@ -511,7 +567,7 @@ class NaturalGradient(PyroOptim):
             rho = self.step_size(t)
         else:
             active = None
-            rho = self.step_size(state["t"])
+            rho = self.step_size(state["t"]) if rho is None else rho
         if target is not None:
             # A Hessian entry of a non-log-concave model can be negative: keep the
             # current precision there.
@@ -527,16 +583,15 @@ class NaturalGradient(PyroOptim):
         new_raw = group.transforms["scale"].inv(step.scale_tril)
         taken = _fraction_taken(step.rho, rho)
         if active is None:
-            self._write(loc, step.loc)
+            self._write(loc, step.loc if mean is None else mean)
             self._write(raw, new_raw)
+            if mean is not None:
+                S = scale * g_scale
+                return S - cv * (moments[1] - 1) if moments is not None else S
             if target is None:
                 # the whitened mean gradient's sample, as the fused step computes it
-                w = (scale * g_loc - (cv * moments[0] if moments is not None else 0)).reshape(-1)
-                w = w[::hold_stride(w.numel())]
-                previous = _previous_gradient(state, w.numel(), w)
-                sums = torch.stack([w @ previous, w @ w, previous @ previous]).tolist()
-                previous.copy_(w)
-                self._advance_clock(state, float(taken.mean()), *sums)
+                w = scale * g_loc - (cv * moments[0] if moments is not None else 0)
+                self._advance_clock(state, float(taken.mean()), *_agreement(state, w))
             else:
                 state["t"] += float(taken.mean())
         else:
@@ -693,6 +748,9 @@ class NaturalGradient(PyroOptim):
         draws = torch.cat(draws)
         state = self._state["curvature"]
         rho = self.step_size(state["t"])
+        if self.curvature == "hvp":
+            with torch.no_grad():
+                return self._step_hvp(groups, grads, records, draws, rho, state)
         with torch.no_grad():
             locs = torch.cat([g.params["loc"].detach().reshape(-1) for g in groups])
             if self.curvature == "ggn":
@@ -723,6 +781,79 @@ class NaturalGradient(PyroOptim):
         # A step the trust region shortened counts as the fraction taken, so the
         # decay of the step size does not start before the iterates got anywhere.
         state["t"] += float(_fraction_taken(used, rho).mean())
+        return True
+
+    def _step_hvp(self, groups, grads, records, draws, rho, state) -> bool:
+        """Mean-field groups under ``curvature="hvp"``: the Newton step for the mean of
+        :meth:`_step_diagonal_newton` without its ``(D, D)`` matrices.
+
+        The running precision ``P`` there averages the Hessians of past steps into the
+        guide's first precision ``P_0``; here it is ``P' = (1 - W') P_0 + W' A`` with
+        ``A = -grad^2 f(mu)`` at the current mean, applied by Hessian-vector products,
+        and ``W' = (1 - rho) W + rho`` the weight the average would give its Hessians
+        (the same ``P'`` when the Hessian is constant, as for a linear-Gaussian model).
+        Not the current ``Sigma^{-1}`` in place of ``P_0``: near ``diag(A)`` it would
+        make the early, short steps Jacobi steps, which stall on a correlated posterior.
+        ``mu' = mu - rho d``, ``d = P'^{-1} dl/dmu - (mean(z) - mu)`` by conjugate
+        gradients (the second term is the control variate ``P' (z - mu)``, of mean
+        zero since ``P'`` does not depend on the draw), with ``rho`` cut by the trust
+        region as there. The variances take the gradient-only step. False (nothing
+        changed) where ``A`` is not positive definite along the solve, or the solve is
+        not finite."""
+        loc = torch.cat([g.params["loc"].detach().reshape(-1) for g in groups])
+        scale = torch.cat([g.scale()[0].reshape(-1) for g in groups])
+        g_loc = torch.cat([gr["loc"].reshape(-1) for gr in grads])
+        offset = (draws - loc).mean(0)
+        hessian_product = self._curvature.precision_operator(loc)
+        variance = scale.square()
+        weight = float(state.get("hessian_weight", 0.0))
+        first = state.get("first_precision")
+        if not (torch.is_tensor(first) and first.shape == loc.shape):
+            first = variance.reciprocal()
+
+        def newton(r):
+            w = (1 - r) * weight + r
+
+            def product(v):
+                return (1 - w) * first * v + w * hessian_product(v)
+
+            # The guide's precision stands in for diag(A): equal at the mean-field optimum.
+            inverse_diagonal = ((1 - w) * first + w / variance).reciprocal()
+            x, info = conjugate_gradient(product, g_loc, precond=lambda v: v * inverse_diagonal,
+                                         tol=HVP_TOLERANCE, max_iter=HVP_MAX_PRODUCTS,
+                                         raise_on_fail=False, return_info=True)
+            ok = not info.negative_curvature and bool(torch.isfinite(x).all())
+            return w, product, x - offset, ok
+
+        w, product, direction, ok = newton(rho)
+        if ok and self.max_kl is not None:
+            quad = min(float((direction / scale).square().sum()),
+                       float(direction @ product(direction)))
+            limit = math.sqrt(self.max_kl / max(0.5 * quad, 1e-300))
+            if limit < rho:
+                w, product, direction, ok = newton(limit)
+                rho_mean = limit
+            else:
+                rho_mean = rho
+        else:
+            rho_mean = rho
+        if not ok:
+            return False
+        new_loc = loc - rho_mean * direction
+        pos, S = 0, []
+        for g, gr in zip(groups, grads):
+            n = g.params["loc"].numel()
+            S.append(self._step_diagonal(
+                g, gr, records, self._state[g.key], rho=rho,
+                mean=new_loc[pos:pos + n].reshape(g.params["loc"].shape)).reshape(-1))
+            pos += n
+        state["hessian_weight"] = w
+        state["first_precision"] = first
+        # The mean is exact after a few steps here; what the decay would slow is the
+        # variances' approach from afar (e.g. 40-fold), during which S keeps its sign
+        # from step to step, as the whitened mean gradient does for gradient-only steps.
+        self._advance_clock(state, float(_fraction_taken(rho_mean, rho)),
+                            *_agreement(state, torch.cat(S)))
         return True
 
     def _step_diagonal_newton(self, groups, grads, target, correction, rho, state):

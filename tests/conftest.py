@@ -39,9 +39,14 @@ def float64():
 
 @pytest.fixture(autouse=True)
 def _restore_global_state():
-    """Guard against a test (or the library) leaking global torch/pyro state."""
+    """Guard against a test (or the library) leaking global torch/pyro state, the
+    param store included: an autoguide reads its parameters from the store by name, so
+    one test's ``AutoMultivariateNormal.loc`` of size 3 broke a later test's guide of
+    11 latents (``tests/test_curvature.py`` then ``tests/test_docs.py``, run alone)."""
     dtype = torch.get_default_dtype()
     validation = pyro.distributions.is_validation_enabled()
+    pyro.clear_param_store()
     yield
+    pyro.clear_param_store()
     torch.set_default_dtype(dtype)
     pyro.enable_validation(validation)

@@ -90,6 +90,35 @@ def test_curvature_needs_the_guide_to_have_run():
     curv = ModelCurvature(guide)
     with pytest.raises(RuntimeError, match="svi.step"):
         curv.hessian(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="svi.step"):
+        curv.precision_operator(torch.zeros(3, dtype=torch.float64))
+
+
+def test_precision_operator_matches_closed_forms():
+    """``v -> -grad^2 f(z) v`` by Hessian-vector products: the linear model's precision
+    ``X^T X / sigma^2 + I / 4``, and the logistic model's ``X^T diag(p(1-p)) X + I``
+    at a point, applied to several vectors through one operator (its graph is reused)."""
+    X, y = _data()
+    g = generator(5)
+    V = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    guide = AutoNormal(_linear_model(X, y))
+    curv = ModelCurvature(guide)
+    guide()
+    product = curv.precision_operator(torch.randn(3, generator=g, dtype=torch.float64))
+    exact = X.T @ X / 0.5**2 + torch.eye(3, dtype=torch.float64) / 2.0**2
+    for v in V:
+        torch.testing.assert_close(product(v), exact @ v, rtol=1e-10, atol=1e-10)
+
+    yb = (X[:, 0] > 0).to(torch.float64)
+    guide = AutoMultivariateNormal(_glm(X, yb, "logit"))
+    curv = ModelCurvature(guide)
+    guide()
+    z = torch.tensor([0.7, -0.4, 1.1], dtype=torch.float64)
+    product = curv.precision_operator(z)
+    p = torch.sigmoid(X @ z)
+    closed = X.T @ ((p * (1 - p)).unsqueeze(-1) * X) + torch.eye(3, dtype=torch.float64)
+    for v in V:
+        torch.testing.assert_close(product(v), closed @ v, rtol=1e-10, atol=1e-10)
 
 
 def test_minibatch_hessian_diagonal_matches_autograd_hessian(float64):
