@@ -132,10 +132,11 @@ class WarningLog:
         return [(c, m, n) for (c, m), n in list(counts.items())[:limit]]
 
 
-def svi_gaps(model, guide_cls, contenders, best, budgets, elbo_of, seed=0):
+def svi_gaps(model, guide_cls, contenders, best, budgets, elbo_of, seed=0, spec=".3g"):
     """Rows ``[name, gap after each budget ..., ms per step]`` of single-particle
     ``Trace_ELBO`` runs: ``contenders`` are ``(name, make_optim(guide), steps)``, the gap
-    is ``best - elbo_of(guide)`` ('-' past a contender's steps or a non-finite ELBO)."""
+    is ``best - elbo_of(guide)`` ('-' past a contender's steps or a non-finite ELBO),
+    formatted with ``spec``."""
     import time
 
     from pyro.infer import SVI, Trace_ELBO
@@ -158,6 +159,6 @@ def svi_gaps(model, guide_cls, contenders, best, budgets, elbo_of, seed=0):
                     elbos[i] = elbo_of(guide)
                     if not math.isfinite(elbos[i]):
                         break
-        rows.append([name] + [fmt(best - elbos[b]) if b in elbos else "-" for b in budgets]
+        rows.append([name] + [fmt(best - elbos[b], spec) if b in elbos else "-" for b in budgets]
                     + [f"{1000 * elapsed / max(1, i):.1f}"])
     return rows
