@@ -132,6 +132,15 @@ class WarningLog:
         return [(c, m, n) for (c, m), n in list(counts.items())[:limit]]
 
 
+def print_budget_table(title, caption, budgets, rows) -> None:
+    """Print the markdown section of :func:`svi_gaps`' rows: heading, caption, table
+    (one column per step budget, then ms per step) and the environment."""
+    print(f"### {title}\n")
+    print(f"{caption}\n")
+    print(markdown_table(["optimizer"] + [str(b) for b in budgets] + ["ms/step"], rows))
+    print(f"\nEnvironment: {environment_line()}")
+
+
 def svi_gaps(model, guide_cls, contenders, best, budgets, elbo_of, seed=0, spec=".3g"):
     """Rows ``[name, gap after each budget ..., ms per step]`` of single-particle
     ``Trace_ELBO`` runs: ``contenders`` are ``(name, make_optim(guide), steps)``, the gap

@@ -25,9 +25,7 @@ import torch
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    environment_line, markdown_table, seeded_generator, set_threads, svi_gaps,
-)
+from common import print_budget_table, seeded_generator, set_threads, svi_gaps  # noqa: E402
 from problems import LinearRegression, guide_moments  # noqa: E402
 
 from pyro_natgrad import NaturalGradient  # noqa: E402
@@ -72,12 +70,12 @@ def main(argv=None):
          for lr in (0.001, 0.01, 0.1)]
     rows = svi_gaps(problem.model, guide_cls, contenders, best, budgets,
                     lambda g: problem.elbo(*guide_moments(g)), args.seed)
-    print(f"### {guide_cls.__name__}, correlated linear regression (d = {args.d}, mixing "
-          f"{args.mixing}, {2 * args.decades:g} decades of column scales)\n")
-    print(f"Exact ELBO gap to the optimum of the guide's family ({best:.2f}) after each "
-          f"number of SVI steps ('-': not run that long); seed {args.seed}; float64.\n")
-    print(markdown_table(["optimizer"] + [str(b) for b in budgets] + ["ms/step"], rows))
-    print(f"\nEnvironment: {environment_line()}")
+    print_budget_table(
+        f"{guide_cls.__name__}, correlated linear regression (d = {args.d}, mixing "
+        f"{args.mixing}, {2 * args.decades:g} decades of column scales)",
+        f"Exact ELBO gap to the optimum of the guide's family ({best:.2f}) after each "
+        f"number of SVI steps ('-': not run that long); seed {args.seed}; float64.",
+        budgets, rows)
 
 
 if __name__ == "__main__":

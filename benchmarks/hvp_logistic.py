@@ -23,9 +23,7 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    environment_line, markdown_table, seeded_generator, set_threads, svi_gaps,
-)
+from common import print_budget_table, seeded_generator, set_threads, svi_gaps  # noqa: E402
 
 from pyro_natgrad import NaturalGradient  # noqa: E402
 
@@ -74,12 +72,10 @@ def main(argv=None):
          for lr in (0.01, 0.1)]
     # svi_gaps reports best - ELBO: with best = 0 that is the negative ELBO.
     rows = svi_gaps(model, AutoNormal, contenders, 0.0, budgets, elbo, args.seed, spec=".1f")
-    print(f"### AutoNormal, logistic regression (d = {args.d}, n = {args.n}, mixing "
-          f"{args.mixing})\n")
-    print(f"Negative ELBO (estimated with {args.draws} draws of the guide; lower is better) "
-          f"after each number of SVI steps; seed {args.seed}; float64.\n")
-    print(markdown_table(["optimizer"] + [str(b) for b in budgets] + ["ms/step"], rows))
-    print(f"\nEnvironment: {environment_line()}")
+    print_budget_table(
+        f"AutoNormal, logistic regression (d = {args.d}, n = {args.n}, mixing {args.mixing})",
+        f"Negative ELBO (estimated with {args.draws} draws of the guide; lower is better) "
+        f"after each number of SVI steps; seed {args.seed}; float64.", budgets, rows)
 
 
 if __name__ == "__main__":
