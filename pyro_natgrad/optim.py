@@ -798,8 +798,8 @@ class NaturalGradient(PyroOptim):
         gradients (the second term is the control variate ``P' (z - mu)``, of mean
         zero since ``P'`` does not depend on the draw), with ``rho`` cut by the trust
         region as there. The variances take the gradient-only step. False (nothing
-        changed) where ``A`` is not positive definite along the solve, or the solve is
-        not finite."""
+        changed) where ``P'`` is not positive definite along the solve (``A`` indefinite
+        and weighted enough), or the solve is not finite."""
         loc = torch.cat([g.params["loc"].detach().reshape(-1) for g in groups])
         scale = torch.cat([g.scale()[0].reshape(-1) for g in groups])
         g_loc = torch.cat([gr["loc"].reshape(-1) for gr in grads])
@@ -825,18 +825,15 @@ class NaturalGradient(PyroOptim):
             ok = not info.negative_curvature and bool(torch.isfinite(x).all())
             return w, product, x - offset, ok
 
+        rho_mean = rho
         w, product, direction, ok = newton(rho)
         if ok and self.max_kl is not None:
             quad = min(float((direction / scale).square().sum()),
                        float(direction @ product(direction)))
             limit = math.sqrt(self.max_kl / max(0.5 * quad, 1e-300))
             if limit < rho:
-                w, product, direction, ok = newton(limit)
                 rho_mean = limit
-            else:
-                rho_mean = rho
-        else:
-            rho_mean = rho
+                w, product, direction, ok = newton(limit)
         if not ok:
             return False
         new_loc = loc - rho_mean * direction
