@@ -35,9 +35,9 @@ estimates the mean eigenvalue of the whitened curvature ``M = L^T E[H] L`` (the
 from the optimum too, e.g. a guide started too narrow) and ``c = 1`` at the optimum
 of a Gaussian posterior, where ``M = I``. Taken from the same draws, ``c`` biases the
 estimate of ``S`` by ``2 (M - c I) / (d + 2)``, which vanishes at the optimum.
-Mean-field steps take ``c`` from the previous step's draws instead (the same formula,
-summed over the elements), which keeps the variate's mean zero for any size; see
-:func:`diagonal_gaussian_step`.
+Mean-field steps give each element the ``c`` of the other elements' draws
+(:func:`leave_one_out_cv`, the same formula summed over them), which keeps its
+variate's mean zero; see :func:`diagonal_gaussian_step`.
 
 Full-rank steps from the ELBO's gradient alone (no ``precision_target``) with a trust
 region also take ``rho <= 1 / (2 |S|_F)``, so ``B >= I/2`` holds without the retraction.
@@ -81,6 +81,31 @@ def cv_coefficient(trace_LtG, d: int, second_moment):
         ok = second_moment > 0
         return torch.where(ok, (trace_LtG + d) / torch.where(ok, second_moment, 1), 1.0)
     return (trace_LtG + d) / second_moment if second_moment > 0 else 1.0
+
+
+def leave_one_out_cv(curvature: torch.Tensor, second_moment: torch.Tensor,
+                     seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-element control-variate coefficients of a mean-field step, each
+    :func:`cv_coefficient` of the *other* elements' draws:
+    ``c_i = sum_{j != i} (a_j + 1) / sum_{j != i} E[eps_j^2]``, ``a = scale dl/dscale``.
+
+    ``c_i`` does not use element ``i``'s draw, so its variate keeps mean zero (up to
+    the other elements' gradients' dependence on that draw, when the posterior is
+    correlated); taken from this step's draws it fits the guide as it is now. The
+    previous step's coefficient, used before, lagged a step behind: a guide that started
+    10x too wide got a coefficient of 100 after its first step had already narrowed
+    it, and the noise this injected collapsed variances for hundreds of steps.
+
+    :param curvature: ``a``, any shape; ``second_moment``: ``E[eps^2]``, the same shape.
+    :param seen: optional boolean mask of the elements that were drawn (a subsample);
+        the others neither contribute nor get a meaningful coefficient.
+    """
+    a = curvature + 1
+    e2 = second_moment
+    if seen is not None:
+        a, e2 = torch.where(seen, a, 0), torch.where(seen, e2, 0)
+    denominator = (e2.sum() - e2).clamp_min(torch.finfo(e2.dtype).tiny)
+    return (a.sum() - a) / denominator
 
 
 def _phi(x: torch.Tensor) -> torch.Tensor:
@@ -359,6 +384,26 @@ def _below(B, floor, draws, eps_moments) -> bool:
     return bool(torch.linalg.cholesky_ex(M)[1] != 0)
 
 
+def step_limit(w: torch.Tensor, S: torch.Tensor, max_kl: float) -> torch.Tensor:
+    """The largest step size of each element of a mean-field step under the trust region
+    ``max_kl``, which the mean's move and the precision's change share equally:
+    ``(rho |w| (1 + rho |S|))^2 / 2 <= max_kl / 2`` and ``(rho S)^2 / 4 <= max_kl / 2``.
+
+    ``w = scale dl/dloc`` (the whitened mean gradient) and ``S`` (the whitened precision
+    gradient) broadcast together. The mean moves ``rho w / B`` current sds, and
+    ``1 / B <= 1 + rho |S|`` for either sign of ``S`` (see :func:`diagonal_gaussian_step`).
+    Bounding the move as if ``B`` were 1, as before, let a variance that grew carry the
+    mean further than the region allows, and allowed larger steps where ``S > 0`` than
+    where ``S < 0``: from a start far from the mean, where ``S`` is mostly noise, that
+    asymmetry shrank variances systematically until they collapsed. The bound is the
+    positive root of the quadratic, written without cancellation."""
+    r = math.sqrt(max_kl)
+    a, b = w.abs(), S.abs()
+    mean = 2 * r / (a + (a.square() + 4 * r * a * b).sqrt())
+    precision = math.sqrt(2) * r / b
+    return torch.minimum(mean, precision)  # 1/0 = inf where a term vanishes
+
+
 def diagonal_gaussian_step(loc, scale, grad_loc, grad_scale, rho,
                            eps_moments=None, max_kl: Optional[float] = None,
                            precision_target=None, loc_step=None, floor=None, cv=1.0):
@@ -368,9 +413,9 @@ def diagonal_gaussian_step(loc, scale, grad_loc, grad_scale, rho,
     as :func:`full_gaussian_step` with ``d = 1`` per element: ``S = scale * dl/dscale``
     (minus ``cv (mean(eps^2) - 1)``), ``scale' = scale / sqrt(1 + rho S)``,
     ``loc' = loc - rho scale'^2 dl/dloc`` (``dl/dloc`` less ``cv E[eps] / scale``).
-    ``cv``: the control variate's coefficient, a number that must not depend on these
-    draws (e.g. :func:`cv_coefficient` of an earlier step's). ``max_kl`` bounds each
-    element's step.
+    ``cv``: the control variate's coefficient, a number or a tensor that broadcasts,
+    whose element ``i`` must not depend on element ``i``'s draw (e.g.
+    :func:`leave_one_out_cv`). ``max_kl`` bounds each element's step.
     ``precision_target`` (elementwise ``-E[f'']``) replaces the precision target
     from ``grad_scale``; ``loc_step`` replaces the mean's step direction
     ``scale'^2 dl/dloc`` (e.g. by a Newton direction). ``floor`` (default: whether
@@ -387,16 +432,18 @@ def diagonal_gaussian_step(loc, scale, grad_loc, grad_scale, rho,
         g = g - cv * eps_moments[0] / scale
     rho = torch.as_tensor(rho, dtype=loc.dtype, device=loc.device)
     if max_kl is not None:
-        size = (0.5 * (scale * g).square() + 0.25 * S.square()).clamp_min(
-            torch.finfo(loc.dtype).tiny)
-        rho = torch.minimum(rho, (max_kl / size).sqrt())
+        rho = torch.minimum(rho, step_limit(scale * g, S, max_kl))
     x = rho * S
-    # With a trust region: 1 + x, continued below 0 by 1 + x + x^2/2 (the iBLR
-    # retraction), smooth and >= 1/2, so no step more than doubles a variance however
-    # noisy S is. Without one (exact gradients): 1 + x wherever it is positive.
+    # B = 1 + x (linear in the precision) where x >= 0, 1 / (1 - x) (linear in the
+    # variance) where -1 <= x < 0, and 1/2 below: log B is odd in x on [-1, 1], so noise
+    # in S moves the variances less systematically, a more negative S never grows a
+    # variance less, and none more than doubles. (The iBLR form 1 + x + x^2/2, used
+    # before, turns back below x = -1: under noise it shrank variances that had to grow.)
+    # With a trust region this applies for all x < 0; without one (exact gradients)
+    # only where 1 + x <= 0.
     floor = max_kl is not None if floor is None else floor
     retract = x < 0 if floor else 1 + x <= 0
-    B = torch.where(retract, 1 + x + 0.5 * x.square(), 1 + x)
+    B = torch.where(retract, (1 - x.clamp(-1, 0)).reciprocal(), 1 + x)
     scale_new = scale * B.rsqrt()
     direction = scale_new.square() * g if loc_step is None else loc_step
     return GaussianStep(loc - rho * direction, scale_new, rho, retract)
@@ -432,14 +479,21 @@ class FusedSums(NamedTuple):
 
     taken: torch.Tensor  # sum(rho_i)
     check: torch.Tensor  # sum(loc') + sum(raw'): finite only if every output is
-    curvature: torch.Tensor  # sum(scale dl/dscale), for cv_coefficient (0 without a draw)
-    second_moment: torch.Tensor  # sum(eps^2), likewise
     agreement: torch.Tensor  # <w, previous w> on the sample, w = scale (dl/dloc - cv eps/scale)
     norm2: torch.Tensor  # |w|^2 on the sample
 
 
+def passes(n: int, chunk: int):
+    """``(start, stop)`` of the passes over ``n`` elements: as few as chunks of at most
+    ``chunk`` allow, of equal length (within one), so that no pass is a short tail whose
+    leave-one-out sums would be noisy."""
+    count = max(1, -(-n // chunk))
+    bounds = [n * k // count for k in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_kl: float,
-                           out_loc, out_raw, work, scale=None, cv: float = 1.0,
+                           out_loc, out_raw, work, scale=None, cv: Optional[float] = None,
                            previous=None) -> FusedSums:
     """:func:`diagonal_gaussian_step` with a trust region, fused for the parameterisation
     ``scale = softplus(raw)`` of Pyro's guides and written without temporaries of full
@@ -447,37 +501,36 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
 
     The same maths, in the unconstrained coordinates: ``dl/dscale = dl/draw / sigmoid(raw)``;
     ``eps = (draw - loc) / scale`` (one draw, or None for no control variate);
-    ``rho_i = min(rho, sqrt(max_kl / size_i))``; ``B = 1 + x + min(x, 0)^2 / 2``,
+    ``rho_i = min(rho, step_limit(scale g, S, max_kl))``;
+    ``B = (1 + max(x, 0)) / (1 - max(min(x, 0), -1))``,
     ``x = rho_i S``; ``scale' = scale / sqrt(B)``, ``loc' = loc - rho_i scale'^2 g``,
     ``raw' = log(expm1(scale'))``. ``scale`` is the guide's own ``softplus(raw)`` if
     given (saving two of the four transcendental functions per element, the larger part
     of the cost); else it is computed as ``log1p(exp(raw))``, which needs ``raw <= 20``.
     1-d contiguous tensors of one length.
 
-    ``cv`` is the control variate's coefficient, as in :func:`diagonal_gaussian_step`.
+    ``cv`` is the control variate's coefficient, as in :func:`diagonal_gaussian_step`;
+    None: :func:`leave_one_out_cv` within each pass (see :func:`passes`; at most
+    ``chunk_size(loc)`` elements, at least half that when there are more).
 
-    :param work: a list of 5 scratch tensors of length ``min(len(loc), chunk_size(loc))``.
+    :param work: a list of 6 scratch tensors of length ``min(len(loc), chunk_size(loc))``.
     :param previous: optional, the whitened mean gradient ``w`` of the previous step
         on the sample ``w[::hold_stride(len(loc))]``; it is read for ``agreement`` and
         overwritten with this step's.
     :returns: :class:`FusedSums`. ``check`` is the caller's check of the outputs, made
-        while they are in cache; ``curvature`` and ``second_moment`` give
-        :func:`cv_coefficient` for a later step.
+        while they are in cache.
     """
     n = loc.shape[0]
     taken = loc.new_zeros(())
     check = loc.new_zeros(())
-    sum_a = loc.new_zeros(())
-    sum_e2 = loc.new_zeros(())
     agreement = loc.new_zeros(())
     norm2 = loc.new_zeros(())
     stride = hold_stride(n)
-    w = 0.5 / max_kl
-    chunk = chunk_size(loc)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
+    root_kl = math.sqrt(max_kl)
+    tiny = torch.finfo(loc.dtype).tiny
+    for start, stop in passes(n, chunk_size(loc)):
         r, m, gl, gr = (t[start:stop] for t in (raw, loc, grad_loc, grad_raw))
-        s, A, C, D, E = (t[:stop - start] for t in work)
+        s, A, C, D, E, F = (t[:stop - start] for t in work)
         if scale is None:
             torch.exp(r, out=A)
             torch.log1p(A, out=s)                      # scale
@@ -489,30 +542,41 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
             torch.div(gr, A, out=C).mul_(s)            # scale dl/dscale
         if draw is not None:
             torch.sub(draw[start:stop], m, out=D).div_(s)   # eps
-            sum_a += C.sum()
-            sum_e2 += torch.dot(D, D)
-            g = torch.addcdiv(gl, D, s, value=-cv, out=A)    # dl/dloc - cv eps / scale
-            C.addcmul_(D, D, value=-cv).add_(cv)             # S
+            torch.mul(D, D, out=E)                          # eps^2
+            if cv is None:
+                # c_i = (sum(a + 1) - a_i - 1) / (sum(eps^2) - eps_i^2), a = C
+                torch.sub(C.sum() + (stop - start - 1), C, out=F)
+                F.div_(torch.sub(E.sum(), E, out=A).clamp_min_(tiny))
+                g = torch.addcdiv(gl, torch.mul(D, F, out=A), s, value=-1, out=A)
+                C.addcmul_(F, E.sub_(1), value=-1)          # S
+            else:
+                g = torch.addcdiv(gl, D, s, value=-cv, out=A)    # dl/dloc - cv eps / scale
+                C.add_(E.sub_(1), alpha=-cv)                      # S
         else:
             g = gl
         torch.mul(s, g, out=D)                         # w
         if previous is not None:
-            first = -(-start // stride) * stride  # the chunk's first sampled element
+            first = -(-start // stride) * stride  # the pass's first sampled element
             sample = D[first - start::stride]
             part = previous[first // stride:first // stride + sample.shape[0]]
             norm2 += torch.dot(sample, sample)
             agreement += torch.dot(sample, part)
             part.copy_(sample)
-        # rho_i = min(rho, (size / max_kl)^(-1/2)), size = |scale g|^2 / 2 + S^2 / 4
-        D.mul_(D).mul_(w).addcmul_(C, C, value=0.5 * w).rsqrt_().clamp_max_(rho)
+        # rho_i = min(rho, 2k / (a + sqrt(a^2 + 4k a b)), sqrt(2) k / b): step_limit,
+        # a = |w|, b = |S|, k = sqrt(max_kl)
+        torch.abs(C, out=E)
+        torch.mul(D, D, out=F)
+        F.addcmul_(D.abs_(), E, value=4 * root_kl).sqrt_().add_(D).reciprocal_().mul_(2 * root_kl)
+        E.reciprocal_().mul_(math.sqrt(2) * root_kl)
+        torch.minimum(F, E, out=D).clamp_max_(rho)
         taken += D.sum()
-        C.mul_(D)                                      # x
+        C.mul_(D).clamp_min_(-1)                       # x, at least -1
         torch.clamp_max(C, 0, out=E)
-        C.add_(1).addcmul_(E, E, value=0.5).rsqrt_()   # B^(-1/2)
+        C.abs_().add_(1).rsqrt_().addcmul_(C, E, value=-1)  # B^(-1/2) = (1 + |x|)^(-1/2) (1 - min(x, 0))
         torch.mul(s, C, out=E)                         # scale'
         D.mul_(g).mul_(E)
         new_loc = torch.addcmul(m, D, E, value=-1, out=out_loc[start:stop])
         torch.expm1(E, out=D)
         new_raw = torch.log(D, out=out_raw[start:stop])
         check += new_loc.sum() + new_raw.sum()
-    return FusedSums(taken, check, sum_a, sum_e2, agreement, norm2)
+    return FusedSums(taken, check, agreement, norm2)

@@ -26,8 +26,8 @@ from pyro.infer.autoguide import (AutoCallable, AutoContinuous, AutoDiagonalNorm
                                   AutoGuideList, AutoNormal)
 
 from .curvature import ModelCurvature
-from .gaussian import (StepError, chunk_size, cv_coefficient, diagonal_gaussian_step, full_step,
-                       hold_stride, softplus_diagonal_step)
+from .gaussian import (StepError, chunk_size, diagonal_gaussian_step, full_step,
+                       hold_stride, leave_one_out_cv, softplus_diagonal_step)
 from .guides import DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide
 from .handwritten import describe_rejected, find_svi_args, read_handwritten
 from .linalg import conjugate_gradient
@@ -55,24 +55,9 @@ HVP_MAX_PRODUCTS = 50
 HOLD_COSINE = 0.1
 
 #: Mean-field groups smaller than this keep the control variate's coefficient at 1: the
-#: estimate of :func:`~pyro_natgrad.gaussian.cv_coefficient` from one draw of a few
+#: estimate of :func:`~pyro_natgrad.gaussian.leave_one_out_cv` from one draw of a few
 #: elements is a ratio of small sums, too noisy to help.
 CV_MIN_ELEMENTS = 64
-
-
-def _cv(state, n: int) -> float:
-    """The control variate's coefficient for this step of a mean-field group: the
-    estimate from the previous step's draws (independent of this step's, so the variate
-    keeps mean zero), or 1."""
-    return float(state.get("cv", 1.0)) if n >= CV_MIN_ELEMENTS else 1.0
-
-
-def _update_cv(state, n: int, sum_a: float, sum_e2: float):
-    """Store :func:`~pyro_natgrad.gaussian.cv_coefficient` of this step's draws
-    (``sum_a = sum(scale dl/dscale)``, ``sum_e2 = sum(E[eps^2])`` over ``n`` elements) for
-    the next step."""
-    if n >= CV_MIN_ELEMENTS and math.isfinite(sum_a) and math.isfinite(sum_e2):
-        state["cv"] = float(cv_coefficient(sum_a, n, sum_e2))
 
 
 def _previous_gradient(state, size: int, like) -> torch.Tensor:
@@ -155,8 +140,10 @@ class NaturalGradient(PyroOptim):
         from gradients alone holds it while successive whitened mean gradients agree
         (cosine above :data:`HOLD_COSINE`).
     :param max_kl: trust region: each step's quadratic estimate of ``KL(q' || q)`` is
-        at most this (per element for diagonal Gaussians without model curvature),
-        and no step more than doubles a variance in any direction. None turns both
+        at most this (per element for diagonal Gaussians without model curvature,
+        half for the mean and half for the precision:
+        :func:`~pyro_natgrad.gaussian.step_limit`), and no step more than doubles a
+        variance in any direction. None turns both
         off: right for exact gradients, risky for noisy ones.
     :param control_variate: subtract the zero-mean term that the current
         precision predicts from each gradient, using the guide's own draws
@@ -572,14 +559,14 @@ class NaturalGradient(PyroOptim):
             # A Hessian entry of a non-log-concave model can be negative: keep the
             # current precision there.
             target = torch.where(target > 0, target, scale.square().reciprocal())
-        cv = _cv(state, loc.numel()) if target is None else 1.0
+        cv = 1.0
+        if target is None and moments is not None:
+            seen = moments[2] > 0  # with a subsample, only its elements
+            if int(seen.sum()) >= CV_MIN_ELEMENTS:
+                cv = leave_one_out_cv(scale * g_scale, moments[1], seen)
         step = diagonal_gaussian_step(loc.detach(), scale, g_loc, g_scale, rho,
                                       moments[:2] if moments is not None else None, self.max_kl,
                                       precision_target=target, cv=cv)
-        if target is None and moments is not None:
-            seen = moments[2] > 0  # with a subsample, only its elements
-            _update_cv(state, int(seen.sum()), float((scale * g_scale)[seen].sum()),
-                       float(moments[1][seen].sum()))
         new_raw = group.transforms["scale"].inv(step.scale_tril)
         taken = _fraction_taken(step.rho, rho)
         if active is None:
@@ -641,17 +628,16 @@ class NaturalGradient(PyroOptim):
             if not (float(hi) <= 20.0 and float(lo) >= -30.0):
                 return False  # softplus is not log1p(exp(raw)) there, or the scale underflows
         flat = [t.detach().reshape(-1) for t in tensors]
-        new_loc, new_raw, *work = group.work((n, n) + (min(n, chunk_size(loc)),) * 5, loc.dtype,
+        new_loc, new_raw, *work = group.work((n, n) + (min(n, chunk_size(loc)),) * 6, loc.dtype,
                                              loc.device)
         rho = float(self.step_size(state["t"]))
         previous = _previous_gradient(state, len(range(0, n, hold_stride(n))), loc)
         before = previous @ previous  # the kernel overwrites it
         sums = softplus_diagonal_step(
             flat[0], flat[1], flat[2], flat[3], draw, rho, self.max_kl, new_loc, new_raw, work,
-            scale=None if scale is None else scale.reshape(-1), cv=_cv(state, n),
-            previous=previous)
-        taken, check, sum_a, sum_e2, agreement, norm2, before = torch.stack(
-            list(sums) + [before]).tolist()
+            scale=None if scale is None else scale.reshape(-1),
+            cv=None if n >= CV_MIN_ELEMENTS else 1.0, previous=previous)
+        taken, check, agreement, norm2, before = torch.stack(list(sums) + [before]).tolist()
         if not (math.isfinite(taken) and math.isfinite(check)):
             return False  # e.g. an overflow or an underflowed scale: the general route decides
         with torch.no_grad():
@@ -659,8 +645,6 @@ class NaturalGradient(PyroOptim):
             raw.view(-1).copy_(new_raw)
         self._advance_clock(state, min(1.0, max(0.0, taken / (n * max(rho, 1e-300)))),
                             agreement, norm2, before)
-        if draw is not None:
-            _update_cv(state, n, sum_a, sum_e2)
         return True
 
     def _advance_clock(self, state, advance, agreement, norm2, before):
