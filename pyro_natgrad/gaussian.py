@@ -410,7 +410,8 @@ def diagonal_gaussian_step(loc, scale, grad_loc, grad_scale, rho,
     """Elementwise natural-gradient step for independent ``N(loc, scale^2)``.
 
     Shapes broadcast elementwise; ``eps_moments = (E[eps], E[eps^2])``. Same maths
-    as :func:`full_gaussian_step` with ``d = 1`` per element: ``S = scale * dl/dscale``
+    as :func:`full_gaussian_step` with ``d = 1`` per element, except for the trust
+    region (:func:`step_limit`) and the retraction (below): ``S = scale * dl/dscale``
     (minus ``cv (mean(eps^2) - 1)``), ``scale' = scale / sqrt(1 + rho S)``,
     ``loc' = loc - rho scale'^2 dl/dloc`` (``dl/dloc`` less ``cv E[eps] / scale``).
     ``cv``: the control variate's coefficient, a number or a tensor that broadcasts,
