@@ -65,9 +65,13 @@ def main(argv=None):
         ("NaturalGradient (defaults)", lambda g: NaturalGradient(g), args.steps),
         ('NaturalGradient, curvature="hessian"',
          lambda g: NaturalGradient(g, curvature="hessian"), args.hessian_steps),
-    ] + ([('NaturalGradient, curvature="hvp"', lambda g: NaturalGradient(g, curvature="hvp"),
-           args.hvp_steps or args.steps)] if mean_field else []) + [(f"Adam, lr {lr}", lambda g, lr=lr: pyro.optim.Adam({"lr": lr}), args.steps)
-         for lr in (0.001, 0.01, 0.1)]
+    ]
+    if mean_field:
+        contenders.append(('NaturalGradient, curvature="hvp"',
+                           lambda g: NaturalGradient(g, curvature="hvp"),
+                           args.hvp_steps or args.steps))
+    contenders += [(f"Adam, lr {lr}", lambda g, lr=lr: pyro.optim.Adam({"lr": lr}), args.steps)
+                   for lr in (0.001, 0.01, 0.1)]
     rows = svi_gaps(problem.model, guide_cls, contenders, best, budgets,
                     lambda g: problem.elbo(*guide_moments(g)), args.seed)
     print_budget_table(

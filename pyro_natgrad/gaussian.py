@@ -573,7 +573,8 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
         taken += D.sum()
         C.mul_(D).clamp_min_(-1)                       # x, at least -1
         torch.clamp_max(C, 0, out=E)
-        C.abs_().add_(1).rsqrt_().addcmul_(C, E, value=-1)  # B^(-1/2) = (1 + |x|)^(-1/2) (1 - min(x, 0))
+        # B^(-1/2) = (1 + |x|)^(-1/2) (1 - min(x, 0))
+        C.abs_().add_(1).rsqrt_().addcmul_(C, E, value=-1)
         torch.mul(s, C, out=E)                         # scale'
         D.mul_(g).mul_(E)
         new_loc = torch.addcmul(m, D, E, value=-1, out=out_loc[start:stop])

@@ -1553,6 +1553,18 @@ def _large_mean_field(seed, n=1000):
     return model, guide, opt, svi
 
 
+def _observed_plate(data, noise):
+    """A plate of latents ``z_i ~ N(0, 1)``, each observed once as ``N(z_i, noise)``:
+    ``(model, posterior mean, posterior sd)``, the posterior in closed form."""
+    def model():
+        with pyro.plate("N", data.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=data.dtype), 1.0))
+            pyro.sample("x", dist.Normal(z, noise), obs=data)
+
+    precision = 1 + noise ** -2
+    return model, data / noise ** 2 / precision, precision ** -0.5
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("start", ["narrow", "wide"])
 def test_mean_field_control_variate_scales_with_the_curvature(float64, monkeypatch, fused,
@@ -1575,15 +1587,8 @@ def test_mean_field_control_variate_scales_with_the_curvature(float64, monkeypat
         monkeypatch.setattr(NaturalGradient, "_step_diagonal_fused", lambda *a, **k: False)
     n = 2000
     noise, steps = (1.0, 20) if start == "narrow" else (0.01, 10)
-    data = noise * torch.randn(n, generator=generator(5), dtype=F64)
-
-    def model():
-        with pyro.plate("N", n):
-            z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=F64), 1.0))
-            pyro.sample("x", dist.Normal(z, noise), obs=data)
-
-    precision = 1 + noise ** -2
-    post_mean, post_sd = data / noise ** 2 / precision, precision ** -0.5
+    model, post_mean, post_sd = _observed_plate(
+        noise * torch.randn(n, generator=generator(5), dtype=F64), noise)
     pyro.set_rng_seed(0)
     guide = AutoNormal(model)
     svi = SVI(model, guide, NaturalGradient(guide), Trace_ELBO())
@@ -1823,16 +1828,8 @@ def test_hvp_with_informative_data_far_from_the_start(float64):
     steps for 90% of the elements to be within 3%, and leave the few most extreme ones
     stuck far away (358 sds after 200 steps, measured): docs/optimizer.rst recommends
     "hvp" here. The posterior is closed form."""
-    n, noise = 2000, 0.01
-    data = torch.randn(n, generator=generator(5), dtype=F64)
-
-    def model():
-        with pyro.plate("N", n):
-            z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=F64), 1.0))
-            pyro.sample("x", dist.Normal(z, noise), obs=data)
-
-    precision = 1 + noise ** -2
-    post_mean, post_sd = data / noise ** 2 / precision, precision ** -0.5
+    model, post_mean, post_sd = _observed_plate(
+        torch.randn(2000, generator=generator(5), dtype=F64), 0.01)
     pyro.set_rng_seed(0)
     guide = AutoNormal(model)
     svi = SVI(model, guide, NaturalGradient(guide, curvature="hvp"), Trace_ELBO())
