@@ -384,6 +384,13 @@ def _below(B, floor, draws, eps_moments) -> bool:
     return bool(torch.linalg.cholesky_ex(M)[1] != 0)
 
 
+#: A mean-field step from gradients alone (no model curvature) with a trust region
+#: changes no variance by more than this factor either way (see
+#: :func:`diagonal_gaussian_step`; docs/optimizer.rst has the measurements). 3 settled
+#: a start ten times too wide faster, but collapsed more variances far from the mean.
+NOISY_VARIANCE_FACTOR = 2.0
+
+
 def step_limit(w: torch.Tensor, S: torch.Tensor, max_kl: float) -> torch.Tensor:
     """The largest step size of each element of a mean-field step under the trust region
     ``max_kl``, which the mean's move and the precision's change share equally:
@@ -420,7 +427,10 @@ def diagonal_gaussian_step(loc, scale, grad_loc, grad_scale, rho,
     ``precision_target`` (elementwise ``-E[f'']``) replaces the precision target
     from ``grad_scale``; ``loc_step`` replaces the mean's step direction
     ``scale'^2 dl/dloc`` (e.g. by a Newton direction). ``floor`` (default: whether
-    ``max_kl`` is set) keeps each variance from more than doubling.
+    ``max_kl`` is set) keeps each variance from more than doubling; without a
+    ``precision_target`` it caps ``x`` to ``[1 - F, F - 1]`` instead,
+    ``F = NOISY_VARIANCE_FACTOR``, so that no variance changes more than ``F``-fold
+    either way.
     """
     g = grad_loc
     if precision_target is not None:
@@ -436,15 +446,22 @@ def diagonal_gaussian_step(loc, scale, grad_loc, grad_scale, rho,
         rho = torch.minimum(rho, step_limit(scale * g, S, max_kl))
     x = rho * S
     # B = 1 + x (linear in the precision) where x >= 0, 1 / (1 - x) (linear in the
-    # variance) where -1 <= x < 0, and 1/2 below: log B is odd in x on [-1, 1], so noise
-    # in S moves the variances less systematically, a more negative S never grows a
+    # variance) where -1 <= x < 0, and 1/2 below: a more negative S never grows a
     # variance less, and none more than doubles. (The iBLR form 1 + x + x^2/2, used
     # before, turns back below x = -1: under noise it shrank variances that had to grow.)
     # With a trust region this applies for all x < 0; without one (exact gradients)
     # only where 1 + x <= 0.
     floor = max_kl is not None if floor is None else floor
     retract = x < 0 if floor else 1 + x <= 0
-    B = torch.where(retract, (1 - x.clamp(-1, 0)).reciprocal(), 1 + x)
+    if floor and precision_target is None:
+        # From gradients alone S is noisy (from one draw its term eps * w, w the whitened
+        # mean gradient, dwarfs the signal while the mean is far), and a precision that
+        # may grow (1 + x)-fold but shrink at most 2-fold ratchets upwards under such
+        # noise until variances collapse. A symmetric cap keeps log B odd in x.
+        x = x.clamp(1 - NOISY_VARIANCE_FACTOR, NOISY_VARIANCE_FACTOR - 1)
+        B = torch.where(retract, (1 - x).reciprocal(), 1 + x)
+    else:
+        B = torch.where(retract, (1 - x.clamp(-1, 0)).reciprocal(), 1 + x)
     scale_new = scale * B.rsqrt()
     direction = scale_new.square() * g if loc_step is None else loc_step
     return GaussianStep(loc - rho * direction, scale_new, rho, retract)
@@ -503,8 +520,9 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
     The same maths, in the unconstrained coordinates: ``dl/dscale = dl/draw / sigmoid(raw)``;
     ``eps = (draw - loc) / scale`` (one draw, or None for no control variate);
     ``rho_i = min(rho, step_limit(scale g, S, max_kl))``;
-    ``B = (1 + max(x, 0)) / (1 - max(min(x, 0), -1))``,
-    ``x = rho_i S``; ``scale' = scale / sqrt(B)``, ``loc' = loc - rho_i scale'^2 g``,
+    ``B = (1 + max(x, 0)) / (1 - min(x, 0))``,
+    ``x = clamp(rho_i S, 1 - F, F - 1)`` (``F = NOISY_VARIANCE_FACTOR``);
+    ``scale' = scale / sqrt(B)``, ``loc' = loc - rho_i scale'^2 g``,
     ``raw' = log(expm1(scale'))``. ``scale`` is the guide's own ``softplus(raw)`` if
     given (saving two of the four transcendental functions per element, the larger part
     of the cost); else it is computed as ``log1p(exp(raw))``, which needs ``raw <= 20``.
@@ -571,7 +589,7 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
         E.reciprocal_().mul_(math.sqrt(2) * root_kl)
         torch.minimum(F, E, out=D).clamp_max_(rho)
         taken += D.sum()
-        C.mul_(D).clamp_min_(-1)                       # x, at least -1
+        C.mul_(D).clamp_(1 - NOISY_VARIANCE_FACTOR, NOISY_VARIANCE_FACTOR - 1)  # x
         torch.clamp_max(C, 0, out=E)
         # B^(-1/2) = (1 + |x|)^(-1/2) (1 - min(x, 0))
         C.abs_().add_(1).rsqrt_().addcmul_(C, E, value=-1)

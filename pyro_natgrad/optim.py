@@ -143,8 +143,9 @@ class NaturalGradient(PyroOptim):
         at most this (per element for diagonal Gaussians without model curvature,
         half for the mean and half for the precision:
         :func:`~pyro_natgrad.gaussian.step_limit`), and no step more than doubles a
-        variance in any direction. None turns both
-        off: right for exact gradients, risky for noisy ones.
+        variance in any direction (nor, for mean-field steps from gradients alone,
+        halves one). None turns these off: right for exact gradients, risky for noisy
+        ones.
     :param control_variate: subtract the zero-mean term that the current
         precision predicts from each gradient, using the guide's own draws
         (recorded by forward hooks on the guide). Default True.
