@@ -34,7 +34,7 @@ from torch.distributions import constraints, kl_divergence
 from torch.distributions.kl import register_kl
 from torch.distributions.utils import broadcast_all
 
-from pyro_natgrad import fisher_information, fisher_operator, register_fisher
+from pyro_natgrad import fisher_information, fisher_operator, fisher_solve, register_fisher
 from pyro_natgrad.fisher import FisherFallbackWarning
 from tests.fisher_cases import CASES, case_ids, flatten_dict, unflatten_dict
 from tests.seeding import generator
@@ -569,6 +569,42 @@ def test_float32_input_gives_float32_close_to_float64(case):
     f32 = _fi(case, case.make(p32))
     assert f32.dtype == torch.float32
     assert_fisher_close(f32.double(), f64, 1e-4, f"{case.id}: float32 vs float64")
+
+
+@_select(lambda c: "rand" in c.id and c.family != "Delta")
+def test_float32_in_every_coordinate_system(case):
+    """Float32 parameters stay float32 through every coordinate change and solve.
+
+    Forward-mode autograd through ``transform_to(positive)`` (which adds the Python float
+    0.0) once returned float64 tangents, so the unconstrained Fisher came back float64 and
+    its solves failed on mixed dtypes.
+    """
+    p64 = case.params(F64)
+    bs = torch.Size(case.batch_shape)
+    # the bug showed only without batch dimensions, so also the first batch element alone
+    first = {k: v[(0,) * len(bs)] if torch.is_tensor(v) and v.shape[:len(bs)] == bs else v
+             for k, v in p64.items()}
+    for p in (p64, first):
+        _check_float32_coordinates(case, p)
+
+
+def _check_float32_coordinates(case, p64):
+    p32 = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+           for k, v in p64.items()}
+    d64, d32 = case.make(p64), case.make(p32)
+    for coords in ("unconstrained",) + (("natural", "mean") if case.ef is not None else ()):
+        f64 = _fi(case, d64, coords=coords)
+        f32 = _fi(case, d32, coords=coords)
+        assert f32.dtype == torch.float32, f"{case.id}, {coords}: {f32.dtype}"
+        # relative to the float64 matrix's own scale, as the float32 rounding is
+        assert_fisher_close(f32.double(), f64, 1e-3, f"{case.id}, {coords}: float32 vs float64")
+        v = torch.ones(f32.shape[:-1], dtype=torch.float32)
+        damping = 1.0 if case.singular else 0.0
+        x = fisher_solve(d32, v, damping, params=case.params_arg, coords=coords)
+        assert x.dtype == torch.float32, f"{case.id}, {coords}: solve gave {x.dtype}"
+        f64 = f64 + damping * torch.eye(f64.shape[-1], dtype=F64)
+        resid = _bmv(f64, x.double()) - 1
+        assert resid.abs().max() < 1e-2, f"{case.id}, {coords}: float32 solve residual {resid}"
 
 
 # ----------------------------------------------------------------------------------------

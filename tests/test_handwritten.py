@@ -391,6 +391,28 @@ def test_svi_defaults_reach_conjugate_posterior(family):
     _posterior_check(q, post)
 
 
+def test_float32_scalar_gamma_guide_reaches_conjugate_posterior():
+    """The docs' hand-written guide in torch's default dtype: scalar ``positive`` params
+    once hit a float64 Jacobian from forward-mode autograd and crashed the first step."""
+    counts = COUNTS.float()
+
+    def model(x):
+        lam = pyro.sample("lam", dist.Gamma(torch.tensor(A0), torch.tensor(B0)))
+        with pyro.plate("n", len(x)):
+            pyro.sample("x", dist.Poisson(lam), obs=x)
+
+    def guide(x):
+        a = pyro.param("a", torch.tensor(20.0), constraint=constraints.positive)
+        b = pyro.param("b", torch.tensor(0.5), constraint=constraints.positive)
+        pyro.sample("lam", dist.Gamma(a, b))
+
+    _svi(model, guide, (counts,))
+    assert value("a").dtype == value("b").dtype == torch.float32
+    A, B = gamma_posterior()
+    post = dist.Gamma(torch.tensor(A, dtype=F64), torch.tensor(B, dtype=F64))
+    _posterior_check(dist.Gamma(value("a").double(), value("b").double()), post)
+
+
 # ----------------------------------------------------------------------------------------
 # 3. routing: what cannot take a natural-gradient step goes to the base optimizer
 # ----------------------------------------------------------------------------------------

@@ -451,7 +451,8 @@ class ReparamFisher(FisherOperator):
         self._u = {s.name: s.value.detach().clone() for s in specs}
         if elementwise:
             ones = {k: torch.ones_like(x) for k, x in self._u.items()}
-            _, self.jac = torch.func.jvp(self.phi, (self._u,), (ones,))
+            _, jac = torch.func.jvp(self.phi, (self._u,), (ones,))
+            self.jac = self._own_dtypes(jac)
 
     def reinterpret(self, n):
         new = super().reinterpret(n)
@@ -461,13 +462,21 @@ class ReparamFisher(FisherOperator):
     def _jvp(self, v):
         if self.elementwise:
             return {k: self.jac[k] * x for k, x in v.items()}
-        return self._batched(lambda t: torch.func.jvp(self.phi, (self._u,), (t,))[1], v)
+        return self._own_dtypes(
+            self._batched(lambda t: torch.func.jvp(self.phi, (self._u,), (t,))[1], v))
 
     def _vjp(self, w):
         if self.elementwise:
             return {k: self.jac[k] * x for k, x in w.items()}
         _, pullback = torch.func.vjp(self.phi, self._u)
-        return self._batched(lambda t: pullback(t)[0], w)
+        return self._own_dtypes(self._batched(lambda t: pullback(t)[0], w))
+
+    def _own_dtypes(self, tangents):
+        # Transforms with Python-float constants (transform_to(positive) adds 0.0) give
+        # float64 tangents under forward-mode autograd even for float32 coordinates.
+        theta = self.base.values()
+        return {k: x.to((self._u[k] if k in self._u else theta[k]).dtype)
+                for k, x in tangents.items()}
 
     def _batched(self, fn, v):
         """Apply a map defined on tensors of the coordinates' own shapes to
