@@ -334,7 +334,7 @@ class AmortisedNaturalGradient(PyroOptim):
     guide evaluations plus a structured Fisher product per site (measured 3.2 to 4.9
     for the encoder of ``examples/amortised.py``: 1,696 weights, 1,797 data points). ``J``
     and ``G`` are never formed; memory is that of one recorded guide evaluation.
-    :attr:`last_step` reports the counts and the time.
+    ``last_step`` (a :class:`StepInfo`) reports the counts and the time.
 
     :param guide: the guide, an ``nn.Module`` (``PyroModule``, autoguide,
         ``AutoGuideList``, or a module whose ``forward`` is the guide) or a method of

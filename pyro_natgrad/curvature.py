@@ -5,7 +5,7 @@ Gaussian natural-gradient step moves towards is ``-E_q[grad^2 f(z)]``, with
 ``f(z) = log p(x, T(z)) + log|det dT/dz|`` the model's log joint on the
 unconstrained latent ``z``. A single-draw estimate ``-grad^2 f(z)`` is full-rank
 and, for a linear-Gaussian model, exact; the gradient-only estimate from the
-same draw is rank one, which is why this is the default for small latents.
+same draw has rank two at most, which is why this is the default for small latents.
 
 :class:`ModelCurvature` captures the model's arguments as the guide is called
 (a forward pre-hook) and computes the Hessian by ``D`` Hessian-vector products
@@ -38,7 +38,8 @@ class ModelCurvature:
     """Hessians of the model log joint on an autoguide's unconstrained latent.
 
     :param guide: an ``AutoContinuous`` guide or an ``AutoNormal``; its ``.model`` is
-        the model. For subsampled sites pass the subsample's ``shapes``.
+        the model. For subsampled sites, :meth:`unpack`, :meth:`hessian` and
+        :meth:`log_joint` take the subsample's ``shapes``.
     """
 
     def __init__(self, guide):

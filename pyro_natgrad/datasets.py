@@ -5,7 +5,7 @@ The references come from `posteriordb <https://github.com/stan-dev/posteriordb>`
 provenance live in ``pyro_natgrad/data/`` (see the README there). Each
 :class:`Reference` carries the posterior summaries, the (transformed) data as
 torch tensors, and a Pyro model written from the reference's description
-(:mod:`pyro_natgrad.reference_models`)::
+(``pyro_natgrad.reference_models``)::
 
     from pyro_natgrad.datasets import list_references, load_reference
 

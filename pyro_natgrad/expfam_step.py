@@ -92,7 +92,7 @@ def _exact_kl_ok(site, d, theta_new, ok, bound, batch):
 
 def expfam_site_step(site, grads: Dict[str, torch.Tensor], rho: float,
                      max_kl: Optional[float]) -> Optional[torch.Tensor]:
-    """One step of an :class:`~pyro_natgrad.handwritten.ExpFamSite`; writes the new
+    """One step of an ``ExpFamSite`` (:mod:`pyro_natgrad.handwritten`); writes the new
     parameters and returns the step size used per batch element (None: no step,
     the Fisher was singular)."""
     roles = list(site.params)

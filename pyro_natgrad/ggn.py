@@ -356,7 +356,7 @@ class GGNOperator:
         :param float tol: stop when ``|r| <= tol |b|`` for every system (default
             ``1e-10`` in float64, ``1e-5`` otherwise).
         :param int max_iter: at most this many products (default ``10 P``).
-        :param bool return_info: also return a :data:`CGInfo`.
+        :param bool return_info: also return a ``CGInfo``.
         :param bool raise_on_fail: raise ``RuntimeError`` if ``tol`` is not met.
         :returns: ``x``, or ``(x, CGInfo)``.
         """

@@ -25,14 +25,14 @@ seen from the guide: do not share parameters between model and guide.
 
 Groups (the optimizer's unit of work):
 
-* :class:`~pyro_natgrad.guides.DiagonalGaussianGroup` for ``Normal(loc, scale)``
+* ``DiagonalGaussianGroup`` (``pyro_natgrad.guides``) for ``Normal(loc, scale)``
   (and ``LogNormal``) with an unconstrained ``loc`` and a ``positive`` or
   ``softplus_positive`` ``scale`` of the same shape: the Gaussian mirror step of
   :mod:`pyro_natgrad.gaussian`.
-* :class:`TrilGaussianSite` for ``MultivariateNormal(loc, scale_tril=L)`` with
+* ``TrilGaussianSite`` for ``MultivariateNormal(loc, scale_tril=L)`` with
   ``L`` constrained ``lower_cholesky`` (or ``softplus_lower_cholesky``): the full
   Gaussian mirror step.
-* :class:`ExpFamSite` for everything else the Fisher library covers: mirror
+* ``ExpFamSite`` for everything else the Fisher library covers: mirror
   descent in natural parameters for exponential families whose arguments are all
   parameters, otherwise a Fisher-preconditioned step in the parameters' own
   unconstrained coordinates (:mod:`pyro_natgrad.expfam_step`).

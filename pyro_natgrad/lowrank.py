@@ -10,8 +10,9 @@ parameters ``loc``, ``C`` (``cov_factor``, ``d x k``) and ``s`` (``scale``,
   ``P' = (1 - rho) P + rho H`` (``H`` the Hessian at the guide's draw, as for
   ``AutoNormal``), a Newton step for ``loc`` with ``P'``, and the covariance set to the
   member of the low-rank family nearest ``N(loc, P'^{-1})`` in ``KL(q || .)``
-  (:func:`project_lowrank`). For a Gaussian posterior this lands on the best low-rank
-  ELBO: its stationary points are exactly the projections of ``E_q[H]``.
+  (:func:`project_lowrank`). For a Gaussian posterior its fixed points are stationary
+  points of the low-rank ELBO, which are exactly the projections of ``E_q[H]``; the
+  projection is a local search (two starts), so not certified to be the best one.
 * **Without it** (above that dimension, ``curvature="none"``, or a step without
   recorded draws such as under ``JitTrace_ELBO``): ``loc`` alone takes the step
   ``loc' = loc - rho Sigma dl/dloc`` (the Fisher of ``LowRankMultivariateNormal`` is

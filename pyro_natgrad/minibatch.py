@@ -55,7 +55,7 @@ def minibatch_targets(curv, groups: Iterable[DiagonalGaussianGroup], records,
 
     :param curv: the guide's :class:`~pyro_natgrad.curvature.ModelCurvature`.
     :param groups: the guide's groups, one per site.
-    :param records: this step's records of :class:`~pyro_natgrad.guides.DrawRecorder`.
+    :param records: this step's records of ``DrawRecorder`` (``pyro_natgrad.guides``).
     :param limit: the largest number of Hessian-vector products per draw, or None.
     :returns: empty (gradient-only steps) when the draws do not allow it or above
         ``limit``.

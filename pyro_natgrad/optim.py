@@ -135,10 +135,10 @@ class NaturalGradient(PyroOptim):
     :param guide: the guide that ``SVI`` is given.
     :param step_size: a :class:`~pyro_natgrad.schedule.StepSize`, or a float for a
         constant ``rho``. Default: ``StepSize()``, which starts at 1 (10 steps) and decays like
-        ``1/t`` so that late iterates average out gradient noise. The clock ``t`` counts
+        ``2/t`` so that late iterates average out gradient noise. The clock ``t`` counts
         the fraction of each step the trust region allowed; a mean-field group stepping
         from gradients alone holds it while successive whitened mean gradients agree
-        (cosine above :data:`HOLD_COSINE`).
+        (cosine above :data:`~pyro_natgrad.optim.HOLD_COSINE`).
     :param max_kl: trust region: each step's quadratic estimate of ``KL(q' || q)`` is
         at most this (per element for diagonal Gaussians without model curvature,
         half for the mean and half for the precision:
@@ -148,7 +148,10 @@ class NaturalGradient(PyroOptim):
         ones.
     :param control_variate: subtract the zero-mean term that the current
         precision predicts from each gradient, using the guide's own draws
-        (recorded by forward hooks on the guide). Default True.
+        (recorded by forward hooks on the guide). Default True. False records no
+        draws, so the model's curvature is off too (``"auto"`` means ``"none"``, and
+        the other curvature modes are refused): every step is from gradients alone and
+        noisier than with ``curvature="none"``; for comparisons only.
     :param base_optimizer: a :class:`pyro.optim.PyroOptim` for every other
         parameter. Default ``pyro.optim.Adam({"lr": 0.01})``.
     :param str curvature: where the precision target comes from. ``"hessian"``:
@@ -159,15 +162,17 @@ class NaturalGradient(PyroOptim):
         ``O(condition number)`` steps. ``"none"``: the ELBO gradient only (a rank-two
         estimate per draw). ``"auto"`` (default): ``"hessian"`` for an
         ``AutoContinuous`` or ``AutoNormal`` guide with at most
-        :data:`MAX_CURVATURE_DIM` latent dimensions (:data:`MAX_FULL_RANK_CURVATURE_DIM`
-        for an ``AutoMultivariateNormal``, whose gradient-only steps need ``O(D)``
+        :data:`~pyro_natgrad.optim.MAX_CURVATURE_DIM` latent dimensions
+        (:data:`~pyro_natgrad.optim.MAX_FULL_RANK_CURVATURE_DIM` for an
+        ``AutoMultivariateNormal``, whose gradient-only steps need ``O(D)``
         steps or more; above 256 it warns once about the cost; for a subsampled
         ``AutoNormal``: this step's globals and subsample, whose variances then move
         towards the diagonal of the Hessian over them), else ``"none"``. ``"ggn"``: as
         ``"hessian"`` but the likelihood's curvature is its generalized Gauss-Newton
         matrix ``E[J^T F_R J]`` (:mod:`pyro_natgrad.ggn`), positive semi-definite for
-        any likelihood with a closed-form Fisher; equal to the Hessian for canonical
-        links (logistic, Poisson-log, Gaussian). ``"hvp"``: for mean-field guides
+        any likelihood with a closed-form Fisher; equal to the Hessian for GLMs
+        (canonical links, such as logistic, Poisson-log and Gaussian, with a predictor
+        linear in the latents). ``"hvp"``: for mean-field guides
         (``AutoNormal``, ``AutoDiagonalNormal``) of any size, the mean takes a Newton
         step ``-grad^2 f(mu)^{-1} dl/dmu`` at the guide's mean, solved by conjugate
         gradients from Hessian-vector products (at most ``2 HVP_MAX_PRODUCTS + 1`` =
@@ -184,8 +189,18 @@ class NaturalGradient(PyroOptim):
         if curvature not in ("auto", "hessian", "ggn", "hvp", "none"):
             raise ValueError(f"curvature must be 'auto', 'hessian', 'ggn', 'hvp' or 'none', "
                              f"got {curvature!r}")
+        if not control_variate and curvature not in ("auto", "none"):
+            raise ValueError(f"curvature={curvature!r} reads the guide's recorded draws, "
+                             f"which control_variate=False turns off; keep control_variate="
+                             f"True, or pass curvature='none'")
         if not callable(guide):
             raise TypeError(f"NaturalGradient expects the guide, got {type(guide).__name__}")
+        if curvature in ("hessian", "ggn") and not isinstance(guide, (AutoContinuous, AutoNormal)):
+            # Only a single autoguide knows its whole model, whose Hessian the step takes.
+            raise ValueError(f"curvature={curvature!r} needs an AutoNormal, AutoDiagonalNormal, "
+                             f"AutoMultivariateNormal or AutoLowRankMultivariateNormal guide, "
+                             f"not {type(guide).__name__}, whose steps use no model curvature; "
+                             f"use curvature='auto' or 'none'")
         if max_kl is not None and not (isinstance(max_kl, (int, float)) and 0 < max_kl < math.inf):
             raise ValueError(f"max_kl must be None or a positive finite number, got {max_kl!r}")
         if isinstance(step_size, (int, float)):
@@ -305,7 +320,7 @@ class NaturalGradient(PyroOptim):
 
     def _warn_gradient_only(self, groups):
         """Once, under ``"auto"``: the model's Hessian is computed over more than
-        :data:`MAX_CURVATURE_DIM` latents (a cost notice), or a full-rank Gaussian too
+        ``MAX_CURVATURE_DIM`` latents (a cost notice), or a full-rank Gaussian too
         large for it is left to steps from gradients alone."""
         if self.curvature != "auto" or self._warned_gradient_only or not groups or not all(
                 isinstance(g, (DiagonalGaussianGroup, FullGaussianGroup)) for g in groups):
@@ -343,8 +358,6 @@ class NaturalGradient(PyroOptim):
             why = "a guide whose every part is a mean-field Gaussian"
         elif _subsampled_latents(self.guide):
             why = "latents without subsampled plates (for minibatch SVI use 'auto' or 'none')"
-        elif not self.control_variate:
-            why = "control_variate=True: the step uses the guide's recorded draws"
         if why is not None:
             raise ValueError(f"curvature='hvp' needs a mean-field guide: {why}. Use "
                              f"curvature='hessian' for full-rank and low-rank guides, or 'none'")
@@ -947,13 +960,20 @@ class NaturalGradient(PyroOptim):
 
     # ---- state ----------------------------------------------------------------------
     def get_state(self) -> Dict:
-        """Step counts of every group and the base optimizer's state."""
+        """Everything a resumed run needs to continue bit for bit on CPU: per group the
+        step clock and what the step carries between steps (running precisions, the
+        curvature's weights, per-element clocks of subsampled latents, the hold test's
+        previous sample), the base optimizer's state, and the count of skipped steps.
+        The parameters themselves live in the param store: save it too
+        (``pyro.get_param_store().save``)."""
         state = {k: {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
                  for k, v in self._state.items()}
         return {"natural_gradient": state, "base": self.base_optimizer.get_state(),
                 "skipped": self._skipped}
 
     def set_state(self, state: Dict) -> None:
+        """Restore :meth:`get_state`'s result. Groups not yet read (before the first
+        step) receive theirs when they are."""
         ng = state.get("natural_gradient", {})
         for key, value in ng.items():
             if self._groups is not None and (key in self._groups or key == "curvature"):
@@ -964,9 +984,11 @@ class NaturalGradient(PyroOptim):
         self._skipped = state.get("skipped", 0)
 
     def save(self, filename: str) -> None:
+        """``torch.save`` of :meth:`get_state`."""
         torch.save(self.get_state(), filename)
 
     def load(self, filename: str, map_location=None) -> None:
+        """:meth:`set_state` from a file written by :meth:`save`."""
         self.set_state(torch.load(filename, map_location=map_location, weights_only=False))
 
 

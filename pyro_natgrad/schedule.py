@@ -12,8 +12,8 @@ import torch
 
 
 class StepSize:
-    """``rho_t = max(floor, min(initial, c / (t + c) ... ))``: starts at ``initial``,
-    then decays like ``decay_c / t`` after ``warmup`` steps.
+    """``rho_t = clamp(c / (max(t - warmup, 0) + c / initial), floor, initial)`` with
+    ``c = decay``: ``initial`` for the first ``warmup`` steps, then decaying like ``c / t``.
 
     :param float initial: step size of the first steps (1 is exact for a Gaussian
         posterior with exact gradients).

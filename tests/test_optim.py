@@ -1024,14 +1024,6 @@ def test_minibatch_step_touches_only_subsample(float64, rng):
         assert not torch.equal(before["AutoNormal.locs.mu"], after["AutoNormal.locs.mu"])
 
 
-BUG_NO_CV_PLATE_SCALE = (
-    "library bug: with control_variate=False the subsample scale N/B is never removed from "
-    "the local gradients (it is read from the recorded draws, which exist only with the "
-    "control variate), so each visited z_i steps with an N/B-times gradient: here "
-    "1 + rho S = -2.7, retraction, scale 0.06 instead of 0.447; with the gradient divided "
-    "by N/B by hand the same step is exact")
-
-
 def test_minibatch_first_visit_exact_with_exact_gradients(float64):
     """Subsampled locals, exact gradients set by hand (Pyro scales the subsampled terms
     by N/B): a step with rho = 1 puts each visited z_i on its exact conditional optimum
@@ -1780,6 +1772,29 @@ def test_hvp_falls_back_to_gradient_steps_where_the_hessian_is_indefinite(float6
     assert not torch.equal(states["none"]["AutoNormal.locs.z"], torch.zeros((), dtype=F64))
 
 
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_model_curvature_on_a_guide_list_or_hand_written_guide_is_refused(curvature):
+    """Such guides step without model curvature, so asking for it is an error rather than
+    an option silently ignored."""
+    def guide():
+        pyro.sample("z", dist.Normal(pyro.param("m", torch.zeros(())), 1.0))
+
+    for g in (guide, _guide_list(AutoNormal, AutoNormal)):
+        with pytest.raises(ValueError, match=f"curvature='{curvature}' needs an AutoNormal"):
+            NaturalGradient(g, curvature=curvature)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "hvp"])
+def test_model_curvature_without_recorded_draws_is_refused(curvature):
+    """control_variate=False records no draws, which every model-curvature mode reads:
+    asking for both is an error at construction, not a silent gradient-only run."""
+    guide = AutoNormal(noise_model)
+    with pytest.raises(ValueError, match=f"curvature='{curvature}' reads the guide's recorded "
+                                         f"draws, which control_variate=False turns off"):
+        NaturalGradient(guide, curvature=curvature, control_variate=False)
+    NaturalGradient(guide, curvature="none", control_variate=False)  # allowed
+
+
 def test_hvp_needs_a_mean_field_guide_without_subsampling(float64):
     """Every guide that curvature="hvp" cannot serve gets an error at the first step
     that says why, and leaves the parameters as they were."""
@@ -1787,8 +1802,6 @@ def test_hvp_needs_a_mean_field_guide_without_subsampling(float64):
     cases = [
         (lambda: fresh(AutoMultivariateNormal, noise_model), {}, "not AutoMultivariateNormal"),
         (lambda: _guide_list(AutoNormal, AutoNormal), {}, "not AutoGuideList"),
-        (lambda: fresh(AutoNormal, noise_model), {"control_variate": False},
-         "control_variate=True"),
     ]
     for make, options, why in cases:
         pyro.clear_param_store()
