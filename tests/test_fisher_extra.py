@@ -2,12 +2,15 @@
 and regressions."""
 
 import decimal
+import math
+import warnings
 
 import pytest
 import torch
 import pyro.distributions as dist
+from torch.distributions import constraints, kl_divergence
 
-from pyro_natgrad.fisher import fisher_information, fisher_operator
+from pyro_natgrad.fisher import FisherFallbackWarning, fisher_information, fisher_operator
 
 
 def _exact_fisher(r, param, name):
@@ -83,3 +86,107 @@ def test_logits_fisher_keeps_its_accuracy_near_a_certain_category(logits, n):
     lam = 1e-3 * n
     back = op.solve(op.mv(x) + lam * x, damping=lam)
     assert (back - x).norm() <= 1e-12 * x.norm()
+
+
+# ----------------------------------------------------------------------------------------
+# Subclasses with other parameters do not inherit their parent's closed form
+# ----------------------------------------------------------------------------------------
+F64 = torch.float64
+
+
+def _hessian(fn, x):
+    return torch.autograd.functional.hessian(fn, x.detach())
+
+
+def test_chi2_fisher_is_over_df():
+    """Chi2(df) is a Gamma(df/2, 1/2) subclass; its Fisher is 1 x 1 over df: the Hessian
+    of torch's KL in df, and in natural coordinates A''(eta) for
+    A(eta) = lgamma(eta + 1) + (eta + 1) log 2, eta = df/2 - 1."""
+    df0 = torch.tensor([0.7, 3.0, 40.0], dtype=F64)
+    d = dist.Chi2(df0)
+    expected = torch.stack([_hessian(lambda x: kl_divergence(dist.Chi2(t), dist.Chi2(x)), t)
+                            for t in df0]).reshape(3, 1, 1)
+    torch.testing.assert_close(fisher_information(d), expected, rtol=1e-10, atol=0)
+
+    def log_partition(eta):
+        return torch.lgamma(eta + 1) + (eta + 1) * math.log(2)
+
+    natural = torch.stack([_hessian(log_partition, e) for e in df0 / 2 - 1]).reshape(3, 1, 1)
+    torch.testing.assert_close(fisher_information(d, coords="natural"), natural,
+                               rtol=1e-10, atol=0)
+
+
+def _ordered_logistic_fisher(predictor, cutpoints):
+    """sum_k p_k s_k s_k^T over the categories, scores by autograd of log_prob."""
+    x = torch.cat([predictor.reshape(1), cutpoints]).detach().requires_grad_()
+    F = 0
+    for k in range(cutpoints.numel() + 1):
+        lp = dist.OrderedLogistic(x[0], x[1:]).log_prob(torch.tensor(k))
+        (s,) = torch.autograd.grad(lp, x)
+        F = F + lp.detach().exp() * torch.outer(s, s)
+    return F
+
+
+def test_ordered_logistic_is_over_predictor_and_cutpoints():
+    predictor = torch.tensor(0.3, dtype=F64)
+    cutpoints = torch.tensor([-1.0, 0.5, 2.0], dtype=F64)
+    with pytest.warns(FisherFallbackWarning):
+        got = fisher_information(dist.OrderedLogistic(predictor, cutpoints))
+    torch.testing.assert_close(got, _ordered_logistic_fisher(predictor, cutpoints),
+                               rtol=1e-10, atol=1e-12)
+
+
+class _PrecisionNormal(dist.Normal):
+    """A Normal subclass built from (loc, precision)."""
+
+    arg_constraints = {"loc": constraints.real, "precision": constraints.positive}
+
+    def __init__(self, loc, precision, validate_args=None):
+        self.precision = precision
+        super().__init__(loc, precision.rsqrt(), validate_args=validate_args)
+
+
+class _PrecisionNormalInheritedConstraints(dist.Normal):
+    """The same, without declaring its own arg_constraints."""
+
+    def __init__(self, loc, precision, validate_args=None):
+        self.precision = precision
+        super().__init__(loc, precision.rsqrt(), validate_args=validate_args)
+
+
+@pytest.mark.parametrize("cls", [_PrecisionNormal, _PrecisionNormalInheritedConstraints])
+def test_subclass_with_other_parameters_is_not_given_the_parents_fisher(cls):
+    loc, prec = torch.tensor(0.5, dtype=F64), torch.tensor(4.0, dtype=F64)
+    d = cls(loc, prec)
+    if cls is _PrecisionNormal:  # the fallback: a KL Hessian over (loc, precision)
+        with pytest.warns(FisherFallbackWarning):
+            got = fisher_information(d)
+        n = dist.Normal(loc, prec.rsqrt())
+        expected = _hessian(lambda x: kl_divergence(n, dist.Normal(x[0], x[1].rsqrt())),
+                            torch.stack([loc, prec]))
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
+    else:  # no "scale" argument to rebuild it with
+        with pytest.raises(ValueError, match="register_fisher"):
+            fisher_information(d)
+
+
+@pytest.mark.parametrize("make", [
+    lambda loc, L: dist.OMTMultivariateNormal(loc, L),
+    lambda loc, L: dist.AVFMultivariateNormal(loc, L, torch.zeros(2, 1, 2, dtype=F64)),
+    lambda loc, L: dist.MultivariateNormal(loc, scale_tril=L),
+], ids=["OMT", "AVF", "pyro-MVN"])
+def test_same_parameter_subclasses_keep_the_closed_form(make):
+    loc = torch.tensor([0.1, -0.4], dtype=F64)
+    L = torch.tensor([[1.0, 0.0], [0.3, 0.5]], dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FisherFallbackWarning)
+        got = fisher_information(make(loc, L))
+    rows, cols = torch.tril_indices(2, 2)
+    base = torch.distributions.MultivariateNormal(loc, scale_tril=L)
+
+    def kl(x):
+        M = torch.zeros(2, 2, dtype=F64).index_put((rows, cols), x[2:])
+        return kl_divergence(base, torch.distributions.MultivariateNormal(x[:2], scale_tril=M))
+
+    torch.testing.assert_close(got, _hessian(kl, torch.cat([loc, L[rows, cols]])),
+                               rtol=1e-10, atol=1e-12)

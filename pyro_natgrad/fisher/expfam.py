@@ -10,6 +10,7 @@ family             ``eta``                       ``T(x)``
 Normal, LogNormal  ``(mu/s^2, -1/(2 s^2))``      ``(y, y^2)``, ``y = x`` or ``log x``
 MultivariateNormal ``(Lambda mu, -Lambda/2)``    ``(x, x x^T)`` (tril; ``2 x_i x_j`` below)
 Gamma              ``(a - 1, -b)``               ``(log x, x)``
+Chi2               ``df/2 - 1``                  ``log x``
 InverseGamma       ``(-a - 1, -b)``              ``(log x, 1/x)``
 Beta               ``(a - 1, b - 1)``            ``(log x, log(1-x))``
 Dirichlet          ``alpha - 1``                 ``log x``
@@ -30,18 +31,20 @@ replaced by its linearisation at the current point, which has the same value and
 first derivative there: all a Fisher matrix needs.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import pyro.distributions as pdist
 from torch.distributions import (
-    Bernoulli, Beta, Binomial, Categorical, Dirichlet, Exponential, Gamma, Geometric,
+    Bernoulli, Beta, Binomial, Categorical, Chi2, Dirichlet, Exponential, Gamma, Geometric,
     HalfNormal, LogNormal, Multinomial, MultivariateNormal, NegativeBinomial, Normal, Poisson,
 )
 
 from .families import passed_argument
 from .params import symmetrize
+from .registry import inherited
 
 Tensors = Dict[str, torch.Tensor]
 
@@ -67,7 +70,8 @@ class ExpFamCoords:
 
 
 def register_exponential_family(type_):
-    """Decorator registering natural/mean coordinates for ``type_`` (MRO lookup)."""
+    """Decorator registering natural/mean coordinates for ``type_`` (MRO lookup
+    through subclasses with the same parameters)."""
 
     def decorator(fn):
         _EXPFAM[type_] = fn
@@ -77,10 +81,10 @@ def register_exponential_family(type_):
 
 
 def exponential_family_coords(d) -> Optional[ExpFamCoords]:
-    for cls in type(d).__mro__:
-        if cls in _EXPFAM:
-            return _EXPFAM[cls](d)
-    return None
+    """The coordinates of ``d``'s family, or of an ancestor with the same parameters
+    (as for :func:`~pyro_natgrad.fisher.register_fisher`), or None."""
+    fn = inherited(_EXPFAM, type(d))
+    return fn(d) if fn is not None else None
 
 
 def _scalar_layout(*names):
@@ -107,6 +111,7 @@ def _normal(d):
 
 
 @register_exponential_family(MultivariateNormal)
+@register_exponential_family(pdist.AVFMultivariateNormal)
 def _mvn(d):
     name = passed_argument(d, ("scale_tril", "covariance_matrix", "precision_matrix"))
 
@@ -172,6 +177,15 @@ def _gamma(d):
         {"eta1": d.concentration - 1, "eta2": -d.rate},
         lambda e: {"concentration": e["eta1"] + 1, "rate": -e["eta2"]},
         to_mean, None, {**_scalar_layout("eta1", "eta2"), **_scalar_layout("mean1", "mean2")})
+
+
+@register_exponential_family(Chi2)
+def _chi2(d):
+    def to_mean(t):
+        return {"mean": torch.digamma(0.5 * t["df"]) + math.log(2)}
+
+    return ExpFamCoords({"eta": 0.5 * d.df - 1}, lambda e: {"df": 2 * (e["eta"] + 1)}, to_mean,
+                        None, _scalar_layout("eta", "mean"))
 
 
 @register_exponential_family(pdist.InverseGamma)

@@ -51,6 +51,15 @@ def _signature(d):
 
 def _param_specs(d):
     specs, args = [], _signature(d)
+    missing = [k for k, c in d.arg_constraints.items()
+               if k not in args and not constraints.is_dependent(c) and not c.is_discrete]
+    if missing:
+        raise ValueError(
+            f"{type(d).__name__} declares parameters {missing} in arg_constraints that are not "
+            f"arguments of its constructor {tuple(args)}, so the autograd fallback cannot rebuild "
+            f"it at other parameter values. Register its Fisher information with "
+            f"@pyro_natgrad.register_fisher({type(d).__name__}) (or declare arg_constraints "
+            f"over the constructor's arguments).")
     present = [k for k in vars(d) if k in d.arg_constraints and k in args]
     for name in args:
         c = d.arg_constraints.get(name)

@@ -9,7 +9,7 @@ multivariate normal ``loc`` and one of ``scale_tril``, ``covariance_matrix`` or
 import torch
 import pyro.distributions as pdist
 from torch.distributions import (
-    Bernoulli, Beta, Binomial, Categorical, Dirichlet, Exponential, Gamma, Geometric,
+    Bernoulli, Beta, Binomial, Categorical, Chi2, Dirichlet, Exponential, Gamma, Geometric,
     HalfNormal, Independent, Laplace, LogNormal, LowRankMultivariateNormal, Multinomial,
     MultivariateNormal, NegativeBinomial, Normal, Poisson, StudentT,
 )
@@ -131,6 +131,12 @@ def _gamma(d):
                   ((_trigamma(a), -b.reciprocal()), (-b.reciprocal(), a / b.square())))
 
 
+@register_fisher(Chi2)
+def _chi2(d):
+    """``df``: ``psi'(df/2)/4`` (a gamma with concentration ``df/2``, rate fixed at 1/2)."""
+    return _elementwise(d, ("df",), (0.25 * _trigamma(0.5 * d.df),))
+
+
 @register_fisher(pdist.InverseGamma)
 def _inverse_gamma(d):
     """``(concentration, rate)``: as the gamma of ``1/x`` (Fisher ignores maps of the data)."""
@@ -203,6 +209,7 @@ def _multinomial(d):
 
 
 @register_fisher(MultivariateNormal)
+@register_fisher(pdist.AVFMultivariateNormal)  # control_var shapes gradients, not the law
 def _mvn(d):
     """``loc`` and whichever of ``scale_tril``, ``covariance_matrix`` or
     ``precision_matrix`` was passed (lower-triangle coordinates). See
