@@ -98,6 +98,13 @@ def _hessian(fn, x):
     return torch.autograd.functional.hessian(fn, x.detach())
 
 
+def _fallback(fn, *args, **kwargs):
+    """Call through the autograd fallback (which warns once per family: not checked)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FisherFallbackWarning)
+        return fn(*args, **kwargs)
+
+
 def test_chi2_fisher_is_over_df():
     """Chi2(df) is a Gamma(df/2, 1/2) subclass; its Fisher is 1 x 1 over df: the Hessian
     of torch's KL in df, and in natural coordinates A''(eta) for
@@ -130,8 +137,7 @@ def _ordered_logistic_fisher(predictor, cutpoints):
 def test_ordered_logistic_is_over_predictor_and_cutpoints():
     predictor = torch.tensor(0.3, dtype=F64)
     cutpoints = torch.tensor([-1.0, 0.5, 2.0], dtype=F64)
-    with pytest.warns(FisherFallbackWarning):
-        got = fisher_information(dist.OrderedLogistic(predictor, cutpoints))
+    got = _fallback(fisher_information, dist.OrderedLogistic(predictor, cutpoints))
     torch.testing.assert_close(got, _ordered_logistic_fisher(predictor, cutpoints),
                                rtol=1e-10, atol=1e-12)
 
@@ -159,8 +165,7 @@ def test_subclass_with_other_parameters_is_not_given_the_parents_fisher(cls):
     loc, prec = torch.tensor(0.5, dtype=F64), torch.tensor(4.0, dtype=F64)
     d = cls(loc, prec)
     if cls is _PrecisionNormal:  # the fallback: a KL Hessian over (loc, precision)
-        with pytest.warns(FisherFallbackWarning):
-            got = fisher_information(d)
+        got = _fallback(fisher_information, d)
         n = dist.Normal(loc, prec.rsqrt())
         expected = _hessian(lambda x: kl_divergence(n, dist.Normal(x[0], x[1].rsqrt())),
                             torch.stack([loc, prec]))
@@ -190,3 +195,36 @@ def test_same_parameter_subclasses_keep_the_closed_form(make):
 
     torch.testing.assert_close(got, _hessian(kl, torch.cat([loc, L[rows, cols]])),
                                rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------
+# Independent around a fallback (dense) Fisher
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ndims", [1, 2])
+def test_independent_of_a_fallback_family_is_block_diagonal_param_major(ndims):
+    """Gumbel has a KL in torch but no closed form here (the KL-Hessian fallback). The
+    reference is the Hessian of the Independent KL in the flat param-major vector
+    (all reinterpreted loc entries, then all scale entries), per remaining batch element."""
+    loc = torch.tensor([[0.0, 1.0, -2.0], [0.5, 0.3, 4.0]], dtype=F64)
+    scale = torch.tensor([[1.0, 0.5, 2.0], [3.0, 0.7, 1.2]], dtype=F64)
+    d = dist.Gumbel(loc, scale).to_event(ndims)
+    got = _fallback(fisher_information, d)
+    rows = [slice(None)] if ndims == 2 else [0, 1]
+    expected = []
+    for r in rows:
+        p0 = dist.Gumbel(loc[r], scale[r]).to_event(ndims if ndims == 2 else 1)
+        shape = loc[r].shape
+
+        def kl(x):
+            half = x.shape[0] // 2
+            q = dist.Gumbel(x[:half].reshape(shape), x[half:].reshape(shape))
+            return kl_divergence(p0, q.to_event(len(shape)))
+
+        expected.append(_hessian(kl, torch.cat([loc[r].reshape(-1), scale[r].reshape(-1)])))
+    expected = expected[0] if ndims == 2 else torch.stack(expected)
+    assert got.shape == expected.shape == ((12, 12) if ndims == 2 else (2, 6, 6))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    v = torch.linspace(-1, 1, expected.shape[-1], dtype=F64).expand(expected.shape[:-1])
+    torch.testing.assert_close(fisher_operator(d).mv(v), (expected @ v.unsqueeze(-1))[..., 0])
+    torch.testing.assert_close(fisher_operator(d).solve(v),
+                               torch.linalg.solve(expected, v.unsqueeze(-1))[..., 0])

@@ -520,6 +520,30 @@ class DenseFisher(FisherOperator):
     def dense(self):
         return self.matrix
 
+    def reinterpret(self, n):
+        """Block diagonal over the ``m`` elements of the last ``n`` batch dims, in the
+        param-major order of the reinterpreted specs: entry ``j`` of parameter ``i`` at
+        element ``e`` moves from ``o_i + j`` to ``m o_i + e s_i + j`` (``o_i``, ``s_i`` the
+        block's offset and size per element), ``batch + (k, k) -> batch' + (m k, m k)``."""
+        if n == 0:
+            return self
+        new = super().reinterpret(n)
+        batch = new.batch_shape
+        m = int(self.batch_shape[len(batch):].numel())
+        index, offset = [], 0
+        for s in self.specs:
+            e = torch.arange(m, device=self.device).unsqueeze(-1)
+            j = torch.arange(s.size, device=self.device)
+            index.append(m * offset + e * s.size + j)  # (m, s_i)
+            offset += s.size
+        index = torch.cat(index, -1)  # (m, k): new coordinate of (element, old coordinate)
+        k = self.dim
+        blocks = self.matrix.reshape(batch + (m, k, k))
+        out = self.matrix.new_zeros(batch + (m * k, m * k))
+        out[..., index.unsqueeze(-1).expand(m, k, k), index.unsqueeze(-2).expand(m, k, k)] = blocks
+        new.matrix = out
+        return new
+
 
 class RestrictedFisher(FisherOperator):
     """The sub-block of ``base`` over some of its parameters, the others held fixed."""
