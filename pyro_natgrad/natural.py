@@ -24,7 +24,11 @@ def natural_gradient(d: Distribution, grads: Dict[str, torch.Tensor], coords="st
 
     :param d: the distribution at the current parameters.
     :param grads: ``{parameter name: gradient}``, each shaped like the parameter (in
-        the chosen coordinates); names not given are held fixed. For a
+        the chosen coordinates); names not given are held fixed. With
+        ``coords="natural"`` or ``"mean"`` the names are the coordinates' (``eta1``,
+        ``eta2``; ``mean1``, ``mean2``; see ``fisher_operator(d, coords).names``), all
+        of them: the natural gradient in natural coordinates is the ordinary gradient in
+        mean coordinates (and vice versa). For a
         multivariate normal's matrix parameter, only the lower triangle of the
         gradient is read.
     :param coords: as in :func:`~pyro_natgrad.fisher.fisher_information`, e.g.

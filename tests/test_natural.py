@@ -291,3 +291,56 @@ def test_errors():
         natural_gradient(d, {})
     with pytest.raises(ValueError, match="nope"):
         natural_gradient(d, {"nope": torch.tensor(1.0, dtype=F64)})
+
+
+
+def _grad(loss, x):
+    x = x.detach().requires_grad_()
+    return torch.autograd.grad(loss(x), x)[0]
+
+
+# Hand-written maps between the standard parameters theta (stacked on dim 0, a batch of 2
+# on dim 1) and the natural (eta) and mean (m) coordinates of the conventions documented in
+# pyro_natgrad.fisher.expfam: (make, theta, to_eta, from_eta, to_mean).
+_FAMILIES = {
+    "Normal": (
+        dist.Normal,
+        torch.tensor([[0.5, -1.0], [2.0, 0.3]], dtype=F64),
+        lambda t: torch.stack([t[0] / t[1] ** 2, -0.5 / t[1] ** 2]),
+        lambda e: torch.stack([-e[0] / (2 * e[1]), (-0.5 / e[1]).sqrt()]),
+        lambda t: torch.stack([t[0], t[0] ** 2 + t[1] ** 2]),
+    ),
+    "Gamma": (
+        dist.Gamma,
+        torch.tensor([[2.5, 0.7], [1.5, 4.0]], dtype=F64),
+        lambda t: torch.stack([t[0] - 1, -t[1]]),
+        lambda e: torch.stack([e[0] + 1, -e[1]]),
+        lambda t: torch.stack([torch.digamma(t[0]) - t[1].log(), t[0] / t[1]]),
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(_FAMILIES))
+def test_natural_and_mean_coordinates_swap_gradients(family):
+    """For an exponential family F_eta = dm/deta, so the natural gradient in natural
+    coordinates is the ordinary gradient in mean coordinates, and vice versa. Gradients in
+    m come from the chain rule, g_m = (dm/dtheta)^{-T} g_theta, Jacobians by autograd."""
+    make, theta, to_eta, from_eta, to_mean = _FAMILIES[family]
+    q = make(theta[0], theta[1])
+
+    def loss(t):  # any smooth function of the parameters
+        return (t[0] ** 2 * t[1] + torch.sin(t[1]) + t[0]).sum()
+
+    g_eta = _grad(lambda e: loss(from_eta(e)), to_eta(theta))
+    g_theta = _grad(loss, theta)
+    jac = torch.stack([torch.autograd.functional.jacobian(to_mean, theta[:, i])
+                       for i in range(theta.shape[1])])  # (batch, m, theta)
+    g_mean = torch.linalg.solve(jac.mT, g_theta.mT.unsqueeze(-1))[..., 0].mT
+    nat = natural_gradient(q, {"eta1": g_eta[0], "eta2": g_eta[1]}, coords="natural")
+    torch.testing.assert_close(torch.stack([nat["eta1"], nat["eta2"]]), g_mean,
+                               rtol=1e-9, atol=1e-12)
+    nat = natural_gradient(q, {"mean1": g_mean[0], "mean2": g_mean[1]}, coords="mean")
+    torch.testing.assert_close(torch.stack([nat["mean1"], nat["mean2"]]), g_eta,
+                               rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="eta1"):  # standard names with natural coords
+        natural_gradient(q, {"loc": g_theta[0]}, coords="natural")

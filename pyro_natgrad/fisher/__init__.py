@@ -56,15 +56,23 @@ def fisher_operator(d: Distribution, coords: Coords = "standard",
     fn = lookup_fisher(type(d))
     op = fn(d) if fn is not None else fallback_operator(d)
     _check_values(d, op)
+    if coords in ("natural", "mean"):  # coordinates named eta/mean: check names after
+        op = reparameterize(d, op, coords)
+        if params is not None:
+            params = (params,) if isinstance(params, str) else tuple(params)
+            if set(params) != set(op.names):
+                raise ValueError(
+                    f"coords={coords!r} has the coordinates {list(op.names)} of "
+                    f"{type(d).__name__}, each a function of all its parameters, so params "
+                    f"(or natural_gradient's grads) must name exactly these; got "
+                    f"{list(params)}")
+        return op.reinterpret(reinterpreted)
     if params is not None:
         params = (params,) if isinstance(params, str) else tuple(params)
         unknown = [p for p in params if p not in op.names]
         if unknown:
             raise ValueError(f"params {unknown} are not coordinates of {type(d).__name__}; "
                              f"its coordinates are {list(op.names)}")
-        if coords in ("natural", "mean") and set(params) != set(op.names):
-            raise ValueError(f"coords={coords!r} mixes all parameters of {type(d).__name__}; "
-                             f"it cannot be restricted to params={list(params)}")
         op = op.restrict([n for n in op.names if n in params])
     return reparameterize(d, op, coords).reinterpret(reinterpreted)
 
@@ -90,7 +98,9 @@ def fisher_information(d: Distribution, coords: Coords = "standard",
         ``{param_name: Transform}`` mapping coordinates to parameters. In
         coordinates ``u`` with ``theta = phi(u)``, ``F_u = J^T F_theta J``.
     :param params: a subset of parameter names; the others are held fixed (e.g.
-        ``params=("loc", "scale")`` for a Student-t with fixed ``df``).
+        ``params=("loc", "scale")`` for a Student-t with fixed ``df``). With
+        ``coords="natural"`` or ``"mean"`` the names are those coordinates' (``eta1``,
+        ``eta2``, ... as listed by ``fisher_operator(d, coords).names``), all of them.
     :raises ValueError: for an unknown ``coords`` or parameter name, or parameter
         values outside their constraints.
     """
