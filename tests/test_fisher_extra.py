@@ -228,3 +228,30 @@ def test_independent_of_a_fallback_family_is_block_diagonal_param_major(ndims):
     torch.testing.assert_close(fisher_operator(d).mv(v), (expected @ v.unsqueeze(-1))[..., 0])
     torch.testing.assert_close(fisher_operator(d).solve(v),
                                torch.linalg.solve(expected, v.unsqueeze(-1))[..., 0])
+
+
+# ----------------------------------------------------------------------------------------
+# StudentT F[df, df] without cancellation
+# ----------------------------------------------------------------------------------------
+_DFS = [1e-3, 0.5, 1.0, 4.0, 12.0, 19.9, 20.0, 45.0, 100.0, 1e3, 1e4, 1e5, 1e7, 1e9]
+
+
+def _student_t_df_reference(nu):
+    """(psi'(nu/2) - psi'((nu+1)/2))/4 - (nu+5)/(2 nu (nu+1)(nu+3)) with 60 digits (the
+    two terms are ~1/nu^2, their difference ~3.5/nu^4: 2 log10(nu) digits cancel)."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(60):
+        v = mpmath.mpf(nu)
+        return float((mpmath.polygamma(1, v / 2) - mpmath.polygamma(1, (v + 1) / 2)) / 4
+                     - (v + 5) / (2 * v * (v + 1) * (v + 3)))
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 2e-13), (torch.float32, 3e-7)])
+def test_student_t_df_entry_matches_high_precision(dtype, rtol):
+    df = torch.tensor(_DFS, dtype=dtype)
+    d = dist.StudentT(df, torch.zeros_like(df), torch.full_like(df, 2.0))
+    F = fisher_information(d)
+    ref = torch.tensor([_student_t_df_reference(float(v)) for v in df.double()], dtype=F64)
+    rel = (F[:, 0, 0].double() / ref - 1).abs()
+    assert (rel <= rtol).all(), list(zip(_DFS, rel.tolist()))
+    assert bool((torch.linalg.cholesky_ex(F)[1] == 0).all())  # positive definite
