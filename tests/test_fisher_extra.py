@@ -255,3 +255,60 @@ def test_student_t_df_entry_matches_high_precision(dtype, rtol):
     rel = (F[:, 0, 0].double() / ref - 1).abs()
     assert (rel <= rtol).all(), list(zip(_DFS, rel.tolist()))
     assert bool((torch.linalg.cholesky_ex(F)[1] == 0).all())  # positive definite
+
+
+# ----------------------------------------------------------------------------------------
+# probs/logits (scale_tril/covariance_matrix) both stored: which are the coordinates
+# ----------------------------------------------------------------------------------------
+def _enumerated_fisher(make, name, value, support):
+    """sum_x p(x) s(x) s(x)^T over ``support``, s by autograd w.r.t. ``name``."""
+    x = value.detach().clone().requires_grad_()
+    F = 0
+    for v in support:
+        lp = make(**{name: x}).log_prob(v)
+        (s,) = torch.autograd.grad(lp, x)
+        F = F + lp.detach().exp() * torch.outer(s.reshape(-1), s.reshape(-1))
+    return F
+
+
+_DISCRETE = {
+    "Bernoulli": (dist.Bernoulli, torch.tensor(0.4, dtype=F64),
+                  torch.tensor([0.0, 1.0], dtype=F64)),
+    "Binomial": (lambda **k: dist.Binomial(5, **k), torch.tensor(0.4, dtype=F64),
+                 torch.arange(6.0, dtype=F64)),
+    "Categorical": (dist.Categorical, torch.tensor([0.1, 0.5, -0.3], dtype=F64),
+                    torch.arange(3)),
+}
+
+
+@pytest.mark.parametrize("family", list(_DISCRETE))
+def test_expand_after_reading_the_alternative_keeps_the_coordinates(family):
+    make, logits, support = _DISCRETE[family]
+    probs = make(logits=logits).probs.detach()
+    by_logits = _enumerated_fisher(make, "logits", logits, support)
+    by_probs = _enumerated_fisher(make, "probs", probs, support)
+    d = make(logits=logits)
+    d.probs  # cached, as sampling or .mean do
+    e = d.expand([2])  # copies probs then logits: which was passed is lost
+    assert fisher_operator(e).names == ("logits",)
+    torch.testing.assert_close(fisher_information(e)[0].reshape(by_logits.shape), by_logits)
+    F = fisher_information(e, params=("probs",))[0]
+    torch.testing.assert_close(F.reshape(by_probs.shape), by_probs)
+    # built with probs, logits cached by log_prob, not expanded: still probs
+    d = make(probs=probs)
+    d.log_prob(support[0])
+    d.logits
+    assert fisher_operator(d).names == ("probs",)
+    torch.testing.assert_close(fisher_information(d).reshape(by_probs.shape), by_probs)
+
+
+def test_multivariate_normal_matrix_alternative_after_expand():
+    L = torch.tensor([[1.0, 0.0], [0.5, 2.0]], dtype=F64)
+    m = dist.MultivariateNormal(torch.zeros(2, dtype=F64), scale_tril=L)
+    m.covariance_matrix
+    assert fisher_operator(m.expand([3])).names == ("loc", "scale_tril")
+    c = dist.MultivariateNormal(torch.zeros(2, dtype=F64), covariance_matrix=L @ L.T)
+    c.scale_tril
+    assert fisher_operator(c).names == ("loc", "covariance_matrix")
+    assert fisher_operator(c.expand([3]), params=("loc", "covariance_matrix")).names == (
+        "loc", "covariance_matrix")

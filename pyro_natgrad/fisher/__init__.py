@@ -12,6 +12,7 @@ See :func:`fisher_information` for the coordinate conventions and
 :func:`register_fisher` to add a family.
 """
 
+import copy
 from typing import Optional, Sequence, Union
 
 import torch
@@ -53,6 +54,7 @@ def fisher_operator(d: Distribution, coords: Coords = "standard",
     while isinstance(d, Independent):  # block diagonal: work on the base, reinterpret last
         reinterpreted += d.reinterpreted_batch_ndims
         d = d.base_dist
+    d = _one_alternative(d, params)
     fn = lookup_fisher(type(d))
     op = fn(d) if fn is not None else fallback_operator(d)
     _check_values(d, op)
@@ -87,7 +89,10 @@ def fisher_information(d: Distribution, coords: Coords = "standard",
     for a multivariate normal ``loc`` and one of ``scale_tril``,
     ``covariance_matrix`` or ``precision_matrix``, of which only the lower
     triangle are coordinates, ``t_ij`` setting both entries of a symmetric
-    matrix). Counts such as ``total_count`` are fixed. ``Independent`` wrappers
+    matrix). Where torch stores the alternative too (it caches it when read, and
+    ``expand()`` then copies both, forgetting which was passed), the one named in
+    ``params`` is used; without one, the constructor's, or after such an
+    ``expand()`` ``logits`` and ``scale_tril``. Counts such as ``total_count`` are fixed. ``Independent`` wrappers
     give the block-diagonal Fisher over all reinterpreted entries.
 
     :param d: a :class:`torch.distributions.Distribution` (Pyro's included).
@@ -119,6 +124,48 @@ def fisher_solve(d: Distribution, v: torch.Tensor, damping: float = 0.0,
     """``(F + damping I)^{-1} v``, structured where the family allows (elementwise
     for diagonal families, O(d^3) for a full-rank Gaussian)."""
     return fisher_operator(d, coords, params).solve(v, damping)
+
+
+#: Alternative parameterisations; the first is used where torch lost which was passed.
+ALTERNATIVES = (("logits", "probs"), ("scale_tril", "covariance_matrix", "precision_matrix"),
+                ("gate_logits", "gate"))
+
+
+def _one_alternative(d, params):
+    """``d``, or a shallow copy of it keeping only one stored alternative of each group:
+    the one named in ``params``, else the constructor's (:func:`_constructed_with`).
+
+    torch caches an alternative once it is read (``probs`` of a logits-built Bernoulli by
+    ``.mean`` or sampling, ``logits`` of a probs-built one by ``log_prob``), and
+    ``expand()`` copies both."""
+    categorical = getattr(d, "_categorical", None)  # Multinomial keeps its probs there
+    if isinstance(categorical, Distribution):
+        inner = _one_alternative(categorical, params)
+        if inner is not categorical:
+            d = copy.copy(d)
+            d._categorical = inner
+    for group in ALTERNATIVES:
+        stored = [name for name in vars(d) if name in group]
+        if len(stored) < 2:
+            continue
+        named = [name for name in stored if params is not None and name in params]
+        keep = named[0] if named else _constructed_with(d, stored, group)
+        d = copy.copy(d)
+        for name in stored:
+            if name != keep:
+                del d.__dict__[name]  # a lazy property: recomputed from `keep` if read
+    return d
+
+
+def _constructed_with(d, stored, group):
+    """The constructor stores its argument first (Bernoulli and kin also as ``_param``).
+    ``expand()`` instead writes in a fixed order (``probs`` then ``logits``, re-pointing
+    ``_param`` at ``logits``; MultivariateNormal's ``loc`` first): the argument is then
+    unknown and the first of ``group`` (``logits``, ``scale_tril``) is used."""
+    param = vars(d).get("_param")
+    if param is not None:
+        return next((name for name in stored if vars(d)[name] is param), group[0])
+    return stored[0] if next(iter(vars(d))) in stored else group[0]
 
 
 def _check_values(d, op):

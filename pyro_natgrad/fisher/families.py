@@ -31,6 +31,8 @@ def passed_argument(d, candidates):
 
     Alternatives such as ``probs``/``logits`` are lazy properties of each other;
     the constructor sets its own argument first, so it comes first in ``vars(d)``.
+    (:func:`~pyro_natgrad.fisher.fisher_operator` first drops all but one, since
+    ``expand()`` copies both in torch's order.)
     """
     for key in vars(d):
         if key in candidates:
