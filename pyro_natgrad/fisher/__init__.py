@@ -92,8 +92,9 @@ def fisher_information(d: Distribution, coords: Coords = "standard",
     matrix). Where torch stores the alternative too (it caches it when read, and
     ``expand()`` then copies both, forgetting which was passed), the one named in
     ``params`` is used; without one, the constructor's, or after such an
-    ``expand()`` ``logits`` and ``scale_tril``. Counts such as ``total_count`` are fixed. ``Independent`` wrappers
-    give the block-diagonal Fisher over all reinterpreted entries.
+    ``expand()`` ``logits`` and ``scale_tril``. Counts such as ``total_count`` are
+    fixed. ``Independent`` wrappers give the block-diagonal Fisher over all
+    reinterpreted entries.
 
     :param d: a :class:`torch.distributions.Distribution` (Pyro's included).
     :param coords: ``"standard"`` (the parameters themselves); ``"unconstrained"``
