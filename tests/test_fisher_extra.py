@@ -312,3 +312,20 @@ def test_multivariate_normal_matrix_alternative_after_expand():
     assert fisher_operator(c).names == ("loc", "covariance_matrix")
     assert fisher_operator(c.expand([3]), params=("loc", "covariance_matrix")).names == (
         "loc", "covariance_matrix")
+
+
+# ----------------------------------------------------------------------------------------
+# Families whose support moves with the parameters have no Fisher metric
+# ----------------------------------------------------------------------------------------
+def test_support_depending_on_the_parameters_is_refused():
+    uniform = dist.Uniform(torch.tensor(0.0, dtype=F64), torch.tensor(2.0, dtype=F64))
+    with pytest.raises(ValueError, match=r"support .* depends on the parameters \['low', 'high'\]"):
+        _fallback(fisher_information, uniform)
+    scale, alpha = torch.tensor(1.0, dtype=F64), torch.tensor(3.0, dtype=F64)
+    with pytest.raises(ValueError, match=r"\['scale'\].*params=\('alpha',\)"):
+        _fallback(fisher_information, dist.Pareto(scale, alpha))
+    # alpha alone is regular: -d^2/dalpha^2 log p(x) = 1/alpha^2 whatever x
+    expected = -_hessian(lambda a: dist.Pareto(scale, a).log_prob(torch.tensor(2.5, dtype=F64)),
+                         alpha)
+    got = _fallback(fisher_information, dist.Pareto(scale, alpha), params=("alpha",))
+    torch.testing.assert_close(got, expected.reshape(1, 1), rtol=1e-10, atol=0)

@@ -50,27 +50,25 @@ def fisher_operator(d: Distribution, coords: Coords = "standard",
     if not isinstance(d, Distribution):
         raise TypeError(f"expected a torch.distributions.Distribution, got {type(d).__name__}")
     check_coords(coords)
+    if params is not None:
+        params = (params,) if isinstance(params, str) else tuple(params)
     reinterpreted = 0
     while isinstance(d, Independent):  # block diagonal: work on the base, reinterpret last
         reinterpreted += d.reinterpreted_batch_ndims
         d = d.base_dist
     d = _one_alternative(d, params)
     fn = lookup_fisher(type(d))
-    op = fn(d) if fn is not None else fallback_operator(d)
+    op = fn(d) if fn is not None else fallback_operator(d, params=params)
     _check_values(d, op)
     if coords in ("natural", "mean"):  # coordinates named eta/mean: check names after
         op = reparameterize(d, op, coords)
-        if params is not None:
-            params = (params,) if isinstance(params, str) else tuple(params)
-            if set(params) != set(op.names):
-                raise ValueError(
-                    f"coords={coords!r} has the coordinates {list(op.names)} of "
-                    f"{type(d).__name__}, each a function of all its parameters, so params "
-                    f"(or natural_gradient's grads) must name exactly these; got "
-                    f"{list(params)}")
+        if params is not None and set(params) != set(op.names):
+            raise ValueError(
+                f"coords={coords!r} has the coordinates {list(op.names)} of "
+                f"{type(d).__name__}, each a function of all its parameters, so params "
+                f"(or natural_gradient's grads) must name exactly these; got {list(params)}")
         return op.reinterpret(reinterpreted)
     if params is not None:
-        params = (params,) if isinstance(params, str) else tuple(params)
         unknown = [p for p in params if p not in op.names]
         if unknown:
             raise ValueError(f"params {unknown} are not coordinates of {type(d).__name__}; "

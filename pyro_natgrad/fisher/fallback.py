@@ -102,11 +102,15 @@ def _has_kl(d):
     return kl._dispatch_kl(type(d), type(d)) is not NotImplemented
 
 
-def fallback_operator(d, mc_samples: int = None) -> DenseFisher:
-    """The Fisher of ``d`` by autograd (see module docstring), as a dense operator."""
+def fallback_operator(d, mc_samples: int = None, params=None) -> DenseFisher:
+    """The Fisher of ``d`` by autograd (see module docstring), as a dense operator;
+    over ``params`` only, the others held fixed, when they are all parameters."""
     specs = _param_specs(d)
+    if params is not None and {s.name for s in specs} >= set(params):
+        specs = [s for s in specs if s.name in params]
     make = _rebuild(d, specs)
     x0 = flatten(specs, {s.name: s.value for s in specs})
+    _check_regular(d, specs, make, x0)
     if _has_kl(d):
         _warn_once(d, "the Hessian of its registered KL divergence (exact)")
         F = _kl_hessian(d, specs, make, x0)
@@ -116,6 +120,40 @@ def fallback_operator(d, mc_samples: int = None) -> DenseFisher:
         F = _mc_fisher(d, specs, make, x0, n)
     F = 0.5 * (F + F.mT)
     return DenseFisher(specs, d.batch_shape, F)
+
+
+def _check_regular(d, specs, make, x0):
+    """Refuse families whose support moves with the parameters (Uniform, Pareto): there
+    the score does not have mean zero, ``E[s s^T]`` is not the curvature of the KL, and
+    the KL's Hessian is not even positive semi-definite."""
+    with torch.enable_grad():
+        x = x0.detach().requires_grad_()
+        support = make(_params(specs, x)).support
+        bounds = _bounds_with_grad(support)
+        if not bounds:
+            return
+        (grad,) = torch.autograd.grad(sum(b.sum() for b in bounds), x, allow_unused=True)
+    blocks = unflatten(specs, grad if grad is not None else torch.zeros_like(x))
+    moving = [k for k, g in blocks.items() if bool((g != 0).any())] or [s.name for s in specs]
+    fixed = [s.name for s in specs if s.name not in moving]
+    raise ValueError(
+        f"{type(d).__name__}: its support {support} depends on the parameters {moving}, so "
+        f"the family is not regular there and has no Fisher information metric (the score's "
+        f"mean is not zero, the KL is not quadratic near the current point). "
+        + (f"Hold them fixed with params={tuple(fixed)}, or register " if fixed else "Register ")
+        + f"a metric of your choice with @pyro_natgrad.register_fisher({type(d).__name__}).")
+
+
+def _bounds_with_grad(c):
+    """The tensors inside constraint ``c`` (bounds, nested constraints) that carry a
+    gradient, i.e. depend on the parameters the distribution was built from."""
+    out = []
+    for value in vars(c).values():
+        if torch.is_tensor(value) and value.requires_grad:
+            out.append(value)
+        elif isinstance(value, constraints.Constraint):
+            out.extend(_bounds_with_grad(value))
+    return out
 
 
 def _params(specs, x):
