@@ -329,3 +329,42 @@ def test_support_depending_on_the_parameters_is_refused():
                          alpha)
     got = _fallback(fisher_information, dist.Pareto(scale, alpha), params=("alpha",))
     torch.testing.assert_close(got, expected.reshape(1, 1), rtol=1e-10, atol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# Transformed families whose torch KL ignores their parameters: Monte Carlo route
+# ----------------------------------------------------------------------------------------
+def _score_outer_products(make, params, n):
+    """Per-sample s s^T, s = grad log p(x) by autograd w.r.t. a copy of params per sample."""
+    with torch.no_grad():
+        x = make(*params).sample((n,))
+    leaves = [p.expand(n).clone().requires_grad_() for p in params]
+    grads = torch.autograd.grad(make(*leaves).log_prob(x).sum(), leaves)
+    s = torch.stack(grads, -1)
+    return s.unsqueeze(-1) * s.unsqueeze(-2)
+
+
+EULER = 0.5772156649015329
+
+
+@pytest.mark.parametrize("family", ["Weibull", "Kumaraswamy"])
+def test_transformed_families_without_a_usable_kl_use_monte_carlo(family):
+    """torch's KL for these dispatches to its transformed-transformed rule, which does not
+    depend on their parameters (this used to crash). The Monte Carlo route must agree with
+    the Weibull closed form (scale l, shape k: [[k^2/l^2, -(1-g)/l], [., ((1-g)^2 +
+    pi^2/6)/k^2]]) and with an independent Monte Carlo estimate, within standard errors."""
+    from pyro_natgrad.fisher import MC_SAMPLES
+
+    make = dist.Weibull if family == "Weibull" else dist.Kumaraswamy
+    params = (torch.tensor(1.5, dtype=F64), torch.tensor(2.0, dtype=F64))
+    torch.manual_seed(1)
+    got = _fallback(fisher_information, make(*params))
+    outer = _score_outer_products(make, params, MC_SAMPLES)
+    se = outer.std(0) / math.sqrt(MC_SAMPLES)
+    assert ((got - outer.mean(0)).abs() <= 5 * math.sqrt(2) * se).all(), (got, outer.mean(0))
+    if family == "Weibull":
+        lam, k = params
+        exact = torch.stack([torch.stack([k**2 / lam**2, -(1 - EULER) / lam]),
+                             torch.stack([-(1 - EULER) / lam,
+                                          ((1 - EULER) ** 2 + math.pi**2 / 6) / k**2])])
+        assert ((got - exact).abs() <= 5 * se).all(), (got, exact)

@@ -3,8 +3,9 @@
 Two routes, tried in order:
 
 1. **KL Hessian** (exact): ``F = grad^2_theta KL(q_theta0 || q_theta)`` at ``theta0``,
-   when :func:`torch.distributions.kl_divergence` knows the pair. Costs ``k``
-   Hessian-vector products.
+   when :func:`torch.distributions.kl_divergence` knows the pair (other than through
+   torch's generic rule for transformed distributions, which ignores parameters held by
+   the transforms). Costs ``k`` Hessian-vector products.
 2. **Monte Carlo**: ``F ~ (1/N) sum_n s_n s_n^T`` with ``s_n`` the score at
    ``N = MC_SAMPLES`` draws (standard error ``O(N^{-1/2})``); needs ``log_prob``
    differentiable in the parameters.
@@ -99,7 +100,10 @@ def _rebuild(d, specs):
 
 
 def _has_kl(d):
-    return kl._dispatch_kl(type(d), type(d)) is not NotImplemented
+    fn = kl._dispatch_kl(type(d), type(d))
+    # torch's KL between transformed distributions with equal transforms is the base's KL,
+    # blind to parameters held by the transforms (Weibull, Kumaraswamy): no Hessian there.
+    return fn is not NotImplemented and fn is not getattr(kl, "_kl_transformed_transformed", None)
 
 
 def fallback_operator(d, mc_samples: int = None, params=None) -> DenseFisher:
@@ -111,9 +115,9 @@ def fallback_operator(d, mc_samples: int = None, params=None) -> DenseFisher:
     make = _rebuild(d, specs)
     x0 = flatten(specs, {s.name: s.value for s in specs})
     _check_regular(d, specs, make, x0)
-    if _has_kl(d):
+    F = _kl_hessian(d, specs, make, x0) if _has_kl(d) else None
+    if F is not None:
         _warn_once(d, "the Hessian of its registered KL divergence (exact)")
-        F = _kl_hessian(d, specs, make, x0)
     else:
         n = mc_samples or MC_SAMPLES
         _warn_once(d, f"a Monte Carlo estimate of E[score score^T] from {n} samples")
@@ -170,8 +174,10 @@ def _kl_hessian(d, specs, make, x0):
     with torch.enable_grad():
         x = x0.detach().requires_grad_()
         p0 = make(_params(specs, x0.detach()))
-        g = torch.autograd.grad(kl.kl_divergence(p0, make(_params(specs, x))).sum(), x,
-                                create_graph=True)[0]
+        div = kl.kl_divergence(p0, make(_params(specs, x))).sum()
+        if not div.requires_grad:
+            return None  # the registered KL ignores these parameters: use Monte Carlo
+        g = torch.autograd.grad(div, x, create_graph=True)[0]
         cols = []
         for j in range(x.shape[-1]):
             # The KL is a sum over the batch, so column j of every block comes at once.
