@@ -10,7 +10,10 @@ import torch
 import pyro.distributions as dist
 from torch.distributions import constraints, kl_divergence
 
-from pyro_natgrad.fisher import FisherFallbackWarning, fisher_information, fisher_operator
+from pyro_natgrad import natural_gradient
+from pyro_natgrad.fisher import (
+    FisherFallbackWarning, SingularFisherError, fisher_information, fisher_operator, fisher_solve,
+)
 
 
 def _exact_fisher(r, param, name):
@@ -368,3 +371,65 @@ def test_transformed_families_without_a_usable_kl_use_monte_carlo(family):
                              torch.stack([-(1 - EULER) / lam,
                                           ((1 - EULER) ** 2 + math.pi**2 / 6) / k**2])])
         assert ((got - exact).abs() <= 5 * se).all(), (got, exact)
+
+
+# ----------------------------------------------------------------------------------------
+# Singular Fisher matrices: which solves are defined
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("arg", ["logits", "probs"])
+def test_softmax_coordinates_solve_like_logits(arg, n):
+    """'unconstrained' logits are the logits (identity), and probs = softmax(u): both
+    have the logits' Fisher n (diag p - p p^T) (here by enumeration of a categorical's
+    scores), and undamped solves of g in its range give the minimum-norm pinv(F) g."""
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=F64)
+    make = dist.Categorical if n == 1 else (lambda **k: dist.Multinomial(n, **k))
+    d = make(**{arg: p if arg == "probs" else p.log() + 0.7})
+    F_ref = n * _enumerated_fisher(dist.Categorical, "logits", p.log(), torch.arange(4))
+    g = torch.tensor([0.3, -1.0, 0.4, 0.1], dtype=F64)
+    g = g - g.mean()  # in the range of F (orthogonal to its null vector 1)
+    got = fisher_solve(d, g, coords="unconstrained")
+    torch.testing.assert_close(got, torch.linalg.pinv(F_ref, hermitian=True) @ g,
+                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fisher_information(d, coords="unconstrained"), F_ref)
+
+
+def _lowrank_kl_hessian(loc, W, D, names):
+    p0 = torch.distributions.MultivariateNormal(loc, W @ W.T + torch.diag(D))
+    sizes = {"loc": loc.numel(), "cov_factor": W.numel(), "cov_diag": D.numel()}
+    values = {"loc": loc, "cov_factor": W, "cov_diag": D}
+
+    def kl(x):
+        parts, i = dict(values), 0
+        for name in names:
+            parts[name] = x[i:i + sizes[name]].reshape(values[name].shape)
+            i += sizes[name]
+        cov = parts["cov_factor"] @ parts["cov_factor"].T + torch.diag(parts["cov_diag"])
+        return kl_divergence(p0, torch.distributions.MultivariateNormal(parts["loc"], cov))
+
+    return _hessian(kl, torch.cat([values[n].reshape(-1) for n in names]))
+
+
+@pytest.mark.parametrize("seed", [0, 3])  # 3: a Cholesky of the singular F used to succeed
+def test_lowrank_rank_two_needs_damping(seed):
+    g = torch.Generator().manual_seed(seed)
+    loc = torch.randn(4, generator=g, dtype=F64)
+    W = torch.randn(4, 2, generator=g, dtype=F64)
+    D = torch.rand(4, generator=g, dtype=F64) + 0.5
+    d = dist.LowRankMultivariateNormal(loc, W, D)
+    v = torch.randn(16, generator=g, dtype=F64)
+    with pytest.raises(SingularFisherError, match="cov_factor"):
+        fisher_solve(d, v)
+    with pytest.raises(SingularFisherError, match="cov_factor"):
+        fisher_solve(d, v, coords="unconstrained")
+    with pytest.raises(SingularFisherError, match="cov_factor"):
+        natural_gradient(d, {"loc": v[:4], "cov_factor": v[4:12].reshape(4, 2),
+                             "cov_diag": v[12:]})
+    F = _lowrank_kl_hessian(loc, W, D, ("loc", "cov_factor", "cov_diag"))
+    torch.testing.assert_close(fisher_solve(d, v, damping=1e-2),
+                               torch.linalg.solve(F + 1e-2 * torch.eye(16, dtype=F64), v))
+    # without cov_factor the Fisher is regular
+    F = _lowrank_kl_hessian(loc, W, D, ("loc", "cov_diag"))
+    got = natural_gradient(d, {"loc": v[:4], "cov_diag": v[12:]})
+    torch.testing.assert_close(torch.cat([got["loc"], got["cov_diag"]]),
+                               torch.linalg.solve(F, torch.cat([v[:4], v[12:]])))

@@ -9,11 +9,11 @@ from typing import Dict
 import torch
 from torch.distributions import constraints, transform_to
 from torch.distributions.transforms import (
-    ComposeTransform, LowerCholeskyTransform, Transform,
+    ComposeTransform, IndependentTransform, LowerCholeskyTransform, SoftmaxTransform, Transform,
 )
 
 from .expfam import exponential_family_coords
-from .operators import FisherOperator, ReparamFisher
+from .operators import DiagPlusRankOneFisher, FisherOperator, LogitsFisher, ReparamFisher
 from .params import ParamSpec, flatten, unflatten
 
 #: The named coordinate systems accepted by ``coords``.
@@ -36,9 +36,20 @@ def _entrywise(t: Transform) -> bool:
     """Whether each output entry depends only on the same input entry."""
     if isinstance(t, ComposeTransform):
         return all(_entrywise(p) for p in t.parts)
+    if isinstance(t, IndependentTransform):  # only reinterprets dims as event dims
+        return _entrywise(t.base_transform)
     if isinstance(t, LowerCholeskyTransform) or type(t).__name__ == "SoftplusLowerCholeskyTransform":
         return True  # entrywise on the lower triangle, which is all the coordinates read
     return t.domain.event_dim == 0 and t.codomain.event_dim == 0
+
+
+def _is_real(c) -> bool:
+    """Unconstrained already (``real``, ``real_vector``, ``independent(real, n)``): its
+    ``transform_to`` is the identity, so the coordinates and the operator (with its
+    structured solves) stay as they are."""
+    while isinstance(c, constraints.independent):
+        c = c.base_constraint
+    return c is constraints.real
 
 
 def reparameterize(d, op: FisherOperator, coords) -> FisherOperator:
@@ -51,8 +62,11 @@ def reparameterize(d, op: FisherOperator, coords) -> FisherOperator:
         transforms = {}
         for s in op.specs:
             c = d.arg_constraints.get(s.name)
-            if c is not None and c is not constraints.real and not constraints.is_dependent(c):
+            if c is not None and not _is_real(c) and not constraints.is_dependent(c):
                 transforms[s.name] = transform_to(c)
+        softmax = _softmax_of_probs(d, op, transforms)
+        if softmax is not None:
+            return softmax
     else:
         unknown = [k for k in coords if k not in op.names]
         if unknown:
@@ -60,6 +74,19 @@ def reparameterize(d, op: FisherOperator, coords) -> FisherOperator:
                              f"{type(d).__name__}; its coordinates are {list(op.names)}")
         transforms = dict(coords)
     return _per_parameter(op, transforms)
+
+
+def _softmax_of_probs(d, op, transforms):
+    """Categorical / Multinomial ``probs`` in unconstrained coordinates: ``transform_to``
+    gives ``probs = softmax(u)``, so ``u`` are logits (``log probs`` here), with the
+    logits' Fisher and its structured, minimum-norm solves (singular along ``1``)."""
+    if not (type(op) is DiagPlusRankOneFisher and op.singular and op.name in transforms
+            and isinstance(transforms[op.name], SoftmaxTransform)):
+        return None
+    (spec,) = op.specs
+    probs = spec.value / spec.value.sum(-1, keepdim=True)
+    return LogitsFisher([ParamSpec(spec.name, probs.log(), spec.event_dim)], op.batch_shape,
+                        probs, -op.c)
 
 
 def _per_parameter(op, transforms: Dict[str, Transform]):

@@ -164,7 +164,10 @@ class FisherOperator:
             return self.mv(x) + damping * x
 
         def precond(r):
-            exact = self._solve(self.unflatten(r), 0.0) if damping else None
+            try:
+                exact = self._solve(self.unflatten(r), 0.0) if damping else None
+            except SingularFisherError:  # no undamped inverse to precondition with
+                exact = None
             return self.flatten(exact) if exact is not None else r
 
         from ..linalg import conjugate_gradient  # local: linalg imports nothing of ours
@@ -256,8 +259,11 @@ class DiagPlusRankOneFisher(FisherOperator):
     (Dirichlet; Categorical and Multinomial, where it is singular).
 
     :param a, u: shape of the parameter; ``c``: its shape without the last dim.
-    :param null: for a singular ``F``, the null vector ``a^{-1} u``; the undamped
-        solve then returns the minimum-norm solution, orthogonal to it.
+    :param singular: ``F`` is singular, with null vector ``a^{-1} u``. The undamped solve
+        returns ``a^{-1} g`` less its component along the null vector: the minimum-norm
+        solution for ``g`` in the range of ``F``; for other ``g`` it solves
+        ``F x = g - (u^T a^{-1} g / u^T a^{-1} u) u`` (the range is orthogonal to the null
+        vector), not the least-squares ``pinv(F) g``.
     """
 
     def __init__(self, specs, batch_shape, a, u, c, singular=False):
@@ -409,11 +415,28 @@ class LowRankGaussianFisher(FisherOperator):
     ``dSigma = dW W^T + W dW^T + diag(dD)``: ``F [dW, dD] = [A W, diag(A)/2]``.
     Products cost O(d^2 r) through the Woodbury identity; solves have no closed
     form and use dense Cholesky (small) or conjugate gradients (large).
+
+    For rank ``r >= 2``, ``W -> W R`` (``R`` orthogonal) leaves ``Sigma`` unchanged, so
+    ``F`` over ``cov_factor`` is singular (``r(r-1)/2`` null directions): undamped solves
+    over it raise :class:`SingularFisherError`.
     """
 
     def __init__(self, specs, batch_shape, cov_factor, cov_diag, precision):
         super().__init__(specs, batch_shape)
         self.W, self.D, self.P = cov_factor, cov_diag, precision
+
+    def restrict(self, names):
+        return self._with_specs(names)  # products already act on any subset
+
+    def _solve(self, v, damping):
+        rank = self.W.shape[-1]
+        if damping == 0 and rank >= 2 and "cov_factor" in self.names:
+            raise SingularFisherError(
+                f"the Fisher information over cov_factor of a rank-{rank} "
+                f"LowRankMultivariateNormal is singular (cov_factor @ R, R orthogonal, is "
+                f"the same distribution); pass damping > 0, or hold cov_factor fixed with "
+                f"params=('loc', 'cov_diag')")
+        return None
 
     def _mv(self, v):
         out = {}
