@@ -34,7 +34,10 @@ def natural_gradient(d: Distribution, grads: Dict[str, torch.Tensor], coords="st
     :param coords: as in :func:`~pyro_natgrad.fisher.fisher_information`, e.g.
         ``"unconstrained"`` when the gradients are with respect to ``log`` scales.
     :param damping: added to the Fisher's diagonal; needed for families whose
-        Fisher is singular (``Delta``) and useful when it is near-singular.
+        Fisher is singular (``Delta``; ``LowRankMultivariateNormal`` of rank ``>= 2``
+        when ``cov_factor`` is in ``grads``) and useful when it is near-singular.
+        ``Categorical`` and ``Multinomial`` solve undamped (minimum-norm, see
+        :func:`~pyro_natgrad.fisher.fisher_solve`).
     :returns: ``{parameter name: natural gradient}``, shaped like ``grads``. Uses
         the structured solve of the family (elementwise for diagonal families,
         ``O(d^3)`` for a full-rank Gaussian).

@@ -87,12 +87,12 @@ def fisher_information(d: Distribution, coords: Coords = "standard",
     for a multivariate normal ``loc`` and one of ``scale_tril``,
     ``covariance_matrix`` or ``precision_matrix``, of which only the lower
     triangle are coordinates, ``t_ij`` setting both entries of a symmetric
-    matrix). Where torch stores the alternative too (it caches it when read, and
-    ``expand()`` then copies both, forgetting which was passed), the one named in
-    ``params`` is used; without one, the constructor's, or after such an
-    ``expand()`` ``logits`` and ``scale_tril``. Counts such as ``total_count`` are
-    fixed. ``Independent`` wrappers give the block-diagonal Fisher over all
-    reinterpreted entries.
+    matrix; ``probs`` normalised, as torch keeps them). Where torch stores the
+    alternative too (it caches it when read, and ``expand()`` then copies both,
+    forgetting which was passed), the one named in ``params`` is used; without one,
+    the constructor's, or after such an ``expand()`` ``logits`` and ``scale_tril``.
+    Counts such as ``total_count`` are fixed. ``Independent`` wrappers give the
+    block-diagonal Fisher over all reinterpreted entries.
 
     :param d: a :class:`torch.distributions.Distribution` (Pyro's included).
     :param coords: ``"standard"`` (the parameters themselves); ``"unconstrained"``
@@ -121,7 +121,16 @@ def fisher_solve(d: Distribution, v: torch.Tensor, damping: float = 0.0,
                  coords: Coords = "standard",
                  params: Optional[Sequence[str]] = None) -> torch.Tensor:
     """``(F + damping I)^{-1} v``, structured where the family allows (elementwise
-    for diagonal families, O(d^3) for a full-rank Gaussian)."""
+    for diagonal families, O(d^3) for a full-rank Gaussian).
+
+    Some Fisher matrices are singular. ``Delta`` (zero) and ``LowRankMultivariateNormal``
+    of rank ``>= 2`` over ``cov_factor`` (``cov_factor @ R``, ``R`` orthogonal, is the same
+    distribution) need ``damping > 0``; undamped solves raise
+    :class:`SingularFisherError`. ``Categorical`` and ``Multinomial`` (singular along
+    ``p`` in ``probs``, along ``1`` in ``logits`` and unconstrained coordinates) return the
+    minimum-norm solution when ``v`` is in the range of ``F``, as the gradient of any
+    function of the distribution is (see their closed forms for other ``v``).
+    """
     return fisher_operator(d, coords, params).solve(v, damping)
 
 

@@ -247,9 +247,16 @@ def _categorical_like(d, probs, n, spec_source):
 
 @register_fisher(Categorical)
 def _categorical(d):
-    """``probs`` (all k; torch normalises them, so F is singular along ``p``):
-    ``diag(1/p) - 1 1^T``; ``logits`` (singular along ``1``): ``diag(p) - p p^T``.
-    Undamped solves return the minimum-norm solution."""
+    """``probs`` (all k): ``diag(1/p) - 1 1^T``, singular along ``p``; ``logits``:
+    ``diag(p) - p p^T``, singular along ``1``.
+
+    ``p`` is the normalised ``d.probs``: torch divides the ``probs`` argument by its sum
+    and keeps only the result, so for an unnormalised argument ``t`` (sum ``s``) this is
+    not the Fisher in ``t`` (which is this one divided by ``s^2``, in the directions that
+    change ``p``). Undamped solves of ``g`` in the range of ``F`` (the gradient of any
+    function of the distribution is) return the minimum-norm solution; for other ``g``
+    they solve ``F x = g - (p^T g) 1`` (probs) or ``F x = g - (1^T g) p`` (logits), which
+    is not the least-squares ``pinv(F) g``."""
     p = d.probs
     return _categorical_like(d, p, torch.ones_like(p[..., 0]), d)
 
