@@ -433,3 +433,18 @@ def test_lowrank_rank_two_needs_damping(seed):
     got = natural_gradient(d, {"loc": v[:4], "cov_diag": v[12:]})
     torch.testing.assert_close(torch.cat([got["loc"], got["cov_diag"]]),
                                torch.linalg.solve(F, torch.cat([v[:4], v[12:]])))
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make,coords,name", [
+    (lambda: dist.Gamma(torch.tensor(2.0), torch.tensor(3.0)),
+     {"rate": torch.distributions.transforms.SigmoidTransform()}, "rate"),
+    (lambda: dist.Normal(torch.tensor([0.3, -0.3]), torch.tensor(1.0)),
+     {"loc": torch.distributions.transforms.ExpTransform()}, "loc"),
+], ids=["sigmoid-rate-3", "exp-loc-negative"])
+def test_coordinate_transform_must_reach_the_parameter(make, coords, name):
+    """sigmoid(sigmoid^-1(3)) is 1 and log(-0.3) NaN: those Fishers were of another point."""
+    with pytest.raises(ValueError, match=rf"coords\['{name}'\].*does not contain"):
+        fisher_information(make(), coords=coords)

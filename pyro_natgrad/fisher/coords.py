@@ -96,6 +96,13 @@ def _per_parameter(op, transforms: Dict[str, Transform]):
         if t is None:
             specs.append(s)
             continue
+        ok = t.codomain.check(s.value.detach())
+        if not bool(ok.all()):
+            raise ValueError(
+                f"coords[{s.name!r}] = {t} maps onto {t.codomain}, which does not contain the "
+                f"current value of {s.name!r} ({int((~ok).sum())} of {ok.numel()} entries "
+                f"outside); no coordinate gives this parameter. Use a transform whose "
+                f"codomain contains it.")
         u = t.inv(s.value.detach())
         shift = t.domain.event_dim - t.codomain.event_dim
         same_square = s.packing == "tril" and u.shape[-2:] == s.value.shape[-2:]
