@@ -18,6 +18,7 @@ auxiliary latent draws and their plates, from which the optimizer forms the
 control variate of :mod:`pyro_natgrad.gaussian`.
 """
 
+import functools
 import weakref
 from operator import attrgetter
 from typing import Dict, List
@@ -28,7 +29,7 @@ from pyro.infer.autoguide import (
     AutoCallable, AutoDiagonalNormal, AutoGuide, AutoGuideList, AutoMultivariateNormal,
     AutoNormal,
 )
-from torch.distributions import Independent, transform_to
+from torch.distributions import Independent, MultivariateNormal, Normal, transform_to
 from torch.distributions.transforms import ExpTransform
 
 
@@ -45,6 +46,9 @@ class DrawRecorder:
     #: and the parameter's version counter then, so a step can reuse the guide's own
     #: ``softplus(raw)`` while ``raw`` is unchanged. Not a string: no site name.
     SCALES = ("scales",)
+    #: Key of a record's flag set when a backward pass reaches its draws (a tensor hook),
+    #: and of the flag that such a hook was placed (some recorded draw needs grad).
+    USED, TRACKED = ("used",), ("tracked",)
 
     def __init__(self, module: torch.nn.Module, sites, owner=None):
         self.sites = set(sites)
@@ -86,8 +90,12 @@ class DrawRecorder:
         for name, node in tr.nodes.items():
             if node["type"] != "sample":
                 continue
-            if node["infer"].get("is_auxiliary") or name in self.sites:
+            if node["infer"].get("is_auxiliary") or (name in self.sites
+                                                     and _gaussian_draw(node["fn"])):
                 record[name] = (node["value"].detach(), node["cond_indep_stack"])
+                if node["value"].requires_grad and not record.get(self.TRACKED):
+                    record[self.TRACKED] = True
+                    node["value"].register_hook(functools.partial(_mark_used, record))
             elif node["fn"].__class__.__name__ == "_Subsample":
                 record[name] = node["value"].detach()
         scales = {}
@@ -107,7 +115,13 @@ class DrawRecorder:
         del self.records[:-self.MAX_RECORDS]
 
     def take(self) -> List[Dict]:
+        """The records since the last call. If a backward pass reached the draws of some,
+        only those and the untracked ones: the others come from guide calls whose loss
+        was not differentiated (a validation ``Trace_ELBO().loss``, a logging call), and
+        their draws are not behind this step's gradients."""
         records, self.records = self.records, []
+        if any(r.get(self.USED) for r in records):
+            records = [r for r in records if r.get(self.USED) or not r.get(self.TRACKED)]
         return records
 
     def remove(self):
@@ -118,6 +132,18 @@ class DrawRecorder:
         state = self.__dict__.copy()
         state.update(records=[], _tracer=None, _handles=[], _owner=None, scale_params={})
         return state
+
+
+def _gaussian_draw(fn) -> bool:
+    """Whether a site's value is the Gaussian draw itself (not, say, ``exp`` of it, as for
+    a hand-written ``LogNormal`` site whose ``loc`` and ``scale`` are a Gaussian group)."""
+    while isinstance(fn, Independent):
+        fn = fn.base_dist
+    return isinstance(fn, (Normal, MultivariateNormal))
+
+
+def _mark_used(record, grad):
+    record[DrawRecorder.USED] = True
 
 
 def _is_softplus(transform) -> bool:
@@ -308,7 +334,9 @@ def read_guide(guide, prefix="") -> List[_Group]:
     if isinstance(guide, AutoGuide) and getattr(guide, "prototype_trace", None) is None:
         raise RuntimeError(
             f"{type(guide).__name__} has not been run yet, so its parameters do not exist; "
-            f"call svi.step(...) (or the guide once) before the optimizer")
+            f"call svi.step(...) (or the guide once) before the optimizer. Inside "
+            f"svi.step, this means the optimizer was built for another guide than the one "
+            f"SVI runs: pass SVI's guide to NaturalGradient")
     if isinstance(guide, AutoNormal):
         groups = []
         for name, site in guide.prototype_trace.iter_stochastic_nodes():

@@ -259,7 +259,12 @@ def read_handwritten(guide, args=(), kwargs=None):
         leaf = ref() if callable(ref) else None
         if leaf is None:
             leaf = store._params.get(name, value)
-        params[name] = (value, leaf, store._constraints.get(name, constraints.real))
+        # A PyroModule's local parameter (module_local_params=True) is not in the store,
+        # and the call carries its constraint; a store parameter's call carries ``real``.
+        constraint = node["kwargs"].get("constraint", constraints.real)
+        if constraint is constraints.real or type(constraint) is type(constraints.real):
+            constraint = store._constraints.get(name, constraints.real)
+        params[name] = (value, leaf, constraint)
     names = {id(leaf): (leaf, name) for name, (_, leaf, _) in params.items()}
     by_node = {}  # id(node) -> name; ``nodes`` keeps the wrappers (and so the ids) alive
     nodes = [_node_of(value) for value, _, _ in params.values()]

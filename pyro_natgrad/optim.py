@@ -14,6 +14,7 @@ sites in other exponential families take mirror-descent steps too
 :meth:`NaturalGradient.routing` says which.
 """
 
+import copy
 import math
 import warnings
 from typing import Dict, Optional
@@ -144,7 +145,8 @@ class NaturalGradient(PyroOptim):
         half for the mean and half for the precision:
         :func:`~pyro_natgrad.gaussian.step_limit`), and no step more than doubles a
         variance in any direction (nor, for mean-field steps from gradients alone,
-        halves one). None turns these off: right for exact gradients, risky for noisy
+        halves one; nor, with model curvature, doubles one of the running precision's
+        Gaussian). None turns these off: right for exact gradients, risky for noisy
         ones.
     :param control_variate: subtract the zero-mean term that the current
         precision predicts from each gradient, using the guide's own draws
@@ -201,10 +203,16 @@ class NaturalGradient(PyroOptim):
                              f"AutoMultivariateNormal or AutoLowRankMultivariateNormal guide, "
                              f"not {type(guide).__name__}, whose steps use no model curvature; "
                              f"use curvature='auto' or 'none'")
-        if max_kl is not None and not (isinstance(max_kl, (int, float)) and 0 < max_kl < math.inf):
+        if max_kl is not None and not (isinstance(max_kl, (int, float)) and not isinstance(
+                max_kl, bool) and 0 < max_kl < math.inf):
             raise ValueError(f"max_kl must be None or a positive finite number, got {max_kl!r}")
-        if isinstance(step_size, (int, float)):
+        if not isinstance(control_variate, bool):
+            raise TypeError(f"control_variate must be True or False, got {control_variate!r}")
+        if isinstance(step_size, (int, float)) and not isinstance(step_size, bool):
             step_size = StepSize(initial=float(step_size), decay=0.0)
+        elif step_size is not None and not callable(step_size):
+            raise TypeError(f"step_size must be a StepSize, a float in (0, 1] or None, got "
+                            f"{step_size!r}")
         self.guide = guide
         self.step_size = step_size or StepSize()
         self.max_kl = max_kl
@@ -385,7 +393,13 @@ class NaturalGradient(PyroOptim):
         return not (self.curvature == "auto" and dim > _curvature_limit(groups)), False
 
     def routing(self) -> Dict[str, str]:
-        """Which parameter goes where: ``{parameter name: description}``."""
+        """Which parameter goes where: ``{parameter name: description}``.
+
+        Names are the guide module's own (``guide.named_parameters()``, e.g.
+        ``"locs.w_unconstrained"`` for the param store's ``"AutoNormal.locs.w"``), the
+        ``pyro.param`` names of a hand-written guide, and the param store's names of
+        the other parameters the optimizer has been given (those of the model), which
+        appear once a step has been taken."""
         if self._groups is None:
             self._discover()
         names = {}
@@ -395,6 +409,11 @@ class NaturalGradient(PyroOptim):
         if isinstance(self.guide, torch.nn.Module):
             for name, p in self.guide.named_parameters():
                 names.setdefault(p, name)
+        store = pyro.get_param_store()
+        for p in self._seen_params:
+            name = store.param_name(p)
+            if p not in names and name is not None:  # not a tensor of a replaced store
+                names[p] = name
         out = {}
         for g in self._groups.values():
             for role, p in g.params.items():
@@ -402,7 +421,7 @@ class NaturalGradient(PyroOptim):
         for p, name in names.items():
             if p not in self._owner:
                 reason = self._rejected.get(id(p))
-                out[name] = f"base optimizer ({type(self.base_optimizer).__name__})" + (
+                out[name] = f"base optimizer ({self._base_name()})" + (
                     f": {reason}" if reason else "")
         return out
 
@@ -426,8 +445,7 @@ class NaturalGradient(PyroOptim):
             # with this step's arguments when SVI.step is the caller.
             self._guide_args = find_svi_args(self) or self._guide_args
             self._discover()
-        if self._handwritten():
-            self._seen_params.update(params)
+        self._seen_params.update(params)
         if self._rejected:
             new = [p for p in params if p not in self._owner and p not in self._warned_params]
             if new:
@@ -435,7 +453,7 @@ class NaturalGradient(PyroOptim):
                 listed = describe_rejected(self._rejected, self._param_names, new)
                 warnings.warn(
                     f"NaturalGradient: {len(new)} parameter(s) take "
-                    f"{type(self.base_optimizer).__name__} steps: {'; '.join(listed[:8])}"
+                    f"{self._base_name()} steps: {'; '.join(listed[:8])}"
                     f"{' ...' if len(listed) > 8 else ''}. See NaturalGradient.routing().",
                     NaturalGradientWarning)
         self._warn_fallback(params)
@@ -470,8 +488,23 @@ class NaturalGradient(PyroOptim):
             elif group.key not in seen:
                 seen.add(group.key)
                 self._step_group(group, records, targets.get(group.key))
+        bad = [p for p in rest if p.grad is not None and not _all_finite([p.grad])]
+        if bad:
+            # The base optimizer would write them into the param store (and its moments).
+            self._skipped += 1
+            warnings.warn(f"non-finite gradient for {len(bad)} parameter(s) of "
+                          f"{self._base_name()}: "
+                          f"{', '.join(param_labels(bad)[:8])}; their step skipped "
+                          f"({self._skipped} skipped so far), they are unchanged",
+                          NaturalGradientWarning)
+            rest = [p for p in rest if not any(p is b for b in bad)]
         if rest:
             self.base_optimizer(rest, *args, **kwargs)
+
+    def _base_name(self) -> str:
+        # pyro.optim.Adam(...) is a PyroOptim wrapping torch's Adam: name the latter
+        return getattr(self.base_optimizer, "pt_optim_constructor",
+                       type(self.base_optimizer)).__name__
 
     def _guide_changed(self, params) -> bool:
         """Whether the guide's parameter tensors were replaced (e.g. by loading a
@@ -492,7 +525,7 @@ class NaturalGradient(PyroOptim):
         self._warned_params.update(new)
         names = param_labels(new)
         warnings.warn(f"NaturalGradient: {len(new)} parameter(s) feed no supported guide site "
-                      f"and take {type(self.base_optimizer).__name__} steps: {names[:8]}"
+                      f"and take {self._base_name()} steps: {names[:8]}"
                       f"{' ...' if len(names) > 8 else ''}. That is expected for model "
                       f"parameters; see NaturalGradient.routing().", NaturalGradientWarning)
 
@@ -900,6 +933,8 @@ class NaturalGradient(PyroOptim):
                 return P0, fallback
             return P, torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
 
+        if self.max_kl is not None:
+            rho = min(rho, _halving_limit(P0, target, rho))
         P, direction = newton(rho)
         if self.max_kl is not None:
             # One trust region for the whole step, so the Newton direction is not
@@ -968,7 +1003,8 @@ class NaturalGradient(PyroOptim):
         (``pyro.get_param_store().save``)."""
         state = {k: {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
                  for k, v in self._state.items()}
-        return {"natural_gradient": state, "base": self.base_optimizer.get_state(),
+        # A copy, not the base optimizer's live tensors, which later steps change in place.
+        return {"natural_gradient": state, "base": copy.deepcopy(self.base_optimizer.get_state()),
                 "skipped": self._skipped}
 
     def set_state(self, state: Dict) -> None:
@@ -990,6 +1026,23 @@ class NaturalGradient(PyroOptim):
     def load(self, filename: str, map_location=None) -> None:
         """:meth:`set_state` from a file written by :meth:`save`."""
         self.set_state(torch.load(filename, map_location=map_location, weights_only=False))
+
+
+def _halving_limit(P0, target, rho: float) -> float:
+    """The largest step ``r <= rho`` with ``(1 - r) P0 + r target >= P0 / 2``: the Gaussian
+    of the running precision at most doubles its variance in any direction per step, as
+    a guide's own step does under a trust region. Without this, single-draw Hessians from
+    the tails of a model whose curvature vanishes there (a Bernoulli likelihood on the
+    logit scale) made ``P`` ever flatter and the Newton steps ``P^{-1} g`` ever longer:
+    the mean of a one-dimensional ``AutoNormal`` ran to hundreds of sds into the tails.
+    ``P0`` is ``(D, D)`` positive definite, ``target`` symmetric."""
+    if rho <= 0.5 and bool(torch.linalg.cholesky_ex(target)[1] == 0):
+        return rho  # (1 - r) P0 + r target >= (1 - r) P0 >= P0 / 2
+    R = torch.linalg.cholesky(P0)
+    X = torch.linalg.solve_triangular(R, target, upper=False)
+    X = torch.linalg.solve_triangular(R, X.mT, upper=False)  # R^{-1} target R^{-T}
+    lowest = float(torch.linalg.eigvalsh(0.5 * (X + X.mT))[0])
+    return rho if lowest >= 0.5 else min(rho, 0.5 / (1 - lowest))
 
 
 def param_labels(params):

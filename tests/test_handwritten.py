@@ -588,8 +588,17 @@ def test_param_store_reload_is_read_again():
     assert all(v.startswith("natural gradient") for v in opt.routing().values())
 
 
-def test_pyro_module_guide():
-    """A hand-written PyroModule guide (not an autoguide) is read the same way."""
+@pytest.mark.parametrize("module_local", [False, True], ids=["store", "module_local"])
+def test_pyro_module_guide(module_local):
+    """A hand-written PyroModule guide (not an autoguide) is read the same way, also with
+    ``module_local_params=True``, where its constraints are not in the param store (they
+    were read from there, so the positive parameters looked unconstrained and the first
+    step failed on a negative Gamma rate)."""
+    with pyro.settings.context(module_local_params=module_local):
+        _pyro_module_guide_exact_step()
+
+
+def _pyro_module_guide_exact_step():
     from pyro.nn import PyroModule, PyroParam
 
     class Guide(PyroModule):
@@ -607,7 +616,7 @@ def test_pyro_module_guide():
     routes = opt.read_guide(COUNTS)
     assert all(v == "natural gradient (Gamma, mirror descent, lam)" for v in routes.values()), \
         routes
-    leaves = store_leaves()
+    leaves = list(guide.parameters())
     assert len(leaves) == 2
 
     def neg_elbo():
@@ -661,3 +670,40 @@ def test_guide_list_with_hand_written_part():
         q = dist.Normal(guide[0].locs.mu, guide[0].scales.mu)
     _posterior_check(q, dist.Normal(torch.tensor(mean, dtype=F64), prec ** -0.5),
                      mean_tol=0.05, sd_tol=0.05)
+
+
+def test_guide_list_with_hand_written_lognormal_part():
+    """A hand-written ``LogNormal`` part of an ``AutoGuideList``: its ``loc`` and ``scale``
+    form a Gaussian group, but the site's value is ``exp`` of the Gaussian draw. The list's
+    recorders once took that value for the draw, and the control variate blew the group
+    up (4 of 5 seeds ended in a FloatingPointError). Log-normal data make ``log s``'s
+    posterior Gaussian, so the part can be checked against it exactly."""
+    from pyro import poutine
+    from pyro.infer.autoguide import AutoGuideList, AutoNormal
+
+    log_y = OBS.log()
+
+    def model(y):
+        pyro.sample("mu", dist.Normal(torch.tensor(M0, dtype=F64), S0))
+        s = pyro.sample("s", dist.LogNormal(torch.tensor(0.0, dtype=F64), 1.0))
+        with pyro.plate("n", len(y)):
+            pyro.sample("y", dist.LogNormal(s.log(), SIG), obs=y)
+
+    def s_guide(y):
+        loc = pyro.param("s_loc", torch.tensor(0.0, dtype=F64))
+        scale = pyro.param("s_scale", torch.tensor(0.5, dtype=F64),
+                           constraint=constraints.positive)
+        pyro.sample("s", dist.LogNormal(loc, scale))
+
+    prec = 1.0 + len(OBS) / SIG ** 2  # log s ~ N(0, 1) prior, log y_i ~ N(log s, SIG^2)
+    post = dist.Normal(torch.tensor(float(log_y.sum()) / SIG ** 2 / prec, dtype=F64),
+                       prec ** -0.5)
+    for seed in range(3):
+        pyro.clear_param_store()
+        guide = AutoGuideList(model)
+        guide.append(AutoNormal(poutine.block(model, expose=["mu"])))
+        guide.append(s_guide)
+        opt = _svi(model, guide, (OBS,), seed=seed)
+        assert opt.routing()["s_loc"].startswith("natural gradient (diagonal Gaussian")
+        _posterior_check(dist.Normal(value("s_loc"), value("s_scale")), post,
+                         mean_tol=0.1, sd_tol=0.1)
