@@ -13,12 +13,12 @@ See :func:`fisher_information` for the coordinate conventions and
 """
 
 import copy
+import importlib
 from typing import Optional, Sequence, Union
 
 import torch
 from torch.distributions import Distribution, Independent, constraints
 
-from . import families as _families  # noqa: F401  (registers the closed forms)
 from .coords import COORDS, check_coords, reparameterize
 from .fallback import MC_SAMPLES, FisherFallbackWarning, fallback_operator
 from .operators import (
@@ -28,6 +28,9 @@ from .operators import (
 )
 from .params import ParamSpec
 from .registry import lookup_fisher, register_fisher
+
+# Imported for its side effect: its @register_fisher decorators register the closed forms.
+importlib.import_module(f"{__name__}.families")
 
 __all__ = [
     "COORDS", "MC_SAMPLES", "FisherFallbackWarning", "FisherOperator", "ParamSpec",

@@ -38,7 +38,8 @@ def _entrywise(t: Transform) -> bool:
         return all(_entrywise(p) for p in t.parts)
     if isinstance(t, IndependentTransform):  # only reinterprets dims as event dims
         return _entrywise(t.base_transform)
-    if isinstance(t, LowerCholeskyTransform) or type(t).__name__ == "SoftplusLowerCholeskyTransform":
+    if isinstance(t, LowerCholeskyTransform) \
+            or type(t).__name__ == "SoftplusLowerCholeskyTransform":
         return True  # entrywise on the lower triangle, which is all the coordinates read
     return t.domain.event_dim == 0 and t.codomain.event_dim == 0
 

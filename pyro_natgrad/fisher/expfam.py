@@ -142,7 +142,8 @@ def _mvn(d):
             else None
         return from_cov(loc, cov, prec)
 
-    prec = torch.cholesky_inverse(d._unbroadcasted_scale_tril).expand(d.batch_shape + d.event_shape * 2)
+    prec = torch.cholesky_inverse(d._unbroadcasted_scale_tril)
+    prec = prec.expand(d.batch_shape + d.event_shape * 2)
     eta1 = (prec @ d.loc.unsqueeze(-1)).squeeze(-1)
     layout = {"eta1": (1, "full"), "eta2": (2, "tril"), "mean1": (1, "full"),
               "mean2": (2, "tril")}
