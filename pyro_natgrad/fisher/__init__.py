@@ -20,7 +20,7 @@ import torch
 from torch.distributions import Distribution, Independent, constraints
 
 from .coords import COORDS, check_coords, reparameterize
-from .fallback import MC_SAMPLES, FisherFallbackWarning, fallback_operator
+from .fallback import ALTERNATIVES, MC_SAMPLES, FisherFallbackWarning, fallback_operator
 from .operators import (
     DenseFisher, DiagonalFisher, DiagPlusRankOneFisher, ElementBlockFisher, FisherOperator,
     GaussianFisher, LogitsFisher, LowRankGaussianFisher, ReparamFisher, SingularFisherError,
@@ -135,11 +135,6 @@ def fisher_solve(d: Distribution, v: torch.Tensor, damping: float = 0.0,
     function of the distribution is (see their closed forms for other ``v``).
     """
     return fisher_operator(d, coords, params).solve(v, damping)
-
-
-#: Alternative parameterisations; the first is used where torch lost which was passed.
-ALTERNATIVES = (("logits", "probs"), ("scale_tril", "covariance_matrix", "precision_matrix"),
-                ("gate_logits", "gate"))
 
 
 def _one_alternative(d, params):

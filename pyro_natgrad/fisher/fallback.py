@@ -11,8 +11,10 @@ Two routes, tried in order:
    differentiable in the parameters.
 
 The parameters are the floating-point constructor arguments named in
-``arg_constraints`` (discrete ones such as counts are held fixed), and the
-distribution must be rebuildable as ``type(d)(**params, **other_args)``.
+``arg_constraints`` (discrete ones such as counts are held fixed), stored on the
+distribution or read through a plain ``property`` (GammaPoisson, HalfCauchy keep them in
+an inner distribution), and the distribution must be rebuildable as
+``type(d)(**params, **other_args)``.
 Each route warns once per family with :class:`FisherFallbackWarning`.
 """
 
@@ -20,13 +22,17 @@ import inspect
 import warnings
 
 import torch
-from torch.distributions import constraints, kl
+from torch.distributions import Distribution, TransformedDistribution, constraints, kl
 
 from .operators import DenseFisher
 from .params import ParamSpec, flatten, unflatten
 
 #: Number of samples of the Monte Carlo route.
 MC_SAMPLES = 10_000
+
+#: Alternative parameterisations; the first is used where torch lost which was passed.
+ALTERNATIVES = (("logits", "probs"), ("scale_tril", "covariance_matrix", "precision_matrix"),
+                ("gate_logits", "gate"))
 
 _warned = set()
 
@@ -61,12 +67,11 @@ def _param_specs(d):
             f"it at other parameter values. Register its Fisher information with "
             f"@pyro_natgrad.register_fisher({type(d).__name__}) (or declare arg_constraints "
             f"over the constructor's arguments).")
-    present = [k for k in vars(d) if k in d.arg_constraints and k in args]
     for name in args:
         c = d.arg_constraints.get(name)
-        value = vars(d).get(name)
-        if c is None or name not in present or constraints.is_dependent(c) or c.is_discrete:
+        if c is None or constraints.is_dependent(c) or c.is_discrete:
             continue
+        value = _arg_value(d, name)
         if not (torch.is_tensor(value) and value.is_floating_point()):
             continue
         # Alternatives such as probs/logits: the constructor's comes first in vars(d).
@@ -75,11 +80,73 @@ def _param_specs(d):
             continue
         packing = "tril" if c in (constraints.lower_cholesky, constraints.positive_definite) \
             else "full"
-        specs.append(ParamSpec(name, value.detach(), c.event_dim, packing))
+        specs.append(ParamSpec(name, value.detach(), _event_dim(d, name, value, c), packing))
     if not specs:
-        raise ValueError(f"{type(d).__name__} has no continuous parameters to take a Fisher "
-                         f"information over")
+        raise _no_parameters_error(d)
     return specs
+
+
+def _event_dim(d, name, value, c):
+    """The dims of ``value`` after ``d.batch_shape``: ``c.event_dim`` can understate them
+    (torch's LogisticNormal declares ``loc`` ``real``, yet it has an event dim)."""
+    nb = len(d.batch_shape)
+    if value.shape[:nb] != d.batch_shape or value.dim() - nb < c.event_dim:
+        raise ValueError(
+            f"{type(d).__name__}: parameter {name!r} has shape {tuple(value.shape)}, which "
+            f"does not extend the batch shape {tuple(d.batch_shape)} by its constraint's "
+            f"{c.event_dim} event dims, so the autograd fallback cannot lay out its Fisher "
+            f"per batch element. Register its Fisher information with "
+            f"@pyro_natgrad.register_fisher({type(d).__name__}).")
+    return value.dim() - nb
+
+
+def _arg_value(d, name):
+    """Constructor argument ``name`` of ``d`` as stored, or read through a plain
+    ``property``; None for anything else, in particular a lazy alternative (``probs`` of a
+    logits-built family: reading it would compute and cache it) or a property standing for
+    one (ZeroInflatedNegativeBinomial's ``probs``: which one was passed is unknown)."""
+    if name in vars(d):
+        return vars(d)[name]
+    if any(name in group for group in ALTERNATIVES):
+        return None
+    if isinstance(inspect.getattr_static(type(d), name, None), property):
+        return getattr(d, name)
+    return None
+
+
+def _no_parameters_error(d):
+    """The error for a distribution with no readable continuous parameter: a wrapper
+    (parameters in its base distribution or transforms), or a family without any."""
+    name = type(d).__name__
+    register = f"@pyro_natgrad.register_fisher({name})"
+    if isinstance(d, TransformedDistribution):
+        kinds = [type(t).__name__ for t in d.transforms]
+        if all(t.bijective for t in d.transforms):
+            use = ("Its transforms are bijective: if they hold no parameters of yours, the "
+                   "Fisher over the base distribution's parameters is the base's, "
+                   "fisher_operator(d.base_dist); otherwise register its Fisher with "
+                   f"{register}.")
+        else:
+            use = ("Its transforms are not all bijective, so its Fisher differs from the base "
+                   f"distribution's: register one with {register}, or build the model from a "
+                   "family the library supports (e.g. HalfNormal rather than folding a "
+                   "zero-mean Normal).")
+        return ValueError(
+            f"{name} of {type(d.base_dist).__name__} through {kinds} keeps its parameters in "
+            f"its base distribution and transforms, not as constructor arguments named in "
+            f"arg_constraints, so the Fisher library cannot read them. {use}")
+    base = getattr(d, "base_dist", None)
+    if isinstance(base, Distribution):
+        return ValueError(
+            f"{name} wraps {type(base).__name__} and names no parameters of its own in "
+            f"arg_constraints, so the Fisher library cannot tell how it depends on the base's "
+            f"parameters. Register its Fisher with {register}, or use fisher_operator("
+            f"d.base_dist) if the wrapper leaves the distribution's law unchanged.")
+    return ValueError(
+        f"{name} has no continuous parameters to take a Fisher information over (none of "
+        f"its constructor arguments {tuple(_signature(d))} is a floating-point tensor named in "
+        f"arg_constraints {list(d.arg_constraints)}). If it has some, register its Fisher "
+        f"with {register}.")
 
 
 def _rebuild(d, specs):
@@ -87,15 +154,26 @@ def _rebuild(d, specs):
     taken = names | ({"probs", "logits"} if names & {"probs", "logits"} else set())
     fixed = {}
     for arg in _signature(d):
-        if arg in taken or not hasattr(d, arg):
+        if arg in taken:
             continue
-        if arg in d.arg_constraints and arg not in vars(d):
-            continue  # a lazy alternative parameterisation
-        fixed[arg] = getattr(d, arg)
+        if arg in d.arg_constraints:
+            value = _arg_value(d, arg)  # never computes a lazy alternative
+            if value is not None:
+                fixed[arg] = value
+        elif hasattr(d, arg):
+            fixed[arg] = getattr(d, arg)
 
     def make(params):
         return type(d)(**params, **fixed, validate_args=False)
 
+    try:  # fail here, with the fix, rather than deep inside autograd
+        make({s.name: s.value for s in specs})
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"the autograd fallback cannot rebuild {type(d).__name__} from the constructor "
+            f"arguments it can read ({', '.join(sorted(names | set(fixed)))}): "
+            f"{type(e).__name__}: {str(e).rstrip('.')}. Register its Fisher information with "
+            f"@pyro_natgrad.register_fisher({type(d).__name__}).") from e
     return make
 
 
