@@ -549,3 +549,70 @@ def test_unsupported_families_say_why_and_what_to_do(make, match):
     have failed inside the rebuild)."""
     with pytest.raises(ValueError, match=match):
         _fallback(fisher_information, make())
+
+
+# ----------------------------------------------------------------------------------------
+# pyro's .mask() and .expand() wrappers: the base's Fisher at each element
+# ----------------------------------------------------------------------------------------
+def _normal_fisher(loc, scale):
+    """Normal(loc, scale) elementwise: diag(1/s^2, 2/s^2), shape scale.shape + (2, 2)."""
+    return torch.diag_embed(torch.stack([scale ** -2 + 0 * loc, 2 * scale ** -2], -1))
+
+
+class _NormalWithoutExpand(dist.Normal):
+    def expand(self, batch_shape, _instance=None):
+        raise NotImplementedError
+
+
+def _pyro_expanded(d, shape):
+    from pyro.distributions.torch_distribution import ExpandedDistribution
+
+    return ExpandedDistribution(d, torch.Size(shape))
+
+
+@pytest.mark.parametrize("case", ["mask", "mask-broadcast", "expand", "expand-interstitial",
+                                  "expand-no-native", "expand-to-event", "mask-of-expand"])
+def test_mask_and_expand_wrappers_give_the_base_fisher_per_element(case):
+    """These said 'has no continuous parameters'. Reference: the Normal's closed form,
+    broadcast to the wrapper's batch shape by hand (to_event: param-major diagonal)."""
+    loc, scale = T([0.5, 1.0], dtype=F64), T([2.0, 3.0], dtype=F64)
+    n = dist.Normal(loc, scale)
+    per = _normal_fisher(loc, scale)  # (2, 2, 2)
+    if case == "mask":
+        d, expected = n.mask(T([True, False])), per
+    elif case == "mask-broadcast":  # pyro expands the base to the mask's shape
+        d, expected = n.mask(torch.ones(3, 2, dtype=torch.bool)), per.expand(3, 2, 2, 2)
+    elif case == "expand":
+        d, expected = _pyro_expanded(n, (3, 2)), per.expand(3, 2, 2, 2)
+    elif case == "expand-interstitial":
+        col = dist.Normal(loc[:, None], scale[:, None])  # batch (2, 1) -> (2, 3)
+        d, expected = _pyro_expanded(col, (2, 3)), per[:, None].expand(2, 3, 2, 2)
+    elif case == "expand-no-native":  # the base's operator broadcast densely
+        d, expected = _pyro_expanded(_NormalWithoutExpand(loc, scale), (3, 2)), \
+            per.expand(3, 2, 2, 2)
+    elif case == "expand-to-event":
+        d = _pyro_expanded(n, (3, 2)).to_event(1)
+        expected = torch.diag(torch.cat([scale ** -2, 2 * scale ** -2])).expand(3, 4, 4)
+    else:
+        d, expected = _pyro_expanded(n, (3, 2)).mask(False), per.expand(3, 2, 2, 2)
+    got = fisher_information(d)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    v = torch.linspace(-1, 2, expected[..., 0].numel(), dtype=F64).reshape(expected.shape[:-1])
+    torch.testing.assert_close(fisher_operator(d).mv(v), (expected @ v[..., None])[..., 0])
+    torch.testing.assert_close(fisher_solve(d, v),
+                               torch.linalg.solve(expected, v[..., None])[..., 0])
+    # unconstrained (log scale): F_log = diag(1/s^2, 2) at every element
+    u = fisher_information(d, coords="unconstrained")
+    if case != "expand-to-event":
+        torch.testing.assert_close(u[..., 1, 1], torch.full(u.shape[:-2], 2.0, dtype=F64))
+
+
+def test_expand_wrapper_keeps_the_argument_passed_before_expanding():
+    """torch's expand() copies both probs and logits once logits were read (by log_prob);
+    the Fisher of a probs-built Bernoulli is over probs, 1/(p(1-p)), not p(1-p)."""
+    p = T([0.2, 0.7], dtype=F64)
+    b = dist.Bernoulli(probs=p)
+    b.log_prob(T([1.0, 0.0], dtype=F64))  # caches logits
+    got = fisher_information(_pyro_expanded(b, (3, 2)))
+    torch.testing.assert_close(got, (1 / (p * (1 - p))).reshape(2, 1, 1).expand(3, 2, 1, 1))

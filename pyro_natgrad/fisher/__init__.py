@@ -14,9 +14,11 @@ See :func:`fisher_information` for the coordinate conventions and
 
 import copy
 import importlib
+from dataclasses import replace
 from typing import Optional, Sequence, Union
 
 import torch
+from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from torch.distributions import Distribution, Independent, constraints
 
 from .coords import COORDS, check_coords, reparameterize
@@ -55,10 +57,15 @@ def fisher_operator(d: Distribution, coords: Coords = "standard",
     check_coords(coords)
     if params is not None:
         params = (params,) if isinstance(params, str) else tuple(params)
-    reinterpreted = 0
-    while isinstance(d, Independent):  # block diagonal: work on the base, reinterpret last
-        reinterpreted += d.reinterpreted_batch_ndims
-        d = d.base_dist
+    if isinstance(d, Independent):  # block diagonal over the reinterpreted dims
+        op = fisher_operator(d.base_dist, coords, params)
+        return op.reinterpret(d.reinterpreted_batch_ndims)
+    if isinstance(d, MaskedDistribution):
+        # The mask only drops log_prob terms: draws, and so the KL metric, are the base's,
+        # whose batch shape pyro has already broadcast against the mask.
+        return fisher_operator(d.base_dist, coords, params)
+    if isinstance(d, ExpandedDistribution):
+        return _expanded(d, coords, params)
     d = _one_alternative(d, params)
     fn = lookup_fisher(type(d))
     op = fn(d) if fn is not None else fallback_operator(d, params=params)
@@ -70,14 +77,34 @@ def fisher_operator(d: Distribution, coords: Coords = "standard",
                 f"coords={coords!r} has the coordinates {list(op.names)} of "
                 f"{type(d).__name__}, each a function of all its parameters, so params "
                 f"(or natural_gradient's grads) must name exactly these; got {list(params)}")
-        return op.reinterpret(reinterpreted)
+        return op
     if params is not None:
         unknown = [p for p in params if p not in op.names]
         if unknown:
             raise ValueError(f"params {unknown} are not coordinates of {type(d).__name__}; "
                              f"its coordinates are {list(op.names)}")
         op = op.restrict([n for n in op.names if n in params])
-    return reparameterize(d, op, coords).reinterpret(reinterpreted)
+    return reparameterize(d, op, coords)
+
+
+def _expanded(d, coords, params):
+    """pyro's ``ExpandedDistribution``: the base's Fisher at every element of the larger
+    batch, through ``base.expand`` (its parameters expanded, its structure kept) where the
+    base has one, else the base's operator broadcast densely."""
+    base = d.base_dist
+    while isinstance(base, ExpandedDistribution):  # its expand() would mutate it in place
+        base = base.base_dist
+    base = _one_alternative(base, params)  # before expand() copies both alternatives
+    try:
+        expanded = base.expand(d.batch_shape)
+    except NotImplementedError:
+        expanded = None
+    if expanded is None or isinstance(expanded, ExpandedDistribution):
+        op = fisher_operator(base, coords, params)
+        shape = d.batch_shape
+        specs = [replace(s, value=s.value.expand(shape + s.event_shape)) for s in op.specs]
+        return DenseFisher(specs, shape, op.dense().expand(shape + (op.dim, op.dim)))
+    return fisher_operator(expanded, coords, params)
 
 
 def fisher_information(d: Distribution, coords: Coords = "standard",
@@ -95,7 +122,9 @@ def fisher_information(d: Distribution, coords: Coords = "standard",
     forgetting which was passed), the one named in ``params`` is used; without one,
     the constructor's, or after such an ``expand()`` ``logits`` and ``scale_tril``.
     Counts such as ``total_count`` are fixed. ``Independent`` wrappers give the
-    block-diagonal Fisher over all reinterpreted entries.
+    block-diagonal Fisher over all reinterpreted entries; pyro's ``.mask()`` and
+    ``.expand()`` wrappers (``MaskedDistribution``, ``ExpandedDistribution``) the base's
+    Fisher at each element of their batch (a mask drops ``log_prob`` terms, not draws).
 
     :param d: a :class:`torch.distributions.Distribution` (Pyro's included).
     :param coords: ``"standard"`` (the parameters themselves); ``"unconstrained"``
