@@ -41,9 +41,19 @@ def natural_gradient(d: Distribution, grads: Dict[str, torch.Tensor], coords="st
     :returns: ``{parameter name: natural gradient}``, shaped like ``grads``. Uses
         the structured solve of the family (elementwise for diagonal families,
         ``O(d^3)`` for a full-rank Gaussian).
+    :raises ValueError: for a gradient not shaped like its parameter.
     """
     names = _names(d, grads)
     op = fisher_operator(d, coords=coords, params=names)
+    for s in op.specs:
+        g = grads[s.name]
+        if not torch.is_tensor(g) or g.shape != s.value.shape:
+            got = f"shape {tuple(g.shape)}" if torch.is_tensor(g) else type(g).__name__
+            where = f"coords {coords!r}" if isinstance(coords, str) else "the given coords"
+            raise ValueError(
+                f"grads[{s.name!r}] has {got}, but {s.name!r} of {type(d).__name__} (in "
+                f"{where}) has shape {tuple(s.value.shape)}: pass each gradient shaped like "
+                f"its parameter.")
     return op.solve_dict({n: grads[n] for n in op.names}, damping)
 
 

@@ -13,6 +13,7 @@ from torch.distributions import constraints, kl_divergence
 from pyro_natgrad import natural_gradient
 from pyro_natgrad.fisher import (
     FisherFallbackWarning, SingularFisherError, fisher_information, fisher_operator, fisher_solve,
+    fisher_vp,
 )
 
 
@@ -616,3 +617,40 @@ def test_expand_wrapper_keeps_the_argument_passed_before_expanding():
     b.log_prob(T([1.0, 0.0], dtype=F64))  # caches logits
     got = fisher_information(_pyro_expanded(b, (3, 2)))
     torch.testing.assert_close(got, (1 / (p * (1 - p))).reshape(2, 1, 1).expand(3, 2, 1, 1))
+
+
+# ----------------------------------------------------------------------------------------
+# Wrong shapes: a ValueError naming the expected shape, not torch broadcasting
+# ----------------------------------------------------------------------------------------
+_NORMAL2 = (lambda: dist.Normal(T([0.5, 1.0]), T([2.0, 3.0])))
+_GAMMA2 = (lambda: dist.Gamma(T([2.0, 3.0]), T([1.0, 0.5])))
+
+
+@pytest.mark.parametrize("fn", ["fisher_vp", "fisher_solve", "op.solve-damped"])
+@pytest.mark.parametrize("make,shape", [(_NORMAL2, (2,)), (_NORMAL2, (3, 2)), (_GAMMA2, (4,)),
+                                        (_GAMMA2, (2, 2, 3))],
+                         ids=["normal-no-batch", "normal-wrong-batch", "gamma-wrong-k",
+                              "gamma-wrong-k-extra"])
+def test_wrong_shape_vector_names_the_expected_shape(fn, make, shape):
+    """v must be batch_shape + (k,) = (2, 2) here (extra leading dims allowed). (2,) was
+    broadcast silently against the batch (fisher_vp), (3, 2) failed inside torch, and a
+    wrong k was reported without the batch shape."""
+    d, v = make(), torch.ones(shape)
+    with pytest.raises(ValueError, match=r"batch_shape \+ \(k,\) = \(2, 2\).*got shape"):
+        if fn == "fisher_vp":
+            fisher_vp(d, v)
+        elif fn == "fisher_solve":
+            fisher_solve(d, v)
+        else:
+            fisher_operator(d).solve(v, damping=0.1)
+
+
+@pytest.mark.parametrize("grad_shape", [(3,), (1,), (), (2, 2)])
+def test_wrong_shape_gradient_names_the_parameter_shape(grad_shape):
+    """Each gradient must be shaped like its parameter, (2,) here; these failed inside
+    torch (a RuntimeError about concatenating tensors)."""
+    d = _NORMAL2()
+    with pytest.raises(ValueError, match=r"grads\['scale'\] has shape .*'scale' of Normal "
+                                         r"\(in coords 'unconstrained'\) has shape \(2,\)"):
+        natural_gradient(d, {"loc": torch.ones(2), "scale": torch.ones(grad_shape)},
+                         coords="unconstrained")

@@ -145,7 +145,8 @@ def fisher_information(d: Distribution, coords: Coords = "standard",
 
 def fisher_vp(d: Distribution, v: torch.Tensor, coords: Coords = "standard",
               params: Optional[Sequence[str]] = None) -> torch.Tensor:
-    """``F v`` for ``v`` of shape ``batch_shape + (k,)``, without forming ``F``."""
+    """``F v`` for ``v`` of shape ``batch_shape + (k,)`` (extra leading dims allowed; other
+    shapes raise a ValueError), without forming ``F``."""
     return fisher_operator(d, coords, params).mv(v)
 
 
@@ -162,6 +163,9 @@ def fisher_solve(d: Distribution, v: torch.Tensor, damping: float = 0.0,
     ``p`` in ``probs``, along ``1`` in ``logits`` and unconstrained coordinates) return the
     minimum-norm solution when ``v`` is in the range of ``F``, as the gradient of any
     function of the distribution is (see their closed forms for other ``v``).
+
+    ``v`` has shape ``batch_shape + (k,)``, extra leading dims allowed (others raise a
+    ValueError), as for :func:`fisher_vp`.
     """
     return fisher_operator(d, coords, params).solve(v, damping)
 

@@ -73,6 +73,19 @@ class FisherOperator:
                              f"(coordinates {self.names}), got shape {tuple(flat.shape)}")
         return unflatten(self.specs, flat)
 
+    def check_vector(self, v: torch.Tensor) -> None:
+        """Raise a ValueError unless ``v`` has shape ``extra + batch_shape + (k,)``: torch
+        would otherwise broadcast it against the batch, silently or with a bare error."""
+        want = self.batch_shape + (self.dim,)
+        shape = tuple(v.shape) if torch.is_tensor(v) else None
+        if shape is None or len(shape) < len(want) or shape[len(shape) - len(want):] != want:
+            raise ValueError(
+                f"expected a vector of shape batch_shape + (k,) = {tuple(want)}, optionally "
+                f"with extra leading dims (batch_shape {tuple(self.batch_shape)}, k = "
+                f"{self.dim} coordinates over {list(self.names)}), got "
+                f"{'shape ' + str(shape) if shape is not None else type(v).__name__}. "
+                f"Flatten one vector per batch element with op.flatten({{name: tensor}}).")
+
     def reinterpret(self, n: int) -> "FisherOperator":
         """The operator of ``Independent(d, n)``: same products, ``n`` batch dims
         moved into each coordinate block (a block-diagonal Fisher)."""
@@ -115,12 +128,14 @@ class FisherOperator:
 
     def mv(self, v: torch.Tensor) -> torch.Tensor:
         """``F v``; ``v`` has shape ``extra + batch_shape + (k,)``."""
+        self.check_vector(v)
         return self.flatten(self._mv(self.unflatten(v)))
 
     def solve(self, v: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
         """``(F + damping I)^{-1} v``; ``v`` has shape ``extra + batch_shape + (k,)``."""
         if damping < 0 or not math.isfinite(damping):
             raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+        self.check_vector(v)
         exact = self._solve(self.unflatten(v), damping)
         if exact is not None:
             return self.flatten(exact)
@@ -535,6 +550,7 @@ class DenseFisher(FisherOperator):
         self.matrix = matrix
 
     def mv(self, v):
+        self.check_vector(v)
         return (self.matrix @ v.unsqueeze(-1)).squeeze(-1)
 
     def _mv(self, v):
