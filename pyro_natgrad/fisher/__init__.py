@@ -146,7 +146,7 @@ def fisher_information(d: Distribution, coords: Coords = "standard",
 def fisher_vp(d: Distribution, v: torch.Tensor, coords: Coords = "standard",
               params: Optional[Sequence[str]] = None) -> torch.Tensor:
     """``F v`` for ``v`` of shape ``batch_shape + (k,)`` (extra leading dims allowed; other
-    shapes raise a ValueError), without forming ``F``."""
+    shapes raise a ValueError), without forming ``F``. Returns ``v``'s shape."""
     return fisher_operator(d, coords, params).mv(v)
 
 
@@ -165,7 +165,7 @@ def fisher_solve(d: Distribution, v: torch.Tensor, damping: float = 0.0,
     function of the distribution is (see their closed forms for other ``v``).
 
     ``v`` has shape ``batch_shape + (k,)``, extra leading dims allowed (others raise a
-    ValueError), as for :func:`fisher_vp`.
+    ValueError), as for :func:`fisher_vp`; the result has ``v``'s shape.
     """
     return fisher_operator(d, coords, params).solve(v, damping)
 
