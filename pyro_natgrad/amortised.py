@@ -21,6 +21,8 @@ never formed. :class:`AmortisedNaturalGradient` is the optimizer.
 """
 
 import contextlib
+import copy
+import functools
 import math
 import time
 import warnings
@@ -113,6 +115,10 @@ def _hooks_off(root: Optional[torch.nn.Module]):
     finally:
         for m, pre, post in saved:
             m._forward_pre_hooks, m._forward_hooks = pre, post
+
+
+def _mark_used(draw, grad):
+    draw.used = True
 
 
 def _detached_trace(tr):
@@ -289,7 +295,8 @@ class StepInfo:
     ``taken``: whether parameters changed; ``reason``: why not; ``dim``: ``P``;
     ``cg_iterations``: CG products; ``residual``: ``|g - (G + lambda I) x| / |g|``;
     ``damping``: ``lambda``; ``rho``: step size used; ``kl``: ``rho^2 x^T G x / 2``;
-    ``products``: GGN products in all; ``seconds``: wall time of the step.
+    ``products``: GGN products in all; ``draws``: the guide's draws ``G`` averages over
+    (one per particle); ``seconds``: wall time of the step.
     """
 
     def __init__(self, **kw):
@@ -392,6 +399,12 @@ class AmortisedNaturalGradient(PyroOptim):
                  modules: Optional[torch.nn.Module] = None):
         if not callable(guide):
             raise TypeError(f"expected the guide, got {type(guide).__name__}")
+        for name, value in (("step_size", step_size), ("damping", damping),
+                            ("cg_iters", cg_iters), ("cg_tol", cg_tol), ("max_kl", max_kl)):
+            if isinstance(value, bool):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+        if cg_tol is not None and not (isinstance(cg_tol, (int, float)) and 0 < cg_tol < 1):
+            raise ValueError(f"cg_tol must be None or a number in (0, 1), got {cg_tol!r}")
         if isinstance(step_size, (int, float)):
             if not 0 < step_size <= 1:
                 raise ValueError(f"step_size must be in (0, 1], got {step_size}")
@@ -451,7 +464,24 @@ class AmortisedNaturalGradient(PyroOptim):
         if tracer is None:
             return
         tracer.__exit__(None, None, None)
-        self._draws.append(_detached_trace(tracer.trace))
+        if any(f.name == "num_particles_vectorized" for node in tracer.trace.nodes.values()
+               for f in node.get("cond_indep_stack", ())):
+            raise NotImplementedError(
+                "AmortisedNaturalGradient does not support vectorize_particles=True (the "
+                "replayed guide would count each particle's Fisher once per particle); use "
+                "Trace_ELBO(num_particles=n) without vectorize_particles")
+        draw = _detached_trace(tracer.trace)
+        # A backward pass through the draw marks it: calls whose loss is not
+        # differentiated (a validation loss, inspecting the guide on other data) must
+        # not be replayed as this step's draws.
+        values = [node["value"] for node in tracer.trace.nodes.values()
+                  if node["type"] == "sample" and not node["is_observed"]
+                  and torch.is_tensor(node["value"]) and node["value"].requires_grad]
+        draw.tracked = bool(values)
+        draw.used = False
+        if values:
+            values[0].register_hook(functools.partial(_mark_used, draw))
+        self._draws.append(draw)
         del self._draws[:-self.MAX_DRAWS]
 
     def detach(self):
@@ -505,6 +535,9 @@ class AmortisedNaturalGradient(PyroOptim):
     def routing(self, params=None) -> Dict[str, str]:
         """``{parameter name: "natural gradient (GGN)" or the other optimizer}`` for
         ``params`` (default: every parameter in the param store)."""
+        if not self._seen:
+            raise RuntimeError("the guide has not been called yet, so its arguments are "
+                               "unknown; run svi.step(...) (or the guide once) first")
         store = pyro.get_param_store()
         if params is None:
             params = [store._params[n] for n in store.keys()]
@@ -541,6 +574,8 @@ class AmortisedNaturalGradient(PyroOptim):
                                "give SVI the guide this optimizer was built with (for a "
                                "function guide: optim.guide)")
         draws, self._draws = self._draws, []
+        if any(getattr(d, "used", False) for d in draws):
+            draws = [d for d in draws if d.used or not d.tracked]
         draws = draws[-self.MAX_DRAWS:] or [self._fresh_draw()]
         self._draws = draws[-1:]  # for _routes
         routes = self._routes(params)
@@ -550,6 +585,15 @@ class AmortisedNaturalGradient(PyroOptim):
                       key=lambda p: routes[p][1])
         rest = [p for p in params if p not in routes]
         self._warn_rest(rest)
+        bad = [p for p in rest if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        if bad:
+            # The other optimizer would write them into the param store (and its moments).
+            self.skipped += 1
+            warnings.warn(f"AmortisedNaturalGradient: non-finite gradient for "
+                          f"{param_labels(bad)[:8]}: their {self._other_name()} step skipped "
+                          f"({self.skipped} skipped so far), they are unchanged",
+                          NaturalGradientWarning)
+            rest = [p for p in rest if not any(p is b for b in bad)]
         if rest:
             self.other_optimizer(rest, *args, **kwargs)
         if not mine:
@@ -584,7 +628,7 @@ class AmortisedNaturalGradient(PyroOptim):
 
     def _step(self, mine, routes, draws) -> StepInfo:
         g = torch.cat([p.grad.detach().reshape(-1) for p in mine])
-        info = StepInfo(dim=g.numel())
+        info = StepInfo(dim=g.numel(), draws=len(draws))
         if not bool(torch.isfinite(g).all()):
             return self._skip("non-finite gradient", info)
         gnorm2 = float(g.square().sum())
@@ -634,7 +678,9 @@ class AmortisedNaturalGradient(PyroOptim):
 
     # ---- state ----------------------------------------------------------------------
     def get_state(self) -> Dict:
-        return {"t": self.t, "skipped": self.skipped, "other": self.other_optimizer.get_state()}
+        # A copy, not the other optimizer's live tensors, which later steps change in place.
+        return {"t": self.t, "skipped": self.skipped,
+                "other": copy.deepcopy(self.other_optimizer.get_state())}
 
     def set_state(self, state: Dict) -> None:
         self.t = state.get("t", 0)

@@ -14,6 +14,7 @@ References are computed here by independent routes:
   global latent, the exact mean-field optimum: exact means, variances 1 / diag(precision)).
 """
 
+import copy
 import math
 import warnings
 
@@ -446,6 +447,75 @@ def test_model_parameters_go_to_the_other_optimizer(float64):
     assert not torch.equal(pyro.param("shift").detach(), shift0)
 
 
+@pytest.mark.slow
+def test_other_guide_calls_and_bad_model_gradients_do_not_leak_into_steps(float64):
+    """Three things around the step: a guide call on other data between steps (grad
+    enabled, nothing differentiated) was replayed as one of the next step's draws (and
+    crashed where the other data had another shape); a non-finite gradient of a model parameter went through the
+    other optimizer into the param store; and ``get_state`` handed out the other
+    optimizer's live moments."""
+    N, Dx, Kz, sigma = 20, 3, 2, 0.5
+    A, b, X = linear_gaussian(N, Dx, Kz, sigma)
+
+    def model(x):
+        shift = pyro.param("shift", torch.zeros(Dx))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(Kz), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ A.T + shift, sigma).to_event(1), obs=x)
+
+    guide = AffineEncoder(model, Dx, Kz)
+    optim = AmortisedNaturalGradient(guide)
+    svi = SVI(model, guide, optim, Trace_ELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NaturalGradientWarning)  # shift goes to Adam
+        svi.step(X)
+    state = optim.get_state()
+    frozen = copy.deepcopy(state)
+    X_other = X + 1.0
+    for _ in range(5):
+        poutine.trace(guide).get_trace(X_other)  # inspecting the guide on other data
+        svi.step(X)
+        assert optim.last_step.draws == 1  # the step's own, not the inspection's too
+    assert torch.equal(state["other"]["shift"]["state"][0]["exp_avg"],
+                       frozen["other"]["shift"]["state"][0]["exp_avg"])
+    assert optim.skipped == 0
+    shift = pyro.param("shift").detach()
+
+    # a NaN gradient of the model parameter: skipped, counted, nothing written
+    loss = Trace_ELBO().differentiable_loss(model, guide, X)
+    leaves = [store_leaf("shift")] + list(guide.parameters())
+    for p, g in zip(leaves, torch.autograd.grad(loss, leaves)):
+        p.grad = g
+    leaves[0].grad[0] = float("nan")
+    before = shift.clone()
+    skipped = optim.skipped
+    with pytest.warns(NaturalGradientWarning, match="non-finite gradient for"):
+        optim(leaves)
+    assert torch.equal(pyro.param("shift").detach(), before)
+    assert optim.skipped == skipped + 1
+
+
+def test_vectorized_particles_are_refused():
+    """``vectorize_particles=True``: the replay would count each particle's Fisher once
+    per particle (a 4-fold Fisher block with 4 particles): a clear error instead."""
+    N, Dx, Kz, sigma = 6, 3, 2, 0.5
+    A, b, X = linear_gaussian(N, Dx, Kz, sigma)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(Kz), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ A.T + b, sigma).to_event(1), obs=x)
+
+    guide = AffineEncoder(model, Dx, Kz)
+    guide(X)
+    before = [p.detach().clone() for p in guide.parameters()]
+    svi = SVI(model, guide, AmortisedNaturalGradient(guide),
+              Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1))
+    with pytest.raises(NotImplementedError, match="vectorize_particles"):
+        svi.step(X)
+    assert all(torch.equal(p, q) for p, q in zip(guide.parameters(), before))
+
+
 def test_function_guide_through_recording_wrapper(float64):
     x = torch.randn(5, D)
     enc = TanhEncoder()
@@ -500,3 +570,13 @@ def test_argument_validation():
         AmortisedNaturalGradient(guide, step_size=1.5)
     with pytest.raises(TypeError):
         AmortisedNaturalGradient(guide, other_optimizer=torch.optim.Adam)
+    # accepted once, misread or failing only inside the solver
+    with pytest.raises(ValueError, match="cg_tol"):
+        AmortisedNaturalGradient(guide, cg_tol=-1.0)
+    with pytest.raises(ValueError, match="cg_tol"):
+        AmortisedNaturalGradient(guide, cg_tol=float("nan"))
+    with pytest.raises(RuntimeError, match="has not been called yet"):
+        AmortisedNaturalGradient(guide).routing()
+    for name in ("damping", "max_kl", "step_size", "cg_iters"):
+        with pytest.raises(TypeError, match=f"{name} must be a number"):
+            AmortisedNaturalGradient(guide, **{name: True})
