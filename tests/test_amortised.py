@@ -451,9 +451,9 @@ def test_model_parameters_go_to_the_other_optimizer(float64):
 def test_other_guide_calls_and_bad_model_gradients_do_not_leak_into_steps(float64):
     """Three things around the step: a guide call on other data between steps (grad
     enabled, nothing differentiated) was replayed as one of the next step's draws (and
-    crashed where the other data had another shape); a non-finite gradient of a model parameter went through the
-    other optimizer into the param store; and ``get_state`` handed out the other
-    optimizer's live moments."""
+    crashed where the other data had another shape); a non-finite gradient of a model
+    parameter went through the other optimizer into the param store; and ``get_state``
+    handed out the other optimizer's live moments."""
     N, Dx, Kz, sigma = 20, 3, 2, 0.5
     A, b, X = linear_gaussian(N, Dx, Kz, sigma)
 
