@@ -530,7 +530,31 @@ class AmortisedNaturalGradient(PyroOptim):
                 routes[p] = ("module", module_names[p])
             elif p in by_tensor:
                 routes[p] = ("store",) + by_tensor[p]
-        return routes
+        informative = self._informative(list(routes))
+        return {p: r for p, r in routes.items() if p in informative}
+
+    def _informative(self, params) -> set:
+        """The parameters that reach some sample site with a Fisher of its own: the
+        others (those of ``Delta`` sites only, MAP parts of a guide) have no curvature in
+        ``G``, and the damped solve would give them ``g / lambda``, a step the trust
+        region does not see. They go to ``other_optimizer``."""
+        if not params:
+            return set()
+        with torch.enable_grad():
+            tr = self._runner.trace(self._draws[-1] if self._draws else None, None, None,
+                                    self._args, self._kwargs)
+        terms = []
+        for node in tr.nodes.values():
+            if node["type"] != "sample" or node["is_observed"] or site_is_subsample(node):
+                continue
+            d = _peel(node["fn"])
+            if d is not None:
+                terms += [v.sum() for v in vars(_base(d)).values()
+                          if torch.is_tensor(v) and v.requires_grad]
+        if not terms:
+            return set()
+        grads = torch.autograd.grad(torch.stack(terms).sum(), params, allow_unused=True)
+        return {p for p, g in zip(params, grads) if g is not None}
 
     def routing(self, params=None) -> Dict[str, str]:
         """``{parameter name: "natural gradient (GGN)" or the other optimizer}`` for

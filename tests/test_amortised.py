@@ -580,3 +580,46 @@ def test_argument_validation():
     for name in ("damping", "max_kl", "step_size", "cg_iters"):
         with pytest.raises(TypeError, match=f"{name} must be a number"):
             AmortisedNaturalGradient(guide, **{name: True})
+
+
+def test_parameters_of_delta_sites_only_go_to_the_other_optimizer(float64):
+    """A MAP part inside the guide module (a ``Delta`` site for a global offset) has no
+    Fisher: in the GGN solve its step was the gradient over the damping (0 -> 3.2 ->
+    5.3 -> -3.0 -> 67 in the first steps). It goes to ``other_optimizer`` now, whose
+    steps (Adam, lr 0.01) move it by about 0.01 each."""
+    N = 8
+    X = torch.linspace(-2.0, 2.0, N) + 3.0
+
+    class Guide(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Linear(1, 2)
+            self.mu = torch.nn.Parameter(torch.tensor(0.0))
+
+        def forward(self, x):
+            pyro.module("g", self)
+            pyro.sample("m", dist.Delta(self.mu))
+            with pyro.plate("d", N):
+                out = self.encoder(x.unsqueeze(-1))
+                pyro.sample("z", dist.Normal(out[..., 0], out[..., 1].exp()))
+
+    def model(x):
+        m = pyro.sample("m", dist.Normal(0.0, 10.0))
+        with pyro.plate("d", N):
+            z = pyro.sample("z", dist.Normal(m, 1.0))
+            pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+
+    guide = Guide()
+    optim = AmortisedNaturalGradient(guide)
+    svi = SVI(model, guide, optim, Trace_ELBO())
+    path = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NaturalGradientWarning)  # mu goes to Adam
+        for _ in range(6):
+            svi.step(X)
+            path.append(float(guide.mu))
+    routes = optim.routing()
+    assert routes["g$$$mu"] == "other optimizer (Adam)", routes
+    assert routes["g$$$encoder.weight"] == "natural gradient (GGN)", routes
+    steps = np.diff([0.0] + path)
+    assert np.abs(steps).max() < 0.011 and (steps > 0).all(), path  # towards the data
