@@ -633,10 +633,11 @@ class AmortisedNaturalGradient(PyroOptim):
             return
         self._warned.update(new)
         names = param_labels(new)
-        warnings.warn(f"AmortisedNaturalGradient: {len(new)} parameter(s) do not reach the "
-                      f"guide and take {self._other_name()} steps: "
+        warnings.warn(f"AmortisedNaturalGradient: {len(new)} parameter(s) reach no guide "
+                      f"site with a Fisher of its own and take {self._other_name()} steps: "
                       f"{names[:8]}{' ...' if len(names) > 8 else ''} (expected for model "
-                      f"parameters)", NaturalGradientWarning)
+                      f"parameters, Delta sites, and parameters inside a distribution's "
+                      f"transforms)", NaturalGradientWarning)
 
     def _other_name(self):
         ctor = getattr(self.other_optimizer, "pt_optim_constructor", None)

@@ -623,3 +623,34 @@ def test_parameters_of_delta_sites_only_go_to_the_other_optimizer(float64):
     assert routes["g$$$encoder.weight"] == "natural gradient (GGN)", routes
     steps = np.diff([0.0] + path)
     assert np.abs(steps).max() < 0.011 and (steps > 0).all(), path  # towards the data
+
+
+def test_parameters_inside_transforms_go_to_the_other_optimizer(float64):
+    """Parameters that reach a site only through its ``TransformedDistribution``'s
+    transforms (taken as fixed bijections, so no Fisher here): every GGN step was skipped
+    as "non-finite" and they never moved. They take ``other_optimizer`` steps now."""
+    class Flow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shift = torch.nn.Parameter(torch.tensor(0.5))
+            self.log_scale = torch.nn.Parameter(torch.tensor(0.2))
+
+        def forward(self):
+            pyro.module("flow", self)
+            transform = dist.transforms.AffineTransform(self.shift, self.log_scale.exp())
+            pyro.sample("z", dist.TransformedDistribution(dist.Normal(0.0, 1.0), [transform]))
+
+    def model():
+        pyro.sample("z", dist.Normal(2.0, 0.5))
+
+    guide = Flow()
+    optim = AmortisedNaturalGradient(guide)
+    svi = SVI(model, guide, optim, Trace_ELBO())
+    with pytest.warns(NaturalGradientWarning, match="parameters inside a distribution's"):
+        svi.step()
+    routes = optim.routing()
+    assert set(routes.values()) == {"other optimizer (Adam)"}, routes
+    start = float(guide.shift)
+    for _ in range(5):
+        svi.step()
+    assert float(guide.shift) > start and optim.skipped == 0
