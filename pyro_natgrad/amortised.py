@@ -22,7 +22,6 @@ never formed. :class:`AmortisedNaturalGradient` is the optimizer.
 
 import contextlib
 import copy
-import functools
 import math
 import time
 import warnings
@@ -40,8 +39,11 @@ from torch.distributions import Independent, TransformedDistribution, transform_
 
 from .fisher.registry import lookup_fisher
 from .ggn import GGNOperator, _Head
+from .guides import BackwardFlag, differentiated
 from .linalg import conjugate_gradient
-from .optim import NaturalGradientWarning, _fraction_taken, param_labels
+from .optim import (
+    NaturalGradientWarning, _fraction_taken, optimizer_name, param_labels, split_finite,
+)
 from .schedule import StepSize
 
 __all__ = ["AmortisedNaturalGradient", "GuideGGN", "StepInfo"]
@@ -115,10 +117,6 @@ def _hooks_off(root: Optional[torch.nn.Module]):
     finally:
         for m, pre, post in saved:
             m._forward_pre_hooks, m._forward_hooks = pre, post
-
-
-def _mark_used(draw, grad):
-    draw.used = True
 
 
 def _detached_trace(tr):
@@ -474,13 +472,8 @@ class AmortisedNaturalGradient(PyroOptim):
         # A backward pass through the draw marks it: calls whose loss is not
         # differentiated (a validation loss, inspecting the guide on other data) must
         # not be replayed as this step's draws.
-        values = [node["value"] for node in tracer.trace.nodes.values()
-                  if node["type"] == "sample" and not node["is_observed"]
-                  and torch.is_tensor(node["value"]) and node["value"].requires_grad]
-        draw.tracked = bool(values)
-        draw.used = False
-        if values:
-            values[0].register_hook(functools.partial(_mark_used, draw))
+        draw.backward = BackwardFlag([node["value"] for node in tracer.trace.nodes.values()
+                                      if node["type"] == "sample" and not node["is_observed"]])
         self._draws.append(draw)
         del self._draws[:-self.MAX_DRAWS]
 
@@ -566,7 +559,7 @@ class AmortisedNaturalGradient(PyroOptim):
         if params is None:
             params = [store._params[n] for n in store.keys()]
         routes = self._routes(params)
-        other = self._other_name()
+        other = optimizer_name(self.other_optimizer)
         return {name: ("natural gradient (GGN)" if p in routes else f"other optimizer ({other})")
                 for name, p in zip(param_labels(params), params)}
 
@@ -598,8 +591,7 @@ class AmortisedNaturalGradient(PyroOptim):
                                "give SVI the guide this optimizer was built with (for a "
                                "function guide: optim.guide)")
         draws, self._draws = self._draws, []
-        if any(getattr(d, "used", False) for d in draws):
-            draws = [d for d in draws if d.used or not d.tracked]
+        draws = differentiated(draws, lambda d: d.backward)
         draws = draws[-self.MAX_DRAWS:] or [self._fresh_draw()]
         self._draws = draws[-1:]  # for _routes
         routes = self._routes(params)
@@ -609,15 +601,15 @@ class AmortisedNaturalGradient(PyroOptim):
                       key=lambda p: routes[p][1])
         rest = [p for p in params if p not in routes]
         self._warn_rest(rest)
-        bad = [p for p in rest if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        rest, bad = split_finite(rest)
         if bad:
             # The other optimizer would write them into the param store (and its moments).
             self.skipped += 1
             warnings.warn(f"AmortisedNaturalGradient: non-finite gradient for "
-                          f"{param_labels(bad)[:8]}: their {self._other_name()} step skipped "
+                          f"{param_labels(bad)[:8]}: their "
+                          f"{optimizer_name(self.other_optimizer)} step skipped "
                           f"({self.skipped} skipped so far), they are unchanged",
                           NaturalGradientWarning)
-            rest = [p for p in rest if not any(p is b for b in bad)]
         if rest:
             self.other_optimizer(rest, *args, **kwargs)
         if not mine:
@@ -634,14 +626,11 @@ class AmortisedNaturalGradient(PyroOptim):
         self._warned.update(new)
         names = param_labels(new)
         warnings.warn(f"AmortisedNaturalGradient: {len(new)} parameter(s) reach no guide "
-                      f"site with a Fisher of its own and take {self._other_name()} steps: "
+                      f"site with a Fisher of its own and take "
+                      f"{optimizer_name(self.other_optimizer)} steps: "
                       f"{names[:8]}{' ...' if len(names) > 8 else ''} (expected for model "
                       f"parameters, Delta sites, and parameters inside a distribution's "
                       f"transforms)", NaturalGradientWarning)
-
-    def _other_name(self):
-        ctor = getattr(self.other_optimizer, "pt_optim_constructor", None)
-        return getattr(ctor, "__name__", type(self.other_optimizer).__name__)
 
     def _skip(self, reason, info):
         self.skipped += 1

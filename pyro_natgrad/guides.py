@@ -18,7 +18,6 @@ auxiliary latent draws and their plates, from which the optimizer forms the
 control variate of :mod:`pyro_natgrad.gaussian`.
 """
 
-import functools
 import weakref
 from operator import attrgetter
 from typing import Dict, List
@@ -46,9 +45,8 @@ class DrawRecorder:
     #: and the parameter's version counter then, so a step can reuse the guide's own
     #: ``softplus(raw)`` while ``raw`` is unchanged. Not a string: no site name.
     SCALES = ("scales",)
-    #: Key of a record's flag set when a backward pass reaches its draws (a tensor hook),
-    #: and of the flag that such a hook was placed (some recorded draw needs grad).
-    USED, TRACKED = ("used",), ("tracked",)
+    #: Key of a record's :class:`BackwardFlag`.
+    BACKWARD = ("backward",)
 
     def __init__(self, module: torch.nn.Module, sites, owner=None):
         self.sites = set(sites)
@@ -86,16 +84,14 @@ class DrawRecorder:
             return
         tracer.__exit__(None, None, None)
         tr = tracer.trace
-        record = {}
+        record, drawn = {}, []
         for name, node in tr.nodes.items():
             if node["type"] != "sample":
                 continue
             if node["infer"].get("is_auxiliary") or (name in self.sites
                                                      and _gaussian_draw(node["fn"])):
                 record[name] = (node["value"].detach(), node["cond_indep_stack"])
-                if node["value"].requires_grad and not record.get(self.TRACKED):
-                    record[self.TRACKED] = True
-                    node["value"].register_hook(functools.partial(_mark_used, record))
+                drawn.append(node["value"])
             elif node["fn"].__class__.__name__ == "_Subsample":
                 record[name] = node["value"].detach()
         scales = {}
@@ -111,18 +107,15 @@ class DrawRecorder:
                 scales[name] = (scale.detach(), raw._version)
         if scales:
             record[self.SCALES] = scales
+        record[self.BACKWARD] = BackwardFlag(drawn)
         self.records.append(record)
         del self.records[:-self.MAX_RECORDS]
 
     def take(self) -> List[Dict]:
-        """The records since the last call. If a backward pass reached the draws of some,
-        only those and the untracked ones: the others come from guide calls whose loss
-        was not differentiated (a validation ``Trace_ELBO().loss``, a logging call), and
-        their draws are not behind this step's gradients."""
+        """The records since the last call that are behind this step's gradients
+        (:func:`differentiated`)."""
         records, self.records = self.records, []
-        if any(r.get(self.USED) for r in records):
-            records = [r for r in records if r.get(self.USED) or not r.get(self.TRACKED)]
-        return records
+        return differentiated(records, lambda r: r[self.BACKWARD])
 
     def remove(self):
         for h in self._handles:
@@ -142,8 +135,28 @@ def _gaussian_draw(fn) -> bool:
     return isinstance(fn, (Normal, MultivariateNormal))
 
 
-def _mark_used(record, grad):
-    record[DrawRecorder.USED] = True
+class BackwardFlag:
+    """``used`` turns True when a backward pass reaches the watched draws (a tensor hook
+    on the first that needs grad); ``tracked``: whether any did."""
+
+    def __init__(self, draws):
+        watched = [t for t in draws if torch.is_tensor(t) and t.requires_grad]
+        self.tracked, self.used = bool(watched), False
+        if watched:
+            watched[0].register_hook(self._reached)
+
+    def _reached(self, grad):
+        self.used = True
+
+
+def differentiated(items, flag_of):
+    """The ``items`` (guide calls) whose draws a backward pass reached, and the untracked
+    ones, if any was reached; else all of them (gradients set by hand). The others come
+    from calls whose loss was not differentiated (a validation ``Trace_ELBO().loss``, a
+    logging or set-up call): their draws are not behind this step's gradients."""
+    if any(flag_of(i).used for i in items):
+        return [i for i in items if flag_of(i).used or not flag_of(i).tracked]
+    return items
 
 
 def _is_softplus(transform) -> bool:

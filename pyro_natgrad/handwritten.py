@@ -262,7 +262,7 @@ def read_handwritten(guide, args=(), kwargs=None):
         # A PyroModule's local parameter (module_local_params=True) is not in the store,
         # and the call carries its constraint; a store parameter's call carries ``real``.
         constraint = node["kwargs"].get("constraint", constraints.real)
-        if constraint is constraints.real or type(constraint) is type(constraints.real):
+        if type(constraint) is type(constraints.real):
             constraint = store._constraints.get(name, constraints.real)
         params[name] = (value, leaf, constraint)
     names = {id(leaf): (leaf, name) for name, (_, leaf, _) in params.items()}

@@ -17,6 +17,7 @@ sites in other exponential families take mirror-descent steps too
 import copy
 import math
 import warnings
+import weakref
 from typing import Dict, Optional
 
 import torch
@@ -239,7 +240,8 @@ class NaturalGradient(PyroOptim):
         self._guide_args = None
         self._param_names: Dict[int, tuple] = {}
         self._rejected: Dict[int, str] = {}
-        self._seen_params = set()
+        # id -> tensor, held weakly: a replaced param store's tensors are not kept alive
+        self._seen_params = weakref.WeakValueDictionary()
         self._attach()
         # PyroOptim's bookkeeping, used by get_state/set_state of the base class API.
         self.optim_objs, self.grad_clip, self._state_waiting_to_be_consumed = {}, {}, {}
@@ -410,7 +412,7 @@ class NaturalGradient(PyroOptim):
             for name, p in self.guide.named_parameters():
                 names.setdefault(p, name)
         store = pyro.get_param_store()
-        for p in self._seen_params:
+        for p in list(self._seen_params.values()):
             name = store.param_name(p)
             if p not in names and name is not None:  # not a tensor of a replaced store
                 names[p] = name
@@ -421,7 +423,7 @@ class NaturalGradient(PyroOptim):
         for p, name in names.items():
             if p not in self._owner:
                 reason = self._rejected.get(id(p))
-                out[name] = f"base optimizer ({self._base_name()})" + (
+                out[name] = f"base optimizer ({optimizer_name(self.base_optimizer)})" + (
                     f": {reason}" if reason else "")
         return out
 
@@ -440,12 +442,12 @@ class NaturalGradient(PyroOptim):
         params = list(params)
         if self._groups is None or self._guide_changed(params):
             self._discover()
-        elif self._handwritten() and any(p not in self._seen_params for p in params):
+        elif self._handwritten() and any(id(p) not in self._seen_params for p in params):
             # New parameter tensors (created late, or a param store loaded): read again,
             # with this step's arguments when SVI.step is the caller.
             self._guide_args = find_svi_args(self) or self._guide_args
             self._discover()
-        self._seen_params.update(params)
+        self._seen_params.update((id(p), p) for p in params)
         if self._rejected:
             new = [p for p in params if p not in self._owner and p not in self._warned_params]
             if new:
@@ -453,7 +455,7 @@ class NaturalGradient(PyroOptim):
                 listed = describe_rejected(self._rejected, self._param_names, new)
                 warnings.warn(
                     f"NaturalGradient: {len(new)} parameter(s) take "
-                    f"{self._base_name()} steps: {'; '.join(listed[:8])}"
+                    f"{optimizer_name(self.base_optimizer)} steps: {'; '.join(listed[:8])}"
                     f"{' ...' if len(listed) > 8 else ''}. See NaturalGradient.routing().",
                     NaturalGradientWarning)
         self._warn_fallback(params)
@@ -488,23 +490,17 @@ class NaturalGradient(PyroOptim):
             elif group.key not in seen:
                 seen.add(group.key)
                 self._step_group(group, records, targets.get(group.key))
-        bad = [p for p in rest if p.grad is not None and not _all_finite([p.grad])]
+        rest, bad = split_finite(rest)
         if bad:
             # The base optimizer would write them into the param store (and its moments).
             self._skipped += 1
             warnings.warn(f"non-finite gradient for {len(bad)} parameter(s) of "
-                          f"{self._base_name()}: "
+                          f"{optimizer_name(self.base_optimizer)}: "
                           f"{', '.join(param_labels(bad)[:8])}; their step skipped "
                           f"({self._skipped} skipped so far), they are unchanged",
                           NaturalGradientWarning)
-            rest = [p for p in rest if not any(p is b for b in bad)]
         if rest:
             self.base_optimizer(rest, *args, **kwargs)
-
-    def _base_name(self) -> str:
-        # pyro.optim.Adam(...) is a PyroOptim wrapping torch's Adam: name the latter
-        return getattr(self.base_optimizer, "pt_optim_constructor",
-                       type(self.base_optimizer)).__name__
 
     def _guide_changed(self, params) -> bool:
         """Whether the guide's parameter tensors were replaced (e.g. by loading a
@@ -525,7 +521,7 @@ class NaturalGradient(PyroOptim):
         self._warned_params.update(new)
         names = param_labels(new)
         warnings.warn(f"NaturalGradient: {len(new)} parameter(s) feed no supported guide site "
-                      f"and take {self._base_name()} steps: {names[:8]}"
+                      f"and take {optimizer_name(self.base_optimizer)} steps: {names[:8]}"
                       f"{' ...' if len(names) > 8 else ''}. That is expected for model "
                       f"parameters; see NaturalGradient.routing().", NaturalGradientWarning)
 
@@ -914,7 +910,8 @@ class NaturalGradient(PyroOptim):
             pos += n
         return torch.as_tensor(rho)
 
-    def _running_newton(self, P0, target, g, rho, fallback, guide_quad, precision_change):
+    def _running_newton(self, P0, target, g, rho, fallback, guide_quad, precision_change,
+                        whitened_change=None):
         """``(P', direction, rho)``: the running precision ``P' = (1 - rho) P0 + rho target``
         and the Newton direction ``P'^{-1} g``, with ``rho`` cut by the trust region.
 
@@ -923,6 +920,8 @@ class NaturalGradient(PyroOptim):
         :param guide_quad: ``v -> v^T Sigma^{-1} v`` in the guide's own metric.
         :param precision_change: ``|X|_F^2`` of the whitened change of precision ``X``,
             whose KL is ``|X|_F^2 / 4`` per unit step.
+        :param whitened_change: ``X = R^{-1} (target - P0) R^{-T}`` (``P0 = R R^T``) if the
+            caller has it, for :func:`_halving_limit`.
         """
         def newton(r):
             P = (1 - r) * P0 + r * target
@@ -934,7 +933,7 @@ class NaturalGradient(PyroOptim):
             return P, torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
 
         if self.max_kl is not None:
-            rho = min(rho, _halving_limit(P0, target, rho))
+            rho = _halving_limit(P0, target, rho, whitened_change)
         P, direction = newton(rho)
         if self.max_kl is not None:
             # One trust region for the whole step, so the Newton direction is not
@@ -979,7 +978,8 @@ class NaturalGradient(PyroOptim):
 
         P, direction, rho = self._running_newton(P0, target, g, rho, fallback=Sigma @ g,
                                                  guide_quad=guide_quad,
-                                                 precision_change=X.square().sum())
+                                                 precision_change=X.square().sum(),
+                                                 whitened_change=X)
         C_new, s_new = project_lowrank(P, C.shape[-1], scale=s)
         self._write(group.params["loc"], loc - rho * direction)
         group.write_covariance(C_new, s_new)
@@ -1028,21 +1028,39 @@ class NaturalGradient(PyroOptim):
         self.set_state(torch.load(filename, map_location=map_location, weights_only=False))
 
 
-def _halving_limit(P0, target, rho: float) -> float:
+def _halving_limit(P0, target, rho: float, whitened_change=None) -> float:
     """The largest step ``r <= rho`` with ``(1 - r) P0 + r target >= P0 / 2``: the Gaussian
     of the running precision at most doubles its variance in any direction per step, as
     a guide's own step does under a trust region. Without this, single-draw Hessians from
     the tails of a model whose curvature vanishes there (a Bernoulli likelihood on the
     logit scale) made ``P`` ever flatter and the Newton steps ``P^{-1} g`` ever longer:
     the mean of a one-dimensional ``AutoNormal`` ran to hundreds of sds into the tails.
-    ``P0`` is ``(D, D)`` positive definite, ``target`` symmetric."""
+    ``P0`` is ``(D, D)`` positive definite, ``target`` symmetric; ``whitened_change``,
+    if given, is ``R^{-1} (target - P0) R^{-T}`` with ``P0 = R R^T``."""
     if rho <= 0.5 and bool(torch.linalg.cholesky_ex(target)[1] == 0):
         return rho  # (1 - r) P0 + r target >= (1 - r) P0 >= P0 / 2
-    R = torch.linalg.cholesky(P0)
-    X = torch.linalg.solve_triangular(R, target, upper=False)
-    X = torch.linalg.solve_triangular(R, X.mT, upper=False)  # R^{-1} target R^{-T}
+    X = whitened_change
+    if X is None:
+        R = torch.linalg.cholesky(P0)
+        X = torch.linalg.solve_triangular(R, target - P0, upper=False)
+        X = torch.linalg.solve_triangular(R, X.mT, upper=False)
+    # (1 - r) P0 + r target - P0 / 2 = R (I / 2 + r X) R^T
     lowest = float(torch.linalg.eigvalsh(0.5 * (X + X.mT))[0])
-    return rho if lowest >= 0.5 else min(rho, 0.5 / (1 - lowest))
+    return rho if lowest >= -0.5 else min(rho, 0.5 / -lowest)
+
+
+def optimizer_name(optim) -> str:
+    """``"Adam"`` for ``pyro.optim.Adam(...)`` (a PyroOptim wrapping torch's Adam)."""
+    return (getattr(optim, "pt_optim_constructor", None) or type(optim)).__name__
+
+
+def split_finite(params):
+    """``(finite, bad)``: the parameters whose gradients are finite (or None), and the
+    others, which no optimizer may step (it would write them into the param store)."""
+    finite, bad = [], []
+    for p in params:
+        (finite if p.grad is None or _all_finite([p.grad]) else bad).append(p)
+    return finite, bad
 
 
 def param_labels(params):

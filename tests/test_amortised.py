@@ -313,6 +313,20 @@ def linear_gaussian(N, Dx, Kz, sigma, seed=0, mu=None):
     return A, b, X
 
 
+def linear_gaussian_model(A, sigma, b=None):
+    """The model of :func:`linear_gaussian` over a ``data`` plate; ``b=None`` makes the
+    offset a model parameter, ``pyro.param("shift")``, which no guide site reads."""
+    Dx, Kz = A.shape
+
+    def model(x):
+        shift = pyro.param("shift", torch.zeros(Dx)) if b is None else b
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(Kz), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ A.T + shift, sigma).to_event(1), obs=x)
+
+    return model
+
+
 class AffineEncoder(AutoGuide):
     """q(z_n | x_n) = Normal(W x_n + c, exp(V x_n + e)): can represent the exact
     posterior of a linear-Gaussian model (mean affine in x_n, constant sd)."""
@@ -342,10 +356,7 @@ def test_amortised_linear_gaussian_reaches_exact_posterior(dtype):
     N, Dx, Kz, sigma = 40, 3, 2, 0.5
     A, b, X = linear_gaussian(N, Dx, Kz, sigma)
 
-    def model(x):
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(Kz), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z @ A.T + b, sigma).to_event(1), obs=x)
+    model = linear_gaussian_model(A, sigma, b)
 
     S = torch.linalg.inv(torch.eye(Kz) + A.T @ A / sigma**2)
     mean, sd = (X - b) @ A @ S / sigma**2, S.diagonal().sqrt()
@@ -427,11 +438,7 @@ def test_model_parameters_go_to_the_other_optimizer(float64):
     N, Dx, Kz, sigma = 20, 3, 2, 0.5
     A, b, X = linear_gaussian(N, Dx, Kz, sigma)
 
-    def model(x):
-        shift = pyro.param("shift", torch.zeros(Dx))
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(Kz), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z @ A.T + shift, sigma).to_event(1), obs=x)
+    model = linear_gaussian_model(A, sigma)
 
     guide = AffineEncoder(model, Dx, Kz)
     optim = AmortisedNaturalGradient(guide, other_optimizer=pyro.optim.Adam({"lr": 0.05}))
@@ -457,11 +464,7 @@ def test_other_guide_calls_and_bad_model_gradients_do_not_leak_into_steps(float6
     N, Dx, Kz, sigma = 20, 3, 2, 0.5
     A, b, X = linear_gaussian(N, Dx, Kz, sigma)
 
-    def model(x):
-        shift = pyro.param("shift", torch.zeros(Dx))
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(Kz), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z @ A.T + shift, sigma).to_event(1), obs=x)
+    model = linear_gaussian_model(A, sigma)
 
     guide = AffineEncoder(model, Dx, Kz)
     optim = AmortisedNaturalGradient(guide)
@@ -501,10 +504,7 @@ def test_vectorized_particles_are_refused():
     N, Dx, Kz, sigma = 6, 3, 2, 0.5
     A, b, X = linear_gaussian(N, Dx, Kz, sigma)
 
-    def model(x):
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(Kz), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z @ A.T + b, sigma).to_event(1), obs=x)
+    model = linear_gaussian_model(A, sigma, b)
 
     guide = AffineEncoder(model, Dx, Kz)
     guide(X)
