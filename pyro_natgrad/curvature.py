@@ -13,33 +13,62 @@ same draw has rank two at most, which is why this is the default for small laten
 """
 
 import functools
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from pyro import poutine
 from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous, AutoNormal
+from pyro.infer.mcmc.util import TraceEinsumEvaluator
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
 
-def _without_init(model):
-    """The model inside an autoguide's ``InitMessenger`` wrapper: the wrapper would
-    draw an initial value for every latent before it is conditioned (wasted work,
-    and a random draw that ``vmap`` refuses)."""
+class ModelCurvatureError(ValueError):
+    """The model's log joint is not a function of the guide's latents alone (it samples
+    values the guide does not provide), so its Hessian is no precision target."""
+
+
+def curvature_model(model):
+    """The model inside an autoguide's ``InitMessenger`` wrapper and any
+    ``poutine.block`` around it. The init wrapper would draw an initial value for every
+    latent before it is conditioned (wasted work, and a random draw that ``vmap``
+    refuses); a block (Pyro's recipe for a guide over some of the latents, e.g.
+    ``AutoNormal(poutine.block(model, hide=["assignment"]))`` with enumerated discrete
+    sites) would hide the sites it leaves out, observations included, from the log
+    joint, whose Hessian would then be that of another model."""
     from pyro.infer.autoguide.initialization import InitMessenger
+    from pyro.poutine.block_messenger import BlockMessenger
 
     while isinstance(model, functools.partial) and len(model.args) == 2 \
-            and isinstance(model.args[0], InitMessenger):
+            and isinstance(model.args[0], (InitMessenger, BlockMessenger)):
         model = model.args[1]
     return model
+
+
+def _rng_states(device: torch.device):
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
 
 
 class ModelCurvature:
     """Hessians of the model log joint on an autoguide's unconstrained latent.
 
     :param guide: an ``AutoContinuous`` guide or an ``AutoNormal``; its ``.model`` is
-        the model. For subsampled sites, :meth:`unpack`, :meth:`hessian` and
-        :meth:`log_joint` take the subsample's ``shapes``.
+        the model (see :func:`curvature_model`). For subsampled sites, :meth:`unpack`,
+        :meth:`hessian` and :meth:`log_joint` take the subsample's ``shapes``, and the
+        methods that evaluate the model take ``subsample``, ``{plate name: indices}``
+        (the guide's, which the ELBO's model run replays; plates without them draw
+        their own).
+
+    Discrete sites that the model enumerates in parallel (``config_enumerate``, for
+    ``TraceEnum_ELBO``) are summed out, as the ELBO sums them. A model that draws other
+    values the guide does not provide (a discrete site sampled, not enumerated, or
+    ``torch.randn`` inside the model) has a random log joint at a given draw: the
+    first evaluation finds that out and raises :class:`ModelCurvatureError`, every
+    evaluation after it too.
     """
 
     def __init__(self, guide):
@@ -47,6 +76,11 @@ class ModelCurvature:
             raise TypeError(f"model curvature needs an AutoContinuous or AutoNormal guide, got "
                             f"{type(guide).__name__}")
         self.guide = guide
+        self._model = curvature_model(guide.model)
+        #: None until the first evaluation has checked the model; then ``(nesting,
+        #: enumerated)``: its plate nesting and whether it enumerates discrete sites.
+        self._structure: Optional[Tuple[int, bool]] = None
+        self._refused: Optional[str] = None
         self.args: Tuple = ()
         self.kwargs = {}
         self.seen = False
@@ -94,11 +128,67 @@ class ModelCurvature:
     def pack(self, values) -> torch.Tensor:
         return torch.cat([values[name].reshape(-1) for name, _, _ in self._sites()])
 
+    def _trace(self, conditioned: Dict[str, torch.Tensor], enumerate_at: Optional[int] = None):
+        model = poutine.condition(self._model, conditioned)
+        if enumerate_at is not None:
+            model = poutine.enum(model, first_available_dim=-1 - enumerate_at)
+        with poutine.block():  # invisible to any handler the caller is inside
+            return poutine.trace(model).get_trace(*self.args, **self.kwargs)
+
+    def _check(self, values: Dict[str, torch.Tensor], subsample) -> Tuple[int, bool]:
+        """``(plate nesting, enumerated)`` of the model at these latent values, or a
+        :class:`ModelCurvatureError` if its log joint there is random. Once; the random
+        state is left as it was."""
+        if self._refused is not None:
+            raise ModelCurvatureError(self._refused)
+        if self._structure is not None:
+            return self._structure
+        device = next(iter(values.values())).device if values else torch.device("cpu")
+        devices = [device] if device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            tr = self._trace({**subsample, **values})
+            latent = [(name, node) for name, node in tr.nodes.items()
+                      if node["type"] == "sample" and not node["is_observed"]
+                      and not site_is_subsample(node)]
+            enumerated = [name for name, node in latent
+                          if node["infer"].get("enumerate") == "parallel"]
+            uncovered = [name for name, node in latent if name not in enumerated]
+            dims = [f.dim for node in tr.nodes.values() if node["type"] == "sample"
+                    for f in node["cond_indep_stack"] if f.vectorized]
+            nesting = -min(dims) if dims else 0
+            plates = {name: node["value"] for name, node in tr.nodes.items()
+                      if node["type"] == "sample" and site_is_subsample(node)}
+            if uncovered:
+                self._refused = (
+                    f"the model samples {uncovered}, which the guide does not provide "
+                    f"(and which are not enumerated in parallel): its log joint at the "
+                    f"guide's draw is random")
+            elif enumerated and any(node["type"] == "sample" and node["scale"] != 1
+                                    for node in tr.nodes.values()):
+                self._refused = (f"the model enumerates {enumerated} under a scale "
+                                 f"(subsampling or poutine.scale), which the model's "
+                                 f"Hessian here does not support")
+            else:
+                before = _rng_states(device)
+                self._trace({**subsample, **plates, **values},
+                            nesting if enumerated else None)
+                if any(not torch.equal(a, b) for a, b in zip(before, _rng_states(device))):
+                    self._refused = ("the model draws random numbers even with every latent "
+                                     "site given (a site hidden by poutine.block inside the "
+                                     "model, or torch.rand...): its log joint at the "
+                                     "guide's draw is random")
+        if self._refused is not None:
+            raise ModelCurvatureError(self._refused)
+        self._structure = (nesting, bool(enumerated))
+        return self._structure
+
     def log_joint(self, z: torch.Tensor, prior_only: bool = False,
-                  shapes=None) -> torch.Tensor:
+                  shapes=None, subsample: Optional[Dict[str, torch.Tensor]] = None
+                  ) -> torch.Tensor:
         """``f(z)``: the model's log joint at the constrained values plus the log
         Jacobian determinant of the constraining transforms (without the observed
-        sites if ``prior_only``); ``shapes`` as in :meth:`unpack`."""
+        sites if ``prior_only``), enumerated discrete sites summed out; ``shapes`` and
+        ``subsample`` as in the class docstring."""
         values, ladjs = {}, {}
         for name, u in self.unpack(z, shapes).items():
             site = self.guide.prototype_trace.nodes[name]
@@ -107,24 +197,32 @@ class ModelCurvature:
             values[name] = x
             ladj = t.log_abs_det_jacobian(u, x)
             ladjs[name] = sum_rightmost(ladj, ladj.dim() - x.dim() + site["fn"].event_dim).sum()
-        with poutine.block():  # invisible to any handler the caller is inside
-            model = poutine.condition(self.guide.model, values)
-            tr = poutine.trace(model).get_trace(*self.args, **self.kwargs)
+        subsample = dict(subsample or {})
+        nesting, enumerated = self._check({k: v.detach() for k, v in values.items()}, subsample)
+        if enumerated and prior_only:
+            raise ModelCurvatureError("the prior's curvature alone (curvature='ggn') is not "
+                                      "defined for a model with enumerated discrete sites; "
+                                      "use curvature='hessian'")
+        tr = self._trace({**subsample, **values}, nesting if enumerated else None)
         # The Jacobian term is part of the site's log density, so it takes the site's
         # scale (full_size / size in a subsampled plate) like the ELBO does.
         logdet = sum(tr.nodes[name]["scale"] * ladj for name, ladj in ladjs.items())
         if prior_only:
             # condition() marks the latents observed too, so select them by name.
             return tr.log_prob_sum(lambda name, site: name in values) + logdet
+        if enumerated:
+            return TraceEinsumEvaluator(tr, True, nesting).log_prob(tr) + logdet
         return tr.log_prob_sum() + logdet
 
-    def hessian(self, z: torch.Tensor, prior_only: bool = False, shapes=None) -> torch.Tensor:
+    def hessian(self, z: torch.Tensor, prior_only: bool = False, shapes=None,
+                subsample=None) -> torch.Tensor:
         """``grad^2 f(z)``, ``(D, D)``, by ``D`` Hessian-vector products; with
-        ``prior_only`` the observed sites are left out; ``shapes`` as in :meth:`unpack`."""
+        ``prior_only`` the observed sites are left out; ``shapes`` and ``subsample`` as
+        in the class docstring."""
         self._require_arguments()
         with torch.enable_grad():
             z = z.detach().requires_grad_()
-            (g,) = torch.autograd.grad(self.log_joint(z, prior_only, shapes), z,
+            (g,) = torch.autograd.grad(self.log_joint(z, prior_only, shapes, subsample), z,
                                        create_graph=True)
             H = None
             if prior_only:
@@ -157,19 +255,21 @@ class ModelCurvature:
 
         return product
 
-    def hessian_diagonal(self, z: torch.Tensor, probes, shapes=None) -> torch.Tensor:
+    def hessian_diagonal(self, z: torch.Tensor, probes, shapes=None,
+                         subsample=None) -> torch.Tensor:
         """``diag(grad^2 f(z))``, ``(D,)``, by one Hessian-vector product per probe.
 
         ``probes``: 0/1 vectors ``(D,)`` with disjoint supports covering every
         coordinate, such that no two coordinates of one probe interact (their Hessian
         entry is 0): e.g. one coordinate of every item of a subsampled plate, whose
         items are conditionally independent. Then ``H v`` is the diagonal on ``v``'s
-        support."""
+        support. ``shapes`` and ``subsample`` as in the class docstring."""
         self._require_arguments()
         diag = torch.zeros_like(z)
         with torch.enable_grad():
             z = z.detach().requires_grad_()
-            (g,) = torch.autograd.grad(self.log_joint(z, False, shapes), z, create_graph=True)
+            (g,) = torch.autograd.grad(self.log_joint(z, False, shapes, subsample), z,
+                                       create_graph=True)
             for v in probes:
                 (hv,) = torch.autograd.grad(g, z, v, retain_graph=True, allow_unused=True)
                 if hv is not None:
@@ -185,5 +285,10 @@ class ModelCurvature:
         values = {}
         for name, u in self.unpack(z.detach()).items():
             values[name] = biject_to(self.guide.prototype_trace.nodes[name]["fn"].support)(u)
-        G = ModelGGN(_without_init(self.guide.model), values, self.args, self.kwargs).dense()
+        self._require_arguments()
+        if self._check({k: v.detach() for k, v in values.items()}, {})[1]:
+            raise ModelCurvatureError("the generalized Gauss-Newton matrix (curvature='ggn') "
+                                      "does not sum out enumerated discrete sites; use "
+                                      "curvature='hessian'")
+        G = ModelGGN(self._model, values, self.args, self.kwargs).dense()
         return G - self.hessian(z, prior_only=True)

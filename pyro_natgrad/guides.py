@@ -111,6 +111,11 @@ class DrawRecorder:
         self.records.append(record)
         del self.records[:-self.MAX_RECORDS]
 
+    @staticmethod
+    def plate_indices(record) -> Dict[str, torch.Tensor]:
+        """``{plate name: subsample indices}`` of the subsampled plates of a record."""
+        return {k: v for k, v in record.items() if isinstance(k, str) and torch.is_tensor(v)}
+
     def take(self) -> List[Dict]:
         """The records since the last call that are behind this step's gradients
         (:func:`differentiated`)."""

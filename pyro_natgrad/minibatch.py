@@ -13,7 +13,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-from .guides import DiagonalGaussianGroup, _scatter
+from .guides import DiagonalGaussianGroup, DrawRecorder, _scatter
 
 
 def plate_stack(guide, group, records):
@@ -103,7 +103,8 @@ def minibatch_targets(curv, groups: Iterable[DiagonalGaussianGroup], records,
             pos += label.numel()
         for p in range(particles):
             z = torch.cat([batched[n][p].reshape(-1) for n in names])
-            diag = -curv.hessian_diagonal(z, probes, shapes=shapes)
+            diag = -curv.hessian_diagonal(z, probes, shapes=shapes,
+                                          subsample=DrawRecorder.plate_indices(record))
             if not bool(torch.isfinite(diag).all()):
                 return {}
             pos = 0

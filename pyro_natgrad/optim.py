@@ -27,7 +27,7 @@ from pyro.optim import PyroOptim
 from pyro.infer.autoguide import (AutoCallable, AutoContinuous, AutoDiagonalNormal, AutoGuide,
                                   AutoGuideList, AutoNormal)
 
-from .curvature import ModelCurvature
+from .curvature import ModelCurvature, ModelCurvatureError
 from .gaussian import (StepError, chunk_size, diagonal_gaussian_step, full_step,
                        hold_stride, leave_one_out_cv, softplus_diagonal_step)
 from .guides import DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide
@@ -220,6 +220,7 @@ class NaturalGradient(PyroOptim):
         self.control_variate = control_variate
         self.curvature = curvature
         self._curvature = None  # ModelCurvature when the model's Hessian is used
+        self._curvature_refused: Optional[str] = None  # why the model's Hessian is unusable
         self.base_optimizer = base_optimizer or pyro.optim.Adam({"lr": 0.01})
         if not isinstance(self.base_optimizer, PyroOptim):
             raise TypeError("base_optimizer must be a pyro.optim.PyroOptim, e.g. "
@@ -378,7 +379,7 @@ class NaturalGradient(PyroOptim):
         subsampled plate, its diagonal over each step's subsample
         (:meth:`_minibatch_targets`, which applies the dimension limit to the step's
         latents, not to the full plate)."""
-        if self._curvature is None or not self.control_variate:
+        if self._curvature is None or not self.control_variate or self._curvature_refused:
             return False, False
         if self.curvature == "hvp":
             return True, False  # checked by _check_hvp
@@ -474,10 +475,11 @@ class NaturalGradient(PyroOptim):
         rest = []
         if self._use_curvature and records:
             owned = [p for p in params if p in self._owner]
-            if owned and self._step_with_curvature(records):
+            if owned and self._with_curvature(self._step_with_curvature, records):
                 seen.update(self._groups)
         curved = set(seen)
-        targets = self._minibatch_targets(records) if self._minibatch_curvature else {}
+        targets = (self._with_curvature(self._minibatch_targets, records) or {}) \
+            if self._minibatch_curvature else {}
         for p in params:
             group = self._owner.get(p)
             if group is None:
@@ -501,6 +503,26 @@ class NaturalGradient(PyroOptim):
                           NaturalGradientWarning)
         if rest:
             self.base_optimizer(rest, *args, **kwargs)
+
+    def _with_curvature(self, step, records):
+        """``step(records)``, or None where the model's log joint is random at the guide's
+        draws (:class:`~pyro_natgrad.curvature.ModelCurvatureError`, raised before
+        anything changed): under ``curvature="auto"`` this and later steps are then
+        taken from gradients alone, with one warning; otherwise a ValueError."""
+        try:
+            return step(records)
+        except ModelCurvatureError as e:
+            if self.curvature != "auto":
+                raise ValueError(f"NaturalGradient(curvature={self.curvature!r}): {e}, so its "
+                                 f"Hessian is no precision target. Use curvature='none' "
+                                 f"(steps from gradients alone)") from e
+            self._curvature_refused = str(e)
+            self._use_curvature = self._minibatch_curvature = False
+            warnings.warn(f"NaturalGradient: {e}, so its Hessian is no precision target; "
+                          f"steps are taken from gradients alone, which converge more "
+                          f"slowly. Pass curvature='none' to silence this",
+                          NaturalGradientWarning)
+            return None
 
     def _guide_changed(self, params) -> bool:
         """Whether the guide's parameter tensors were replaced (e.g. by loading a
@@ -764,7 +786,7 @@ class NaturalGradient(PyroOptim):
                           f"the parameters are unchanged", NaturalGradientWarning)
             return True
         curv = self._curvature
-        draws = []
+        draws, plates = [], []
         for record in records:
             if not all(g.site in record for g in groups):
                 return False
@@ -772,6 +794,8 @@ class NaturalGradient(PyroOptim):
             lead = parts[0].dim() - groups[0].params["loc"].dim()
             flat = [x.reshape(x.shape[:lead].numel() if lead else 1, -1) for x in parts]
             draws.append(torch.cat(flat, -1))
+            # The model's plates take the subsample this draw was made with, as in the ELBO.
+            plates += [DrawRecorder.plate_indices(record)] * draws[-1].shape[0]
         draws = torch.cat(draws)
         state = self._state["curvature"]
         rho = self.step_size(state["t"])
@@ -783,7 +807,8 @@ class NaturalGradient(PyroOptim):
             if self.curvature == "ggn":
                 target = torch.stack([curv.ggn_precision(z) for z in draws]).mean(0)
             else:
-                target = -torch.stack([curv.hessian(z) for z in draws]).mean(0)
+                target = -torch.stack([curv.hessian(z, subsample=s)
+                                       for z, s in zip(draws, plates)]).mean(0)
             # The control variate must not depend on the draw: the current precision
             # (E[Lambda (z - mu)] = 0), not the draw's own Hessian (E[H(z)(z - mu)] != 0).
             offset = (draws - locs).mean(0)

@@ -121,7 +121,7 @@ def test_poisson_gp_against_reference():
 
 @pytest.mark.slow
 def test_eight_schools_tau_is_out_of_reach_of_a_gaussian_guide():
-    out = run_example("hierarchical.py", "--model", "eight_schools", "--steps", "100",
+    out = run_example("hierarchical.py", "--model", "eight_schools", "--steps", "200",
                       "--quiet", "--samples", "4000")
     err, lo, hi = numbers(r"eight schools theta, mu: max \|mean err\| = {NUM} ref sd; "
                           r"sd ratio q/ref = {NUM}\.\.{NUM}", out)
