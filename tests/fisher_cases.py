@@ -50,7 +50,7 @@ from typing import Callable, Optional
 import pyro.distributions as dist
 import torch
 import torch.distributions as tdist
-from torch.distributions import biject_to, constraints, transform_to
+from torch.distributions import transform_to
 from torch.distributions.transforms import (
     AffineTransform,
     ExpTransform,
