@@ -407,7 +407,7 @@ def breakdown(n, d, repeats, seed):
     arguments are captured). Uses the optimizer's ``_curvature`` (a diagnostic only)."""
     from torch.distributions import biject_to
 
-    from pyro_natgrad.curvature import _without_init
+    from pyro_natgrad.curvature import curvature_model
     from pyro_natgrad.ggn import ModelGGN
 
     problem = GLMRegression.synthetic(n, d, "logistic", seed=seed)
@@ -421,7 +421,7 @@ def breakdown(n, d, repeats, seed):
         z = guide.get_posterior().sample()
     values = {name: biject_to(guide.prototype_trace.nodes[name]["fn"].support)(u)
               for name, u in curv.unpack(z).items()}
-    model = _without_init(guide.model)
+    model = curvature_model(guide.model)
     op = ModelGGN(model, values, curv.args, curv.kwargs)
     T = op._jacobian_rows()
     FT = op._fisher(T)

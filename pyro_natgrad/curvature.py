@@ -13,8 +13,10 @@ same draw has rank two at most, which is why this is the default for small laten
 """
 
 import functools
+import random
 from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from pyro import poutine
 from pyro.distributions.util import sum_rightmost
@@ -25,8 +27,14 @@ from torch.distributions import biject_to
 
 
 class ModelCurvatureError(ValueError):
-    """The model's log joint is not a function of the guide's latents alone (it samples
-    values the guide does not provide), so its Hessian is no precision target."""
+    """The model's Hessian at the guide's draw cannot be computed here: its log joint is
+    random there (it draws values the guide does not provide), or it needs what this
+    module does not do. ``reason`` says which; ``fix`` what to use instead."""
+
+    def __init__(self, reason: str, fix: str = "use curvature='none' (steps from gradients "
+                                                "alone)"):
+        super().__init__(f"{reason}; {fix}")
+        self.reason, self.fix = reason, fix
 
 
 def curvature_model(model):
@@ -46,11 +54,29 @@ def curvature_model(model):
     return model
 
 
-def _rng_states(device: torch.device):
-    states = [torch.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
+class _RandomState:
+    """The state of every random generator a model may draw from (torch's on the CPU and
+    on ``device``, numpy's, Python's): captured, compared, restored."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.torch = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.numpy = np.random.get_state()
+        self.python = random.getstate()
+
+    def __eq__(self, other) -> bool:
+        return (torch.equal(self.torch, other.torch)
+                and (self.cuda is None or torch.equal(self.cuda, other.cuda))
+                and all(np.array_equal(a, b) for a, b in zip(self.numpy, other.numpy))
+                and self.python == other.python)
+
+    def restore(self):
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+        np.random.set_state(self.numpy)
+        random.setstate(self.python)
 
 
 class ModelCurvature:
@@ -66,9 +92,10 @@ class ModelCurvature:
     Discrete sites that the model enumerates in parallel (``config_enumerate``, for
     ``TraceEnum_ELBO``) are summed out, as the ELBO sums them. A model that draws other
     values the guide does not provide (a discrete site sampled, not enumerated, or
-    ``torch.randn`` inside the model) has a random log joint at a given draw: the
-    first evaluation finds that out and raises :class:`ModelCurvatureError`, every
-    evaluation after it too.
+    ``torch.randn`` inside the model) has a random log joint at a given draw: every
+    evaluation checks that (the structure may change with the arguments, e.g. a
+    label observed in one batch and enumerated in the next) and raises
+    :class:`ModelCurvatureError`, with every random generator as it was.
     """
 
     def __init__(self, guide):
@@ -77,10 +104,6 @@ class ModelCurvature:
                             f"{type(guide).__name__}")
         self.guide = guide
         self._model = curvature_model(guide.model)
-        #: None until the first evaluation has checked the model; then ``(nesting,
-        #: enumerated)``: its plate nesting and whether it enumerates discrete sites.
-        self._structure: Optional[Tuple[int, bool]] = None
-        self._refused: Optional[str] = None
         self.args: Tuple = ()
         self.kwargs = {}
         self.seen = False
@@ -135,52 +158,49 @@ class ModelCurvature:
         with poutine.block():  # invisible to any handler the caller is inside
             return poutine.trace(model).get_trace(*self.args, **self.kwargs)
 
-    def _check(self, values: Dict[str, torch.Tensor], subsample) -> Tuple[int, bool]:
-        """``(plate nesting, enumerated)`` of the model at these latent values, or a
-        :class:`ModelCurvatureError` if its log joint there is random. Once; the random
-        state is left as it was."""
-        if self._refused is not None:
-            raise ModelCurvatureError(self._refused)
-        if self._structure is not None:
-            return self._structure
+    def _structure(self, values: Dict[str, torch.Tensor], subsample):
+        """``(nesting, enumerated, plates)`` of the model at these latent values: its plate
+        nesting, the sites it enumerates, and the subsample of each of its plates (those
+        without one in ``subsample`` draw theirs here, every generator restored after),
+        or a :class:`ModelCurvatureError` for latent sites the guide does not provide."""
         device = next(iter(values.values())).device if values else torch.device("cpu")
-        devices = [device] if device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            tr = self._trace({**subsample, **values})
-            latent = [(name, node) for name, node in tr.nodes.items()
-                      if node["type"] == "sample" and not node["is_observed"]
-                      and not site_is_subsample(node)]
-            enumerated = [name for name, node in latent
-                          if node["infer"].get("enumerate") == "parallel"]
-            uncovered = [name for name, node in latent if name not in enumerated]
-            dims = [f.dim for node in tr.nodes.values() if node["type"] == "sample"
-                    for f in node["cond_indep_stack"] if f.vectorized]
-            nesting = -min(dims) if dims else 0
-            plates = {name: node["value"] for name, node in tr.nodes.items()
-                      if node["type"] == "sample" and site_is_subsample(node)}
-            if uncovered:
-                self._refused = (
-                    f"the model samples {uncovered}, which the guide does not provide "
-                    f"(and which are not enumerated in parallel): its log joint at the "
-                    f"guide's draw is random")
-            elif enumerated and any(node["type"] == "sample" and node["scale"] != 1
-                                    for node in tr.nodes.values()):
-                self._refused = (f"the model enumerates {enumerated} under a scale "
-                                 f"(subsampling or poutine.scale), which the model's "
-                                 f"Hessian here does not support")
-            else:
-                before = _rng_states(device)
-                self._trace({**subsample, **plates, **values},
-                            nesting if enumerated else None)
-                if any(not torch.equal(a, b) for a, b in zip(before, _rng_states(device))):
-                    self._refused = ("the model draws random numbers even with every latent "
-                                     "site given (a site hidden by poutine.block inside the "
-                                     "model, or torch.rand...): its log joint at the "
-                                     "guide's draw is random")
-        if self._refused is not None:
-            raise ModelCurvatureError(self._refused)
-        self._structure = (nesting, bool(enumerated))
-        return self._structure
+        state = _RandomState(device)
+        try:
+            with torch.no_grad():
+                tr = self._trace({**subsample, **values})
+        finally:
+            state.restore()
+        latent = [(name, node) for name, node in tr.nodes.items()
+                  if node["type"] == "sample" and not node["is_observed"]
+                  and not site_is_subsample(node)]
+        enumerated = [name for name, node in latent
+                      if node["infer"].get("enumerate") == "parallel"]
+        uncovered = [name for name, node in latent if name not in enumerated]
+        if uncovered:
+            raise ModelCurvatureError(
+                f"the model samples {uncovered}, which the guide does not provide and "
+                f"nobody enumerates in parallel: its log joint at the guide's draw is random, "
+                f"so its Hessian is no precision target")
+        dims = [f.dim for node in tr.nodes.values() if node["type"] == "sample"
+                for f in node["cond_indep_stack"] if f.vectorized]
+        plates = {name: node["value"] for name, node in tr.nodes.items()
+                  if node["type"] == "sample" and site_is_subsample(node)}
+        return (-min(dims) if dims else 0), enumerated, plates
+
+    @staticmethod
+    def _check_scales(tr, nesting: int, enumerated):
+        """The contraction sums each site's scaled log density over the enumerated values,
+        which is not the ELBO's (it scales the sum): refuse a scale on any site that
+        depends on an enumerated value (its log density has an enumerated dim)."""
+        for name, node in tr.nodes.items():
+            if node["type"] != "sample" or site_is_subsample(node) or node["scale"] == 1:
+                continue
+            lp = node["unscaled_log_prob"]
+            if any(size > 1 for size in lp.shape[:max(0, lp.dim() - nesting)]):
+                raise ModelCurvatureError(
+                    f"site {name!r} depends on the enumerated {enumerated} and has a scale "
+                    f"(a subsampled plate or poutine.scale), which the Hessian here does not "
+                    f"support")
 
     def log_joint(self, z: torch.Tensor, prior_only: bool = False,
                   shapes=None, subsample: Optional[Dict[str, torch.Tensor]] = None
@@ -198,12 +218,21 @@ class ModelCurvature:
             ladj = t.log_abs_det_jacobian(u, x)
             ladjs[name] = sum_rightmost(ladj, ladj.dim() - x.dim() + site["fn"].event_dim).sum()
         subsample = dict(subsample or {})
-        nesting, enumerated = self._check({k: v.detach() for k, v in values.items()}, subsample)
+        nesting, enumerated, plates = self._structure(
+            {k: v.detach() for k, v in values.items()}, subsample)
         if enumerated and prior_only:
-            raise ModelCurvatureError("the prior's curvature alone (curvature='ggn') is not "
-                                      "defined for a model with enumerated discrete sites; "
-                                      "use curvature='hessian'")
-        tr = self._trace({**subsample, **values}, nesting if enumerated else None)
+            raise ModelCurvatureError(
+                "the prior's curvature alone (curvature='ggn') is not defined for a model "
+                "with enumerated discrete sites", "use curvature='hessian' or 'none'")
+        state = _RandomState(z.device)
+        tr = self._trace({**plates, **subsample, **values}, nesting if enumerated else None)
+        if _RandomState(z.device) != state:
+            state.restore()
+            raise ModelCurvatureError(
+                "the model draws random numbers even with every latent site given (a site "
+                "hidden by a poutine.block inside the model, or torch.rand... or numpy.random "
+                "in it): its log joint at the guide's draw is random, so its Hessian is no "
+                "precision target")
         # The Jacobian term is part of the site's log density, so it takes the site's
         # scale (full_size / size in a subsampled plate) like the ELBO does.
         logdet = sum(tr.nodes[name]["scale"] * ladj for name, ladj in ladjs.items())
@@ -211,7 +240,9 @@ class ModelCurvature:
             # condition() marks the latents observed too, so select them by name.
             return tr.log_prob_sum(lambda name, site: name in values) + logdet
         if enumerated:
-            return TraceEinsumEvaluator(tr, True, nesting).log_prob(tr) + logdet
+            evaluator = TraceEinsumEvaluator(tr, True, nesting)  # computes the log densities
+            self._check_scales(tr, nesting, enumerated)
+            return evaluator.log_prob(tr) + logdet
         return tr.log_prob_sum() + logdet
 
     def hessian(self, z: torch.Tensor, prior_only: bool = False, shapes=None,
@@ -286,9 +317,10 @@ class ModelCurvature:
         for name, u in self.unpack(z.detach()).items():
             values[name] = biject_to(self.guide.prototype_trace.nodes[name]["fn"].support)(u)
         self._require_arguments()
-        if self._check({k: v.detach() for k, v in values.items()}, {})[1]:
-            raise ModelCurvatureError("the generalized Gauss-Newton matrix (curvature='ggn') "
-                                      "does not sum out enumerated discrete sites; use "
-                                      "curvature='hessian'")
+        enumerated = self._structure({k: v.detach() for k, v in values.items()}, {})[1]
+        if enumerated:
+            raise ModelCurvatureError(
+                f"the generalized Gauss-Newton matrix (curvature='ggn') does not sum out the "
+                f"enumerated {enumerated}", "use curvature='hessian', which does, or 'none'")
         G = ModelGGN(self._model, values, self.args, self.kwargs).dense()
         return G - self.hessian(z, prior_only=True)

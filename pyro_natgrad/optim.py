@@ -505,23 +505,23 @@ class NaturalGradient(PyroOptim):
             self.base_optimizer(rest, *args, **kwargs)
 
     def _with_curvature(self, step, records):
-        """``step(records)``, or None where the model's log joint is random at the guide's
-        draws (:class:`~pyro_natgrad.curvature.ModelCurvatureError`, raised before
-        anything changed): under ``curvature="auto"`` this and later steps are then
-        taken from gradients alone, with one warning; otherwise a ValueError."""
+        """``step(records)``, or None where the model's Hessian cannot be computed at the
+        guide's draws (:class:`~pyro_natgrad.curvature.ModelCurvatureError`, raised
+        before anything changed): under ``curvature="auto"`` this and later steps are
+        then those of ``"none"``, after one warning; otherwise a ValueError."""
         try:
             return step(records)
         except ModelCurvatureError as e:
             if self.curvature != "auto":
-                raise ValueError(f"NaturalGradient(curvature={self.curvature!r}): {e}, so its "
-                                 f"Hessian is no precision target. Use curvature='none' "
-                                 f"(steps from gradients alone)") from e
-            self._curvature_refused = str(e)
+                raise ValueError(f"NaturalGradient(curvature={self.curvature!r}): {e}") from e
+            self._curvature_refused = e.reason
             self._use_curvature = self._minibatch_curvature = False
-            warnings.warn(f"NaturalGradient: {e}, so its Hessian is no precision target; "
-                          f"steps are taken from gradients alone, which converge more "
-                          f"slowly. Pass curvature='none' to silence this",
-                          NaturalGradientWarning)
+            # A low-rank covariance owned for the projection step goes back to the base
+            # optimizer, and routing() must say so.
+            self._discover()
+            warnings.warn(f"NaturalGradient: {e.reason}. Steps are taken from gradients "
+                          f"alone, as with curvature='none', and converge more slowly; pass "
+                          f"curvature='none' to silence this", NaturalGradientWarning)
             return None
 
     def _guide_changed(self, params) -> bool:

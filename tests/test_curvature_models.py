@@ -232,3 +232,141 @@ def test_a_random_log_joint_refuses_an_explicit_curvature_and_changes_nothing(fl
     for k, v in pyro.get_param_store().items():
         assert torch.equal(v.detach(), before[k]), k
 
+
+
+# ---- what the check must get right as the arguments change -----------------------------
+@config_enumerate
+def semi_supervised(data, labels=None):
+    """The mixture with the assignments observed in some batches and enumerated in the
+    others (the semi-supervised pattern)."""
+    locs = pyro.sample("locs", dist.Normal(torch.zeros(2, dtype=F64), PRIOR_SD).to_event(1))
+    with pyro.plate("data", len(data)):
+        a = pyro.sample("a", dist.Categorical(torch.tensor(WEIGHTS, dtype=F64)), obs=labels)
+        pyro.sample("obs", dist.Normal(locs[a], 1.0), obs=data)
+
+
+def test_the_structure_is_read_at_every_evaluation(float64):
+    """Labelled batch first, then unlabelled: the second Hessian sums the assignments
+    out (it sampled them, a different answer at every call, when the first batch's
+    structure was kept)."""
+    data = _mixture_data()
+    labels = (data > 0).long()
+    guide = AutoNormal(poutine.block(semi_supervised, hide=["a"]))
+    curv = ModelCurvature(guide)
+    z = torch.tensor([-3.0, 2.0], dtype=F64)
+    normal = torch.distributions.Normal
+
+    def labelled(v):
+        prior = normal(0.0, PRIOR_SD).log_prob(v).sum()
+        return prior + normal(v[labels], 1.0).log_prob(data).sum()
+
+    guide(data, labels)
+    torch.testing.assert_close(curv.hessian(z), torch.autograd.functional.hessian(labelled, z),
+                               rtol=1e-10, atol=1e-10)
+    guide(data)
+    exact = torch.autograd.functional.hessian(lambda v: _mixture_log_joint(v, data), z)
+    for _ in range(2):
+        torch.testing.assert_close(curv.hessian(z), exact, rtol=1e-10, atol=1e-10)
+
+
+def test_a_scale_on_sites_apart_from_the_enumeration_is_fine(float64):
+    """poutine.scale on the global prior alone: the contraction is still the ELBO's
+    (the model was refused); a scale on the observations, which depend on the
+    enumerated assignments, is refused with the site named."""
+    data = _mixture_data()
+
+    def scaled(data, where):
+        with poutine.scale(scale=0.5 if where == "prior" else 1.0):
+            locs = pyro.sample("locs", dist.Normal(torch.zeros(2, dtype=F64),
+                                                   PRIOR_SD).to_event(1))
+        with pyro.plate("data", len(data)), poutine.scale(scale=0.5 if where == "obs" else 1.0):
+            a = pyro.sample("a", dist.Categorical(torch.tensor(WEIGHTS, dtype=F64)),
+                            infer={"enumerate": "parallel"})
+            pyro.sample("obs", dist.Normal(locs[a], 1.0), obs=data)
+
+    z = torch.tensor([-1.0, 0.5], dtype=F64)
+    guide = AutoNormal(poutine.block(scaled, hide=["a"]))
+    curv = ModelCurvature(guide)
+    guide(data, "prior")
+
+    def log_joint(v):
+        prior = torch.distributions.Normal(0.0, PRIOR_SD).log_prob(v).sum()
+        return _mixture_log_joint(v, data) - 0.5 * prior
+
+    torch.testing.assert_close(curv.hessian(z), torch.autograd.functional.hessian(log_joint, z),
+                               rtol=1e-10, atol=1e-10)
+    guide(data, "obs")
+    with pytest.raises(ModelCurvatureError, match=r"site '(a|obs)' depends on the enumerated"):
+        curv.hessian(z)
+
+
+def test_observation_only_subsampling_leaves_the_random_state_alone(float64, rng):
+    """A full-rank guide with subsampled observations: the guide has no plate, so the
+    Hessian draws its own subsample, from the current random state, which it leaves as
+    it was (it advanced it at every evaluation)."""
+    g = generator(4)
+    X = torch.randn(200, 3, generator=g, dtype=F64)
+    y = X @ torch.tensor([1.0, -0.5, 0.2], dtype=F64) + torch.randn(200, generator=g,
+                                                                    dtype=F64)
+
+    def model():
+        w = pyro.sample("w", dist.Normal(torch.zeros(3, dtype=F64), 1.0).to_event(1))
+        with pyro.plate("data", 200, subsample_size=20) as i:
+            pyro.sample("y", dist.Normal(X[i] @ w, 1.0), obs=y[i])
+
+    guide = AutoMultivariateNormal(model)
+    curv = ModelCurvature(guide)
+    guide()
+    z = torch.zeros(3, dtype=F64)
+    state = torch.get_rng_state()
+    first, second = curv.hessian(z), curv.hessian(z)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    # a subsample of 20 scaled by 10, not the full data
+    assert not torch.allclose(-first, X.T @ X + torch.eye(3, dtype=F64), rtol=1e-3)
+
+
+def _numpy_model(y):
+    w = pyro.sample("w", dist.Normal(torch.zeros((), dtype=F64), 1.0))
+    jitter = torch.as_tensor(0.1 * np.random.randn(len(y)))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(w + jitter, 1.0), obs=y)
+
+
+def test_numpy_randomness_is_found_too_and_left_as_it_was(float64):
+    y = torch.linspace(-1, 2, 8, dtype=F64)
+    guide = AutoNormal(_numpy_model)
+    curv = ModelCurvature(guide)
+    guide(y)
+    state = np.random.get_state()
+    with pytest.raises(ModelCurvatureError, match="draws random numbers"):
+        curv.hessian(torch.zeros(1, dtype=F64))
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), state))
+
+
+def test_a_low_rank_guide_refused_its_curvature_routes_its_covariance_to_adam(float64):
+    from pyro.infer.autoguide import AutoLowRankMultivariateNormal
+
+    pyro.set_rng_seed(1)
+    y = torch.linspace(-1, 2, 8, dtype=F64)
+    guide = AutoLowRankMultivariateNormal(poutine.block(_coin_model, hide=["c"]), rank=1)
+    opt = NaturalGradient(guide)
+    svi = SVI(_coin_model, guide, opt, Trace_ELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        svi.step(y)
+        assert opt.routing()["cov_factor"].startswith("natural gradient") is False
+        assert opt.routing()["cov_factor"].startswith("base optimizer")
+        assert opt.routing()["loc"].startswith("natural gradient")
+
+
+def test_the_ggn_error_on_an_enumerated_model_points_to_the_hessian(float64):
+    data = _mixture_data()
+    guide = AutoNormal(poutine.block(mixture, hide=["a"]))
+    svi = SVI(mixture, guide, NaturalGradient(guide, curvature="ggn"),
+              TraceEnum_ELBO(max_plate_nesting=1))
+    with pytest.raises(ValueError) as info:
+        svi.step(data)
+    message = str(info.value)
+    assert "enumerated ['a']" in message and "use curvature='hessian', which does" in message
+    assert "no precision target" not in message
