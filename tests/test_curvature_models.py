@@ -17,7 +17,6 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from scipy.optimize import minimize
-from scipy.special import logsumexp
 
 from pyro_natgrad import NaturalGradient, NaturalGradientWarning
 from pyro_natgrad.curvature import ModelCurvature, ModelCurvatureError
@@ -98,7 +97,8 @@ def test_enumerated_sites_are_summed_out_of_the_hessian(float64, Guide):
 
 def _mixture_mean_field_optimum(data, nodes=40):
     """The mean-field Gaussian that maximises the ELBO, by Gauss-Hermite quadrature of
-    E_q[log p(data, locs)] on a tensor grid and scipy, started where the fits start."""
+    E_q[log p(data, locs)] on a tensor grid and scipy's BFGS, started where the fits
+    start (Nelder-Mead agrees to 1e-6 and takes 30 times as long)."""
     t, w = np.polynomial.hermite.hermgauss(nodes)
     t, w = t * math.sqrt(2), w / math.sqrt(math.pi)
     x = data.numpy()
@@ -109,21 +109,21 @@ def _mixture_mean_field_optimum(data, nodes=40):
         a, b = m[0] + s[0] * t, m[1] + s[1] * t  # nodes of each coordinate
         lik_a = -0.5 * (x[:, None] - a[None, :]) ** 2 + log_w[0]  # (n, nodes)
         lik_b = -0.5 * (x[:, None] - b[None, :]) ** 2 + log_w[1]
-        lik = logsumexp(np.stack(np.broadcast_arrays(lik_a[:, :, None], lik_b[:, None, :])),
-                        axis=0).sum(0)  # (nodes, nodes)
+        lik = np.logaddexp(lik_a[:, :, None], lik_b[:, None, :]).sum(0)  # (nodes, nodes)
         expected = w @ lik @ w - len(x) * 0.5 * math.log(2 * math.pi)
         prior = -0.5 * ((m ** 2 + s ** 2) / PRIOR_SD ** 2).sum()
         return -(expected + prior + p[2:].sum())
 
-    best = minimize(negative_elbo, [-1.0, 1.0, 0.0, 0.0], method="Nelder-Mead",
-                    options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 8000})
+    best = minimize(negative_elbo, [-1.0, 1.0, 0.0, 0.0], method="BFGS",
+                    options={"gtol": 1e-8})
     return best.x[:2], np.exp(best.x[2:])
 
 
 @pytest.mark.slow
 def test_enumerated_mixture_fit_reaches_the_mean_field_optimum(float64):
     """TraceEnum_ELBO, AutoNormal over the blocked mixture, default NaturalGradient:
-    the exact mean-field optimum (quadrature). With the assignments sampled inside the
+    the exact mean-field optimum (quadrature) in 60 steps (within 0.07 sd and 3.5 % from
+    step 30 on seeds 0, 1, 3). With the assignments sampled inside the
     Hessian both scales went to 1/sqrt(50) = 0.141, where the optimum has 0.11 and 0.47,
     and the ELBO ended 1.4 nats lower."""
     data = _mixture_data()
@@ -134,7 +134,7 @@ def test_enumerated_mixture_fit_reaches_the_mean_field_optimum(float64):
     svi = SVI(mixture, guide, NaturalGradient(guide), TraceEnum_ELBO(max_plate_nesting=1))
     with warnings.catch_warnings():
         warnings.simplefilter("error", NaturalGradientWarning)
-        for _ in range(300):
+        for _ in range(60):
             svi.step(data)
     loc, scale = guide.locs.locs.detach().numpy(), guide.scales.locs.detach().numpy()
     assert np.all(np.abs(loc - m) < 0.1 * s), (loc, m, s)
