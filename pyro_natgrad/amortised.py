@@ -97,8 +97,17 @@ class _Substitute(Messenger):
 
     def _pyro_param(self, msg):
         if msg["name"] in self.values:
-            msg["value"] = self.values[msg["name"]]
+            # A view, so that a subsampled plate's bookkeeping (it records the subsample
+            # on the value's unconstrained parameter) lands on this call's own object.
+            value = self.values[msg["name"]].view_as(self.values[msg["name"]])
+            value._pyro_unconstrained_param = _Unconstrained()
+            msg["value"] = value
             msg["done"] = True
+
+
+class _Unconstrained:
+    """Stands in for the param store's unconstrained tensor of a substituted value, which
+    a subsampled ``pyro.plate`` tags with its indices (``pyro.param(..., event_dim=...)``)."""
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ from pyro.nn import PyroModule
 
 from pyro_natgrad import NaturalGradient, NaturalGradientWarning
 from pyro_natgrad.amortised import AmortisedNaturalGradient, GuideGGN
+from tests.seeding import generator
 
 jacobian = torch.autograd.functional.jacobian
 
@@ -532,6 +533,46 @@ def test_function_guide_through_recording_wrapper(float64):
     theta = torch.cat([p.detach().reshape(-1) for p in params])
     ref = normal_ggn(theta, lambda th: encoder_maths(th, x))
     assert_close(optim.operator(params).dense(), ref, 1e-10)
+
+
+def test_event_dim_params_in_a_subsampled_plate(float64, rng):
+    """``pyro.param(..., event_dim=0)`` inside a subsampled plate (the replay crashed: the
+    plate tags the value's unconstrained parameter with its indices). Always the same
+    subsample: its locals land on their exact posterior as a five-item model's would
+    (the plate's N/B scales gradient and G alike), the others stay where they were."""
+    from pyro.distributions import constraints
+
+    n, batch = 20, 5
+    y = torch.randn(n, generator=generator(7))
+    idx = torch.arange(batch) * 3
+
+    def model(y):
+        with pyro.plate("data", n, subsample=idx) as i:
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("y", dist.Normal(z, 0.5), obs=y[i])
+
+    def guide(y):
+        with pyro.plate("data", n, subsample=idx):
+            loc = pyro.param("loc", torch.zeros(n), event_dim=0)
+            scale = pyro.param("scale", torch.ones(n), constraint=constraints.positive,
+                               event_dim=0)
+            pyro.sample("z", dist.Normal(loc, scale))
+
+    optim = AmortisedNaturalGradient(guide)
+    svi = SVI(model, optim.guide, optim, Trace_ELBO())
+    for _ in range(200):
+        svi.step(y)
+    precision = 1 + 0.5 ** -2
+    sd = precision ** -0.5
+    loc, scale = pyro.param("loc").detach(), pyro.param("scale").detach()
+    # from up to 3.7 sds and 124 % away; single-draw noise leaves up to 0.19 sd and 24 % on
+    # seeds 0 to 2 after 200 steps
+    assert float(((loc[idx] - y[idx] * 0.5 ** -2 / precision) / sd).abs().max()) < 0.35
+    assert float((scale[idx] / sd - 1).abs().max()) < 0.3
+    others = torch.ones(n, dtype=torch.bool)
+    others[idx] = False
+    assert torch.equal(loc[others], torch.zeros(n - batch))
+    assert torch.equal(scale[others], torch.ones(n - batch))
 
 
 class VAE(torch.nn.Module):
