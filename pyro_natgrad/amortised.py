@@ -129,13 +129,16 @@ def _hooks_off(root: Optional[torch.nn.Module]):
 
 
 def _detached_trace(tr):
-    """A trace holding only the sample sites' detached values, for ``poutine.replay``."""
+    """A trace holding only the sample sites' detached values, for ``poutine.replay``, and
+    their scale and mask as the call saw them: with every handler around the guide
+    (a ``poutine.scale`` from outside included), which a replay does not see."""
     out = poutine.Trace()
     for name, node in tr.nodes.items():
         if node["type"] != "sample" or node["is_observed"]:
             continue
         out.add_node(name, type="sample", name=name, is_observed=False,
-                     value=node["value"].detach(), infer=dict(node["infer"]))
+                     value=node["value"].detach(), infer=dict(node["infer"]),
+                     scale=node["scale"], mask=node["mask"])
     return out
 
 
@@ -218,7 +221,9 @@ class GuideGGN(GGNOperator):
     :param dict routes: ``{tensor: ("module", dotted name) or ("store", param name,
         constraint)}``.
     :param list draws: traces (detached values) of guide calls whose sample values
-        are held fixed; ``G`` averages over them. One draw is exact for guides whose
+        are held fixed; ``G`` averages over them. Each site's ``scale`` and ``mask``
+        are the draw's where it has them (as recorded, with the handlers around the
+        call), else the replay's. One draw is exact for guides whose
         distribution parameters do not depend on earlier draws.
     :param tuple args, kwargs: the guide's arguments.
 
@@ -261,10 +266,15 @@ class GuideGGN(GGNOperator):
                     d = _peel(node["fn"])
                     if d is None:
                         continue
-                    weight = node["scale"] / len(draws)
-                    if node["mask"] is not None:
-                        weight = weight * torch.as_tensor(node["mask"])
-                    scale = float(torch.as_tensor(node["scale"], dtype=torch.float64).mean())
+                    # The scale and mask the call saw, where the draw kept them (the
+                    # replay misses handlers around the guide), else the replay's.
+                    seen = draw.nodes.get(name, {}) if draw is not None else {}
+                    site_scale = seen.get("scale", node["scale"])
+                    site_mask = seen["mask"] if "scale" in seen else node["mask"]
+                    weight = site_scale / len(draws)
+                    if site_mask is not None:
+                        weight = weight * torch.as_tensor(site_mask)
+                    scale = float(torch.as_tensor(site_scale, dtype=torch.float64).mean())
                     self.num_elements += scale * node["value"].numel() / len(draws)
                     key = f"{k}:{name}"
                     heads[key] = _Head(d, weight, f"guide site {name!r}")
