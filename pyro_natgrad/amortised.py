@@ -42,7 +42,7 @@ from .ggn import GGNOperator, _Head
 from .guides import BackwardFlag, differentiated
 from .linalg import conjugate_gradient
 from .optim import (
-    NaturalGradientWarning, _fraction_taken, optimizer_name, param_labels, split_finite,
+    NaturalGradientWarning, _fraction_taken, optimizer_name, param_labels, skip_non_finite,
 )
 from .schedule import StepSize
 
@@ -620,15 +620,8 @@ class AmortisedNaturalGradient(PyroOptim):
                       key=lambda p: routes[p][1])
         rest = [p for p in params if p not in routes]
         self._warn_rest(rest)
-        rest, bad = split_finite(rest)
-        if bad:
-            # The other optimizer would write them into the param store (and its moments).
-            self.skipped += 1
-            warnings.warn(f"AmortisedNaturalGradient: non-finite gradient for "
-                          f"{param_labels(bad)[:8]}: their "
-                          f"{optimizer_name(self.other_optimizer)} step skipped "
-                          f"({self.skipped} skipped so far), they are unchanged",
-                          NaturalGradientWarning)
+        rest, self.skipped = skip_non_finite(rest, self.other_optimizer, self.skipped,
+                                             prefix="AmortisedNaturalGradient: ")
         if rest:
             self.other_optimizer(rest, *args, **kwargs)
         if not mine:

@@ -492,15 +492,7 @@ class NaturalGradient(PyroOptim):
             elif group.key not in seen:
                 seen.add(group.key)
                 self._step_group(group, records, targets.get(group.key))
-        rest, bad = split_finite(rest)
-        if bad:
-            # The base optimizer would write them into the param store (and its moments).
-            self._skipped += 1
-            warnings.warn(f"non-finite gradient for {len(bad)} parameter(s) of "
-                          f"{optimizer_name(self.base_optimizer)}: "
-                          f"{', '.join(param_labels(bad)[:8])}; their step skipped "
-                          f"({self._skipped} skipped so far), they are unchanged",
-                          NaturalGradientWarning)
+        rest, self._skipped = skip_non_finite(rest, self.base_optimizer, self._skipped)
         if rest:
             self.base_optimizer(rest, *args, **kwargs)
 
@@ -1079,13 +1071,21 @@ def optimizer_name(optim) -> str:
     return (getattr(optim, "pt_optim_constructor", None) or type(optim)).__name__
 
 
-def split_finite(params):
-    """``(finite, bad)``: the parameters whose gradients are finite (or None), and the
-    others, which no optimizer may step (it would write them into the param store)."""
+def skip_non_finite(params, optimizer, skipped: int, prefix: str = ""):
+    """``(finite, skipped)``: the parameters whose gradients are finite (or None), and the
+    count of skipped steps, one more (with a warning naming the others) if any gradient
+    is not finite: no optimizer may step those, it would write them into the param
+    store (and its moments)."""
     finite, bad = [], []
     for p in params:
         (finite if p.grad is None or _all_finite([p.grad]) else bad).append(p)
-    return finite, bad
+    if bad:
+        skipped += 1
+        warnings.warn(f"{prefix}non-finite gradient for {len(bad)} parameter(s) of "
+                      f"{optimizer_name(optimizer)}: {', '.join(param_labels(bad)[:8])}; "
+                      f"their step skipped ({skipped} skipped so far), they are unchanged",
+                      NaturalGradientWarning)
+    return finite, skipped
 
 
 def param_labels(params):
