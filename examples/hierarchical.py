@@ -35,12 +35,21 @@ import numpy as np
 import pyro
 from pyro.infer.autoguide import AutoMultivariateNormal
 
+from pyro_natgrad import StepSize
 from pyro_natgrad.datasets import load_reference
 
 RADON = "radon_contextual_effects_minnesota_halfnormal"
 EIGHT_SCHOOLS = "eight_schools-eight_schools_noncentered"
 STEPS = {"radon": {"natgrad": 200, "adam": 2000},
          "eight_schools": {"natgrad": 200, "adam": 3000}}
+
+
+def options_from(args) -> dict:
+    """The ``NaturalGradient`` options that ``--max-kl`` and ``--initial-step`` set."""
+    options = {} if args.max_kl is None else {"max_kl": args.max_kl}
+    if args.initial_step is not None:
+        options["step_size"] = StepSize(initial=args.initial_step)
+    return options
 
 
 def fit_reference(ref, args, steps_of, natgrad_options):
@@ -57,7 +66,7 @@ def fit_reference(ref, args, steps_of, natgrad_options):
 
 def run_radon(args, steps_of, axes=None):
     ref = load_reference(RADON)
-    options = {} if args.max_kl is None else {"max_kl": args.max_kl}
+    options = options_from(args)
     print(f"== radon: {ref.name} ({ref.source}), {ref.n_data} homes, "
           f"{ref.n_params} latent dimensions; NaturalGradient{options or '()'}")
     fits, summaries = fit_reference(ref, args, steps_of, options)
@@ -96,7 +105,7 @@ def run_radon(args, steps_of, axes=None):
 
 def run_eight_schools(args, steps_of, axes=None):
     ref = load_reference(EIGHT_SCHOOLS)
-    options = {} if args.max_kl is None else {"max_kl": args.max_kl}
+    options = options_from(args)
     print(f"== eight schools: {ref.name} ({ref.source}), {ref.n_data} schools; "
           f"NaturalGradient{options or '()'}")
     fits, summaries = fit_reference(ref, args, steps_of, options)
@@ -149,6 +158,10 @@ def main(argv=None):
     parser.add_argument("--max-kl", type=float, default=None,
                         help="NaturalGradient's trust region max_kl (default: the "
                              "optimizer's default)")
+    parser.add_argument("--initial-step", type=float, default=None,
+                        help="NaturalGradient's step_size=StepSize(initial=...) (default: "
+                             "StepSize(), which starts at 1); 0.5 kept eight schools from "
+                             "running away (docs/examples/hierarchical.rst)")
     parser.add_argument("--full-table", action="store_true",
                         help="print all 85 radon county effects")
     C.add_common_args(parser, natgrad_steps="200", adam_steps="2000 (radon), 3000 (eight "

@@ -133,6 +133,21 @@ def test_eight_schools_tau_is_out_of_reach_of_a_gaussian_guide():
 
 
 @pytest.mark.slow
+def test_eight_schools_seed_1_with_a_halved_initial_step():
+    """With the defaults seed 1 runs away (the ELBO about -45 after 100 steps; see
+    docs/examples/hierarchical.rst); ``--initial-step 0.5`` must reach the other seeds'
+    optimum, about -31.5."""
+    out = run_example("hierarchical.py", "--model", "eight_schools", "--steps", "100",
+                      "--seed", "1", "--initial-step", "0.5", "--quiet", "--samples", "2000")
+    assert "StepSize(initial=0.5" in out
+    (elbo,) = numbers(r"eight schools final ELBO \(mean of last 10 steps\) = {NUM}", out)
+    assert elbo > -33
+    err, lo, hi = numbers(r"eight schools theta, mu: max \|mean err\| = {NUM} ref sd; "
+                          r"sd ratio q/ref = {NUM}\.\.{NUM}", out)
+    assert err < 0.3 and 0.7 < lo <= hi < 1.3
+
+
+@pytest.mark.slow
 def test_radon_good_except_the_county_scale():
     out = run_example("hierarchical.py", "--model", "radon", "--steps", "120", "--quiet",
                       "--samples", "2000", timeout=300)
