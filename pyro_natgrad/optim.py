@@ -183,7 +183,9 @@ class NaturalGradient(PyroOptim):
         no ``D x D`` matrix), and the variances step from the gradients as with
         ``"none"``. For a correlated posterior too large for ``"hessian"``; a step whose
         Hessian is not negative definite along the solve (a non-log-concave model away
-        from its mode) falls back to the steps of ``"none"``. Never chosen by ``"auto"``.
+        from its mode) falls back to the steps of ``"none"``. Its Newton steps can diverge
+        where the log posterior is nearly linear in the tails (docs/optimizer.rst, "Mean-field
+        guides"). Never chosen by ``"auto"``.
     """
 
     def __init__(self, guide, step_size=None, max_kl: Optional[float] = 10.0,
