@@ -270,9 +270,9 @@ def test_the_structure_is_read_at_every_evaluation(float64):
 
 
 def test_a_scale_on_sites_apart_from_the_enumeration_is_fine(float64):
-    """poutine.scale on the global prior alone: the contraction is still the ELBO's
-    (the model was refused); a scale on the observations, which depend on the
-    enumerated assignments, is refused with the site named."""
+    """poutine.scale on the global prior alone: the contraction is still the ELBO's, so
+    the Hessian is exact (such a model used to be refused); a scale on the observations,
+    which depend on the enumerated assignments, is refused with the site named."""
     data = _mixture_data()
 
     def scaled(data, where):
