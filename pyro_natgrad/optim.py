@@ -467,7 +467,10 @@ class NaturalGradient(PyroOptim):
             records += r.take()
         if not self.control_variate:
             records = []
-        elif not records and self._recorders and not self._warned_no_draws:
+        elif (not records and self._recorders and not self._warned_no_draws
+              and any(p in self._owner for p in params)):
+            # Only a natural-gradient group misses the draws; a guide whose parameters all
+            # take base steps has been warned about that instead.
             self._warned_no_draws = True
             warnings.warn("NaturalGradient: no draws of the guide were recorded for this step "
                           "(JitTrace_ELBO, or the guide called under no_grad), so steps run "
