@@ -33,6 +33,7 @@ import pyro
 from pyro import poutine
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.optim import PyroOptim
+from pyro.poutine.guide import GuideMessenger
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, TransformedDistribution, transform_to
@@ -416,6 +417,14 @@ class AmortisedNaturalGradient(PyroOptim):
                  modules: Optional[torch.nn.Module] = None):
         if not callable(guide):
             raise TypeError(f"expected the guide, got {type(guide).__name__}")
+        if isinstance(guide, GuideMessenger):
+            # Its __call__ runs the model under the messenger and never calls forward, so
+            # the hooks below would see no call; wrapped as a function its trace holds
+            # the model's observed sites too.
+            raise TypeError(
+                f"AmortisedNaturalGradient does not support Pyro's messenger guides "
+                f"({type(guide).__name__}): use AutoNormal or AutoMultivariateNormal with "
+                f"pyro_natgrad.NaturalGradient for natural-gradient steps on that family")
         for name, value in (("step_size", step_size), ("damping", damping),
                             ("cg_iters", cg_iters), ("cg_tol", cg_tol), ("max_kl", max_kl)):
             if isinstance(value, bool):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as tnf
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoGuide, AutoGuideList, AutoNormal
+from pyro.infer.autoguide import AutoGuide, AutoGuideList, AutoNormal, AutoNormalMessenger
 from pyro.nn import PyroModule
 
 from pyro_natgrad import NaturalGradient, NaturalGradientWarning
@@ -642,6 +642,18 @@ def test_argument_validation():
     for name in ("damping", "max_kl", "step_size", "cg_iters"):
         with pytest.raises(TypeError, match=f"{name} must be a number"):
             AmortisedNaturalGradient(guide, **{name: True})
+
+
+def test_messenger_guides_are_refused_with_the_alternative():
+    """A messenger guide's ``__call__`` never reaches ``forward``: hooked as a module it
+    raised "has not seen a call of the guide" at every step, and wrapped as a function
+    its steps went nowhere (exact ELBO -7,457 after 300 steps on the diabetes regression,
+    against -504)."""
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(TypeError, match="messenger guides.*AutoNormalMessenger.*AutoNormal"):
+        AmortisedNaturalGradient(AutoNormalMessenger(model))
 
 
 def test_parameters_of_delta_sites_only_go_to_the_other_optimizer(float64):
