@@ -147,8 +147,9 @@ class NaturalGradient(PyroOptim):
         :func:`~pyro_natgrad.gaussian.step_limit`), and no step more than doubles a
         variance in any direction (nor, for mean-field steps from gradients alone,
         halves one; nor, with model curvature, doubles one of the running precision's
-        Gaussian). None turns these off: right for exact gradients, risky for noisy
-        ones.
+        Gaussian). With model curvature that limit shortens the whole step, so the
+        mean's Newton move shrinks with it. None turns these off: right for exact
+        gradients, risky for noisy ones.
     :param control_variate: subtract the zero-mean term that the current
         precision predicts from each gradient, using the guide's own draws
         (recorded by forward hooks on the guide). Default True. False records no
@@ -818,7 +819,17 @@ class NaturalGradient(PyroOptim):
                 s_, _, U = groups[0].factors()
                 L = s_.unsqueeze(-1) * U
                 correction = torch.cholesky_solve(offset.unsqueeze(-1), L).squeeze(-1)
-                used = self._step_full(groups[0], grads[0], [], state, target, correction, rho)
+                step_rho = rho
+                if self.max_kl is not None:
+                    # As for the mean-field running precision: the step's precision
+                    # may at most halve, so its Newton move (the gradient times the
+                    # new covariance) cannot outgrow the curvature it has seen. In a
+                    # funnel's neck (slope ~1, curvature ~0) the move doubled each step.
+                    X = L.mT @ target @ L  # L^T (target - Sigma^{-1}) L
+                    X.diagonal().sub_(1)
+                    step_rho = _halving_limit(None, target, rho, whitened_change=X)
+                used = self._step_full(groups[0], grads[0], [], state, target, correction,
+                                       step_rho)
             else:
                 P = self._state["curvature"].get("precision")
                 if P is None:
@@ -1057,6 +1068,8 @@ def _halving_limit(P0, target, rho: float, whitened_change=None) -> float:
     the tails of a model whose curvature vanishes there (a Bernoulli likelihood on the
     logit scale) made ``P`` ever flatter and the Newton steps ``P^{-1} g`` ever longer:
     the mean of a one-dimensional ``AutoNormal`` ran to hundreds of sds into the tails.
+    A full-rank guide's step with model curvature takes the same limit on its own
+    precision (eight schools' funnel neck: see ``docs/examples/hierarchical.rst``).
     ``P0`` is ``(D, D)`` positive definite, ``target`` symmetric; ``whitened_change``,
     if given, is ``R^{-1} (target - P0) R^{-T}`` with ``P0 = R R^T``."""
     if rho <= 0.5 and bool(torch.linalg.cholesky_ex(target)[1] == 0):

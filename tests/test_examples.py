@@ -149,13 +149,13 @@ def test_eight_schools_tau_is_out_of_reach_of_a_gaussian_guide():
 
 
 @pytest.mark.slow
-def test_eight_schools_seed_1_with_a_halved_initial_step():
-    """With the defaults seed 1 runs away (the ELBO about -45 after 100 steps; see
-    docs/examples/hierarchical.rst); ``--initial-step 0.5`` must reach the other seeds'
-    optimum, about -31.5."""
+def test_eight_schools_seed_1_does_not_run_into_the_funnel():
+    """Seed 1 ran away with the full-rank step before it had the mean-field path's
+    halving limit (the ELBO about -45.7 after 100 steps: a Newton move that doubled at
+    every step in the funnel's neck; see docs/examples/hierarchical.rst). With the
+    defaults it must reach the other seeds' optimum, about -31.6."""
     out = run_example("hierarchical.py", "--model", "eight_schools", "--steps", "100",
-                      "--seed", "1", "--initial-step", "0.5", "--quiet", "--samples", "2000")
-    assert "StepSize(initial=0.5" in out
+                      "--seed", "1", "--quiet", "--samples", "2000")
     (elbo,) = numbers(r"eight schools final ELBO \(mean of last 10 steps\) = {NUM}", out)
     assert elbo > -33
     err, lo, hi = numbers(r"eight schools theta, mu: max \|mean err\| = {NUM} ref sd; "

@@ -250,3 +250,17 @@ def test_readme_benchmark_tables_match_results_md(readme_text):
     assert f"in {poisson}; no Adam" in readme_text
     ratio = re.search(r"whole step < 10x Adam\): PASS, ratio ([0-9.]+)", results).group(1)
     assert f"costs {ratio} Adam steps" in readme_text
+
+
+def test_top_level_holds_only_what_the_design_card_fixes():
+    """The design card fixes the top level (package, examples, tests, docs, setup.cfg,
+    pyproject.toml; with README, licence, CI and benchmarks): a stray log or scratch
+    script committed there (one was, in 0afe113) fails here."""
+    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, check=True).stdout.split()
+    allowed = {"pyro_natgrad", "examples", "tests", "docs", "benchmarks", ".ci",
+               "setup.cfg", "pyproject.toml", "README.md", "LICENSE", ".gitignore"}
+    stray = sorted({path.split("/")[0] for path in listed} - allowed)
+    assert not stray, f"files outside the design card's top level: {stray}"
