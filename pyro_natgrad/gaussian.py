@@ -46,7 +46,11 @@ From one draw ``S`` is a rank-two estimate whose error has norm about
 draws systematically (the ``X^2/2`` term, and a multiplicative random walk), and the
 full-rank guide diverged above a few dozen dimensions. Such steps estimate ``d^2/2``
 precision entries from ``d`` numbers each, so they need ``O(d)`` steps or more;
-the model's Hessian (``precision_target``) avoids that.
+the model's Hessian (``precision_target``) avoids that. With it,
+:class:`~pyro_natgrad.NaturalGradient` passes a ``rho`` already cut so that
+``B >= I/2`` (``optim._halving_limit``): shortening the step, rather than retracting
+it, shortens the mean's Newton move too, which in a funnel's neck (slope, no
+curvature) otherwise doubled with the variance at every step.
 """
 
 import math

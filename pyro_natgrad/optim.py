@@ -825,9 +825,7 @@ class NaturalGradient(PyroOptim):
                     # may at most halve, so its Newton move (the gradient times the
                     # new covariance) cannot outgrow the curvature it has seen. In a
                     # funnel's neck (slope ~1, curvature ~0) the move doubled each step.
-                    X = L.mT @ target @ L  # L^T (target - Sigma^{-1}) L
-                    X.diagonal().sub_(1)
-                    step_rho = _halving_limit(None, target, rho, whitened_change=X)
+                    step_rho = _halving_limit(None, target, rho, cov_factor=L)
                 used = self._step_full(groups[0], grads[0], [], state, target, correction,
                                        step_rho)
             else:
@@ -1061,7 +1059,7 @@ class NaturalGradient(PyroOptim):
         self.set_state(torch.load(filename, map_location=map_location, weights_only=False))
 
 
-def _halving_limit(P0, target, rho: float, whitened_change=None) -> float:
+def _halving_limit(P0, target, rho: float, whitened_change=None, cov_factor=None) -> float:
     """The largest step ``r <= rho`` with ``(1 - r) P0 + r target >= P0 / 2``: the Gaussian
     of the running precision at most doubles its variance in any direction per step, as
     a guide's own step does under a trust region. Without this, single-draw Hessians from
@@ -1071,11 +1069,16 @@ def _halving_limit(P0, target, rho: float, whitened_change=None) -> float:
     A full-rank guide's step with model curvature takes the same limit on its own
     precision (eight schools' funnel neck: see ``docs/examples/hierarchical.rst``).
     ``P0`` is ``(D, D)`` positive definite, ``target`` symmetric; ``whitened_change``,
-    if given, is ``R^{-1} (target - P0) R^{-T}`` with ``P0 = R R^T``."""
+    if given, is ``R^{-1} (target - P0) R^{-T}`` with ``P0 = R R^T``. Or, with ``P0``
+    None, ``cov_factor`` is ``L`` with ``P0 = (L L^T)^{-1}`` (so ``R^{-1} = L^T``), and
+    that change is formed only if the first test below does not settle it."""
     if rho <= 0.5 and bool(torch.linalg.cholesky_ex(target)[1] == 0):
         return rho  # (1 - r) P0 + r target >= (1 - r) P0 >= P0 / 2
     X = whitened_change
-    if X is None:
+    if X is None and cov_factor is not None:
+        X = cov_factor.mT @ target @ cov_factor
+        X.diagonal().sub_(1)
+    elif X is None:
         R = torch.linalg.cholesky(P0)
         X = torch.linalg.solve_triangular(R, target - P0, upper=False)
         X = torch.linalg.solve_triangular(R, X.mT, upper=False)

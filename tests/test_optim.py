@@ -2077,3 +2077,34 @@ def test_model_hessian_steps_stay_put_where_the_curvature_vanishes_in_the_tails(
         loc = float(posterior.mean if posterior is not None else guide.locs.p)
         scale = float(posterior.stddev if posterior is not None else guide.scales.p)
         assert abs(loc - m) < 0.15 * s and abs(scale / s - 1) < 0.15, (seed, loc, scale, m, s)
+
+
+@pytest.mark.parametrize("rho", [1.0, 0.7, 0.3])
+@pytest.mark.parametrize("seed", range(4))
+def test_halving_limit_is_the_largest_step_that_keeps_half_the_precision(seed, rho):
+    """``_halving_limit``: the largest ``r <= rho`` with ``(1 - r) P0 + r T >= P0 / 2``,
+    checked against the generalized eigenvalues of ``(T - P0, P0)`` from scipy (the
+    limit is ``r <= 1 / (2 max(0, -lambda_min))``), for each way of giving ``P0``: as a
+    matrix, by the whitened change, and by the covariance factor of a full-rank guide."""
+    import scipy.linalg
+
+    from pyro_natgrad.optim import _halving_limit
+
+    g = torch.Generator().manual_seed(seed)
+    d = 6
+    M = torch.randn(d, d, generator=g, dtype=torch.float64)
+    P0 = M @ M.mT + 0.5 * torch.eye(d, dtype=torch.float64)
+    N = torch.randn(d, d, generator=g, dtype=torch.float64)
+    # symmetric, indefinite for odd seeds (a non-log-concave draw), else positive definite
+    T = N @ N.mT * 0.2 + (-1.0 if seed % 2 else 0.1) * torch.eye(d, dtype=torch.float64)
+    lam = scipy.linalg.eigh((T - P0).numpy(), P0.numpy(), eigvals_only=True)[0]
+    want = rho if lam >= -0.5 / rho else 0.5 / -lam
+
+    L = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(P0)))
+    X = L.mT @ (T - P0) @ L
+    for got in (_halving_limit(P0, T, rho), _halving_limit(None, T, rho, whitened_change=X),
+                _halving_limit(None, T, rho, cov_factor=L)):
+        assert got == pytest.approx(want, rel=1e-9)
+    if want < rho:  # the limit binds: the halved precision is singular there
+        A = (1 - want) * P0 + want * T - P0 / 2
+        assert abs(float(torch.linalg.eigvalsh(A)[0])) < 1e-8 * float(P0.norm())
