@@ -259,7 +259,7 @@ def test_top_level_holds_only_what_the_design_card_fixes():
     if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     listed = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True,
-                            text=True, check=True).stdout.split()
+                            text=True, check=True).stdout.splitlines()
     allowed = {"pyro_natgrad", "examples", "tests", "docs", "benchmarks", ".ci",
                "setup.cfg", "pyproject.toml", "README.md", "LICENSE", ".gitignore"}
     stray = sorted({path.split("/")[0] for path in listed} - allowed)
