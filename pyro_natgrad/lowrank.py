@@ -13,8 +13,9 @@ parameters ``loc``, ``C`` (``cov_factor``, ``d x k``) and ``s`` (``scale``,
   (:func:`project_lowrank`). For a Gaussian posterior its fixed points are stationary
   points of the low-rank ELBO, which are exactly the projections of ``E_q[H]``; the
   projection is a local search (two starts), so not certified to be the best one.
-* **Without it** (above that dimension, ``curvature="none"``, or a step without
-  recorded draws such as under ``JitTrace_ELBO``): ``loc`` alone takes the step
+* **Without it** (above that dimension, ``curvature="none"``, or a step without any
+  draw of the guide, as in a custom loop around ``JitTrace_ELBO``): ``loc`` alone
+  takes the step
   ``loc' = loc - rho Sigma dl/dloc`` (the Fisher of ``LowRankMultivariateNormal`` is
   block diagonal, mean | covariance), with the schedule and the KL trust region
   ``rho^2/2 g^T Sigma g <= max_kl``, the gradient first cleared of the guide's score

@@ -35,6 +35,7 @@ from .handwritten import describe_rejected, find_svi_args, read_handwritten
 from .linalg import conjugate_gradient
 from .lowrank import LowRankGaussianGroup, project_lowrank, read_lowrank
 from .minibatch import minibatch_targets, plate_scale, subsampled
+from .replay import TorchRandomState, replay_guide, replayed_records
 from .schedule import StepSize
 
 #: Largest latent dimension for which ``curvature="auto"`` computes the model's Hessian.
@@ -236,6 +237,7 @@ class NaturalGradient(PyroOptim):
         self._skipped = 0
         self._warned_params = set()
         self._warned_no_draws = False
+        self._random_state = None  # torch's random state when the last call ended
         self._warned_gradient_only = False
         self._use_curvature = False
         self._minibatch_curvature = False
@@ -463,26 +465,16 @@ class NaturalGradient(PyroOptim):
                     f"{' ...' if len(listed) > 8 else ''}. See NaturalGradient.routing().",
                     NaturalGradientWarning)
         self._warn_fallback(params)
-        records = []
-        for r in self._recorders:
-            records += r.take()
-        if not self.control_variate:
-            records = []
-        elif (not records and self._recorders and not self._warned_no_draws
-              and any(p in self._owner for p in params)):
-            # Only a natural-gradient group misses the draws; a guide whose parameters all
-            # take base steps has been warned about that instead.
-            self._warned_no_draws = True
-            warnings.warn("NaturalGradient: no draws of the guide were recorded for this step "
-                          "(JitTrace_ELBO, or the guide called under no_grad), so steps run "
-                          "without the control variate and model curvature, and are noisier",
-                          NaturalGradientWarning)
+        records, confirmed = self._draws(params)
         seen = set()
         rest = []
         if self._use_curvature and records:
             owned = [p for p in params if p in self._owner]
-            if owned and self._with_curvature(self._step_with_curvature, records):
+            if owned and self._with_curvature(
+                    lambda r: self._step_with_curvature(r, confirmed), records):
                 seen.update(self._groups)
+        if not confirmed:
+            records = []  # the rest is the control variate, which needs the step's own draw
         curved = set(seen)
         targets = (self._with_curvature(self._minibatch_targets, records) or {}) \
             if self._minibatch_curvature else {}
@@ -501,6 +493,57 @@ class NaturalGradient(PyroOptim):
         rest, self._skipped = skip_non_finite(rest, self.base_optimizer, self._skipped)
         if rest:
             self.base_optimizer(rest, *args, **kwargs)
+        if self._recorders and self._groups:
+            # Where the next step's compiled ELBO (if it is one) starts drawing.
+            device = next(iter(self._groups.values())).tensors()[0].device
+            self._random_state = TorchRandomState(device)
+
+    def _draws(self, params):
+        """``(records, confirmed)``: this step's draws of the guide, and whether they are
+        the draws behind its gradients. The hooks record them, except under a
+        JIT-compiled ELBO, whose compiled graph runs no hooks (the records of its first
+        step are of the tracing runs, which no backward pass reaches). Then the guide is
+        replayed (:mod:`pyro_natgrad.replay`) and kept if the gradients confirm the draw.
+        Otherwise any draw of the guide still gives the model's curvature (the Hessian at
+        a draw of ``q`` estimates ``E_q[grad^2 f]`` without bias), and is returned
+        unconfirmed for that alone, unless it was made on another subsample."""
+        records = []
+        for r in self._recorders:
+            records += r.take()
+        if not self.control_variate:
+            return [], True
+        gaussian = (DiagonalGaussianGroup, FullGaussianGroup, LowRankGaussianGroup)
+        if not self._recorders or not any(isinstance(self._owner.get(p), gaussian)
+                                          for p in params):
+            # Only a Gaussian group's step uses the draws (other families' mirror descent
+            # does not); a guide whose parameters all take base steps has been warned
+            # about that instead.
+            return records, True
+        flags = [r[DrawRecorder.BACKWARD] for r in records]
+        if records and any(f.used or not f.tracked for f in flags):
+            return records, True
+        found = find_svi_args(self)
+        if records and found is None:
+            return records, True  # gradients set by hand after a guide call
+        groups = list(self._groups.values())
+        replayed = []
+        if found is not None and self._random_state is not None:
+            replayed = replay_guide(self.guide, self._recorders, self._random_state, *found)
+            if replayed_records(groups, replayed):
+                return replayed, True
+        other = [r for r in (records or replayed) if not DrawRecorder.plate_indices(r)]
+        if self._random_state is not None and not self._warned_no_draws:
+            # Not on the first step: a JIT-compiled ELBO's first step is its tracing run.
+            self._warned_no_draws = True
+            warnings.warn(
+                "NaturalGradient: the draws of the guide behind this step's gradients could "
+                "not be recovered (JitTrace_ELBO with random numbers drawn between steps, "
+                "several particles or a low-rank guide; or the guide called under no_grad), "
+                "so steps run without "
+                "the control variate" + (", with the model's curvature at another draw of "
+                "the guide," if other else " and without the model's curvature,") + " and "
+                "are noisier: use Trace_ELBO", NaturalGradientWarning)
+        return other, False
 
     def _with_curvature(self, step, records):
         """``step(records)``, or None where the model's Hessian cannot be computed at the
@@ -770,10 +813,12 @@ class NaturalGradient(PyroOptim):
         raw_tril.data.triu_().add_(U_new)  # the upper triangle is unused but kept
         return step.rho
 
-    def _step_with_curvature(self, records) -> bool:
+    def _step_with_curvature(self, records, confirmed=True) -> bool:
         """One step of every group of the guide, with the model's Hessian as the
         precision target. Returns False (and changes nothing) when the draws or
-        gradients do not allow it, so the caller takes gradient-only steps."""
+        gradients do not allow it, so the caller takes gradient-only steps. Draws that
+        are not ``confirmed`` as the gradients' own give the Hessian but no control
+        variate."""
         groups = list(self._groups.values())
         grads = [g.grads() for g in groups]
         if any(v is None for gr in grads for v in gr.values()):
@@ -799,7 +844,7 @@ class NaturalGradient(PyroOptim):
         rho = self.step_size(state["t"])
         if self.curvature == "hvp":
             with torch.no_grad():
-                return self._step_hvp(groups, grads, records, draws, rho, state)
+                return self._step_hvp(groups, grads, records, draws, rho, state, confirmed)
         with torch.no_grad():
             locs = torch.cat([g.params["loc"].detach().reshape(-1) for g in groups])
             if self.curvature == "ggn":
@@ -809,7 +854,7 @@ class NaturalGradient(PyroOptim):
                                        for z, s in zip(draws, plates)]).mean(0)
             # The control variate must not depend on the draw: the current precision
             # (E[Lambda (z - mu)] = 0), not the draw's own Hessian (E[H(z)(z - mu)] != 0).
-            offset = (draws - locs).mean(0)
+            offset = (draws - locs).mean(0) if confirmed else torch.zeros_like(locs)
             if not bool(torch.isfinite(target).all()):
                 return False
             if isinstance(groups[0], LowRankGaussianGroup):
@@ -841,7 +886,7 @@ class NaturalGradient(PyroOptim):
         state["t"] += float(_fraction_taken(used, rho).mean())
         return True
 
-    def _step_hvp(self, groups, grads, records, draws, rho, state) -> bool:
+    def _step_hvp(self, groups, grads, records, draws, rho, state, confirmed=True) -> bool:
         """Mean-field groups under ``curvature="hvp"``: the Newton step for the mean of
         :meth:`_step_diagonal_newton` without its ``(D, D)`` matrices.
 
@@ -861,7 +906,9 @@ class NaturalGradient(PyroOptim):
         loc = torch.cat([g.params["loc"].detach().reshape(-1) for g in groups])
         scale = torch.cat([g.scale()[0].reshape(-1) for g in groups])
         g_loc = torch.cat([gr["loc"].reshape(-1) for gr in grads])
-        offset = (draws - loc).mean(0)
+        offset = (draws - loc).mean(0) if confirmed else torch.zeros_like(loc)
+        if not confirmed:
+            records = []  # the variances' step uses the draws for its control variate
         hessian_product = self._curvature.precision_operator(loc)
         variance = scale.square()
         weight = float(state.get("hessian_weight", 0.0))

@@ -8,9 +8,11 @@ import math
 import warnings
 
 import pyro
+import pyro.infer.util
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal
 
@@ -316,19 +318,52 @@ def test_svi_defaults_reach_lowrank_optimum(dtype):
 
 
 def test_without_draws_the_covariance_takes_base_steps():
-    """JitTrace_ELBO records no draws, so there is no Hessian at a draw: the mean takes
-    the natural step, the covariance factors Adam's (they must not stay frozen)."""
+    """A custom loop around JitTrace_ELBO: its compiled graph records no draws, and
+    outside SVI.step there are no arguments to replay the guide with, so there is no
+    Hessian at a draw: the mean takes the natural step, the covariance factors Adam's
+    (they must not stay frozen)."""
     X, y = data()
     pyro.set_rng_seed(2)
     guide = AutoLowRankMultivariateNormal(model, rank=2)
-    svi = SVI(model, guide, NaturalGradient(guide), JitTrace_ELBO())
-    svi.step(X, y)  # the traced first call runs the guide's Python code, hooks and all
+    elbo, opt = JitTrace_ELBO(), NaturalGradient(guide)
+
+    def step():
+        with poutine.trace(param_only=True) as tr:
+            loss = elbo.loss_and_grads(model, guide, X, y)
+        params = [site["value"].unconstrained() for site in tr.trace.nodes.values()]
+        opt(params)
+        pyro.infer.util.zero_grads(params)
+        return loss
+
+    step()  # the traced first call runs the guide's Python code, hooks and all
     start = {k: v.detach().clone() for k, v in guide.named_parameters()}
-    with pytest.warns(NaturalGradientWarning, match="no draws"):
+    with pytest.warns(NaturalGradientWarning, match="could not be recovered"):
         for _ in range(3):
-            assert math.isfinite(svi.step(X, y))
+            assert math.isfinite(step())
     for k, v in guide.named_parameters():
         assert not torch.equal(v.detach(), start[k]), k
+
+
+def test_jit_elbo_covariance_from_replayed_draws():
+    """Inside SVI.step the guide is replayed from the step's random state. A low-rank
+    group cannot confirm the draw (its gradients have no identity to check), so the
+    draw gives the Hessian but no control variate: the covariance takes the projection
+    step, and equals Trace_ELBO's (the Hessian is constant here), while the mean
+    carries the gradient noise."""
+    X, y = data(d=6)
+    cov = {}
+    for elbo in (Trace_ELBO(), JitTrace_ELBO()):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(5)
+        guide = AutoLowRankMultivariateNormal(model, rank=2)
+        svi = SVI(model, guide, NaturalGradient(guide), elbo)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NaturalGradientWarning)
+            for _ in range(30):
+                svi.step(X, y)
+        with torch.no_grad():
+            cov[type(elbo).__name__] = guide.get_posterior().covariance_matrix.clone()
+    torch.testing.assert_close(cov["JitTrace_ELBO"], cov["Trace_ELBO"], rtol=1e-6, atol=1e-9)
 
 
 def test_ggn_curvature_follows_the_hessian_for_a_canonical_link():

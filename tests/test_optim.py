@@ -1004,23 +1004,48 @@ def test_vectorized_particles_model_broadcasts(float64, rng):
     assert abs(a - exact) < 0.05 * abs(exact), (a, exact)
 
 
-@pytest.mark.parametrize("guide_cls", [AutoMultivariateNormal, AutoNormal])
-def test_jit_elbo_finite_and_improves(float64, rng, guide_cls):
+@pytest.mark.parametrize("guide_cls", [AutoMultivariateNormal, AutoNormal, AutoDiagonalNormal])
+def test_jit_elbo_reaches_the_exact_optimum_as_trace_elbo_does(float64, rng, guide_cls):
+    """JitTrace_ELBO's compiled graph runs no hooks, so the optimizer replays the guide
+    from the random state and the gradients confirm the draw: the steps keep the control
+    variate and the model's Hessian, and land on the exact optimum as under Trace_ELBO
+    (30 steps, as test_svi_default_settings_reach_exact_optimum). Without the replay the
+    steps were gradient-only: the AutoMultivariateNormal mean was still 0.2 posterior sds
+    off after 300 steps of a 3-weight regression."""
     X, y = diabetes()
     guide = fresh(guide_cls)
     svi = SVI(blr_model, guide, NaturalGradient(guide),
               JitTrace_ELBO(ignore_jit_warnings=True))
-    guide(X, y)
-    with torch.no_grad():
-        elbo0 = exact_elbo(*guide_moments(guide), X, y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        for _ in range(40):
+        warnings.simplefilter("error", NaturalGradientWarning)
+        for _ in range(30):
             assert math.isfinite(svi.step(X, y))
-    assert all(bool(torch.isfinite(p).all()) for p in store_params())
+    assert_reached(guide, X, y, rtol=1e-6)
+
+
+def test_jit_elbo_with_draws_between_steps_keeps_the_curvature(float64, rng):
+    """A random draw in the loop between steps makes the replayed draw another one than
+    the gradients': the check rejects it (one warning), and the step takes the model's
+    Hessian there without the control variate. The covariance is then exact (the Hessian
+    is constant here) and the mean within the noise of a decaying step."""
+    X, y = diabetes()
+    guide = fresh(AutoMultivariateNormal)
+    svi = SVI(blr_model, guide, NaturalGradient(guide),
+              JitTrace_ELBO(ignore_jit_warnings=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("always", NaturalGradientWarning)
+        for _ in range(100):
+            torch.rand(())  # e.g. a minibatch index drawn by the training loop
+            svi.step(X, y)
+    ours = [w for w in caught if issubclass(w.category, NaturalGradientWarning)]
+    assert len(ours) == 1 and "could not be recovered" in str(ours[0].message)
+    mu, Sigma, _, _ = exact_posterior(X, y)
     with torch.no_grad():
-        elbo1 = exact_elbo(*guide_moments(guide), X, y)
-    assert torch.isfinite(elbo1) and elbo1 > elbo0, (elbo0, elbo1)
+        m, L = guide_moments(guide)
+    torch.testing.assert_close(L @ L.T, Sigma, rtol=1e-6, atol=1e-6 * Sigma.abs().max())
+    assert float(((m.detach() - mu) / Sigma.diagonal().sqrt()).abs().max()) < 0.5
 
 
 def test_module_local_params_svi(float64, rng):
@@ -2017,7 +2042,7 @@ def test_hvp_from_a_far_start(float64):
         return float((m - data / 2).square().sum() + 0.5 * (r - 1 - r.log()).sum())
 
     gaps = {}
-    for curvature, steps in (("hvp", 1000), ("none", 300)):
+    for curvature, steps in (("hvp", 400), ("none", 300)):  # "hvp": 3.5e-9 at 350
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         guide = AutoNormal(model)
@@ -2027,7 +2052,7 @@ def test_hvp_from_a_far_start(float64):
             if t + 1 in (100, 300):
                 gaps[curvature, t + 1] = gap(guide)
         gaps[curvature, steps] = gap(guide)
-    assert gaps["hvp", 1000] < 1e-6 and gaps["hvp", 300] < 1
+    assert gaps["hvp", 400] < 1e-6 and gaps["hvp", 300] < 1
     assert gaps["none", 300] < 1e-6 and gaps["none", 100] < 100 < 1000 < gaps["hvp", 100]
 
 
