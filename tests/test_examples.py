@@ -34,13 +34,35 @@ def numbers(pattern, text):
     return [float(g) for g in m.groups()]
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_help(script):
-    out = run_example(script, "--help", timeout=60)
-    assert "usage:" in out and "--steps" in out
-    if script != "seeds_demos.py":  # no SVI there: both methods are always shown
-        for option in ("--optimizer", "--lr", "--seed", "--plot", "--quiet"):
-            assert option in out, f"{script} --help lacks {option}"
+# Each script run as __main__ with --help, all in one interpreter: the imports (torch,
+# pyro) cost seconds per process and --help runs nothing else.
+HELP_DRIVER = """
+import os, runpy, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))  # as a script: its folder first
+for path in sys.argv[1:]:
+    sys.argv = [path, "--help"]
+    print("=== " + path, flush=True)
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        assert e.code in (0, None), (path, e.code)
+    sys.stdout.flush()
+"""
+
+
+def test_help():
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    paths = [str(EXAMPLES / s) for s in SCRIPTS]
+    proc = subprocess.run([sys.executable, "-c", HELP_DRIVER, *paths], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    outs = proc.stdout.split("=== ")[1:]
+    assert len(outs) == len(SCRIPTS), proc.stdout
+    for script, out in zip(SCRIPTS, outs):
+        assert out.startswith(str(EXAMPLES / script)) and "usage:" in out and "--steps" in out
+        if script != "seeds_demos.py":  # no SVI there: both methods are always shown
+            for option in ("--optimizer", "--lr", "--seed", "--plot", "--quiet"):
+                assert option in out, f"{script} --help lacks {option}"
 
 
 @pytest.mark.slow
