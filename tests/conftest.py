@@ -16,6 +16,10 @@ def pytest_configure(config):
     device = os.environ.get("PYRO_NATGRAD_TEST_DEVICE")
     if device:
         torch.set_default_device(device)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest-xdist runs one worker per core (addopts in pyproject.toml): a worker
+        # with a thread per core as well would have them fight over the cores.
+        torch.set_num_threads(1)
 
 
 @pytest.fixture

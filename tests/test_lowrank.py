@@ -359,6 +359,7 @@ def test_jit_elbo_covariance_from_replayed_draws():
         svi = SVI(model, guide, NaturalGradient(guide), elbo)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NaturalGradientWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             for _ in range(30):
                 svi.step(X, y)
         with torch.no_grad():
