@@ -18,7 +18,8 @@ optimizer with:
   cannot be the four particles', as above.
 
 Run with ``--replay off`` to see the steps without replay (what the optimizer did
-before: no control variate, no Hessian).
+before: no control variate, no Hessian; but for the first step, whose tracing-run draws
+now give the Hessian). The latest output is in ``benchmarks/RESULTS_jit.md``.
 
     python benchmarks/jit_elbo.py [--seeds 6] [--steps 10 30 100]
 """
