@@ -539,10 +539,10 @@ class NaturalGradient(PyroOptim):
                 "NaturalGradient: the draws of the guide behind this step's gradients could "
                 "not be recovered (JitTrace_ELBO with random numbers drawn between steps, "
                 "several particles or a low-rank guide; or the guide called under no_grad), "
-                "so steps run without "
-                "the control variate" + (", with the model's curvature at another draw of "
-                "the guide," if other else " and without the model's curvature,") + " and "
-                "are noisier: use Trace_ELBO", NaturalGradientWarning)
+                "so steps run without the control variate"
+                + (", with the model's curvature at another draw of the guide," if other
+                   else " and without the model's curvature,")
+                + " and are noisier: use Trace_ELBO", NaturalGradientWarning)
         return other, False
 
     def _with_curvature(self, step, records):

@@ -28,6 +28,7 @@ import torch
 from pyro import poutine
 
 from .guides import DiagonalGaussianGroup, FullGaussianGroup
+from .minibatch import plate_scale
 
 #: Relative residual of the identity above within which a replayed draw is accepted;
 #: an unrelated draw leaves a residual about as large as ``|dl/dloc * w|`` itself.
@@ -80,14 +81,11 @@ def gradients_match_draw(group, grads: Dict[str, torch.Tensor], record: Dict) ->
         return False
     loc = group.params["loc"].detach()
     s, ds = group.scale()
-    c = 1.0
     if isinstance(group, DiagonalGaussianGroup):
         for dim, idx in group.subsample_index(record):
             loc, s, ds, g_loc, g_raw = (x.index_select(dim, idx)
                                         for x in (loc, s, ds, g_loc, g_raw))
-        for frame in record[group.site][1]:
-            if frame.full_size is not None and frame.size:
-                c *= frame.full_size / frame.size
+    c = plate_scale(None, group, [record])  # the site is in the record: no guide needed
     z = record[group.site][0]
     if z.shape != loc.shape:
         return False
