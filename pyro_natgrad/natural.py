@@ -15,6 +15,7 @@ import torch
 from torch.distributions import Distribution
 
 from .fisher import fisher_operator
+from .fisher.params import fold_symmetric, symmetrize
 
 
 def natural_gradient(d: Distribution, grads: Dict[str, torch.Tensor], coords="standard",
@@ -28,9 +29,12 @@ def natural_gradient(d: Distribution, grads: Dict[str, torch.Tensor], coords="st
         ``coords="natural"`` or ``"mean"`` the names are the coordinates' (``eta1``,
         ``eta2``; ``mean1``, ``mean2``; see ``fisher_operator(d, coords).names``), all
         of them: the natural gradient in natural coordinates is the ordinary gradient in
-        mean coordinates (and vice versa). For a
-        multivariate normal's matrix parameter, only the lower triangle of the
-        gradient is read.
+        mean coordinates (and vice versa). A symmetric matrix parameter
+        (``covariance_matrix``, ``precision_matrix``) takes its gradient as a whole
+        matrix ``G``, as autograd gives it (symmetric, or lower triangular when the
+        matrix is used through its lower triangle only): its lower-triangle coordinates'
+        gradient is ``G_ii`` and ``G_ij + G_ji``. Of ``scale_tril`` (and of ``eta2``,
+        ``mean2``) only the lower triangle is read.
     :param coords: as in :func:`~pyro_natgrad.fisher.fisher_information`, e.g.
         ``"unconstrained"`` when the gradients are with respect to ``log`` scales.
     :param damping: added to the Fisher's diagonal; needed for families whose
@@ -38,7 +42,9 @@ def natural_gradient(d: Distribution, grads: Dict[str, torch.Tensor], coords="st
         when ``cov_factor`` is in ``grads``) and useful when it is near-singular.
         ``Categorical`` and ``Multinomial`` solve undamped (minimum-norm, see
         :func:`~pyro_natgrad.fisher.fisher_solve`).
-    :returns: ``{parameter name: natural gradient}``, shaped like ``grads``. Uses
+    :returns: ``{parameter name: natural gradient}``, shaped like ``grads``; for a
+        symmetric matrix parameter the symmetric matrix ``D`` of the step
+        ``S - lr * D`` (for a Gaussian's covariance, ``2 S G S``). Uses
         the structured solve of the family (elementwise for diagonal families,
         ``O(d^3)`` for a full-rank Gaussian).
     :raises ValueError: for a gradient not shaped like its parameter.
@@ -54,7 +60,10 @@ def natural_gradient(d: Distribution, grads: Dict[str, torch.Tensor], coords="st
                 f"grads[{s.name!r}] has {got}, but {s.name!r} of {type(d).__name__} (in "
                 f"{where}) has shape {tuple(s.value.shape)}: pass each gradient shaped like "
                 f"its parameter.")
-    return op.solve_dict({n: grads[n] for n in op.names}, damping)
+    symmetric = {s.name for s in op.specs if s.symmetric}
+    folded = {n: fold_symmetric(grads[n]) if n in symmetric else grads[n] for n in op.names}
+    out = op.solve_dict(folded, damping)
+    return {n: symmetrize(v) if n in symmetric else v for n, v in out.items()}
 
 
 def _names(d, grads) -> Sequence[str]:

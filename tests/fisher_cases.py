@@ -33,6 +33,7 @@ sufficient statistics T and log-partition A:
 * Bernoulli/Binomial   eta = logit p,                       T = k
 * Geometric            eta = log(1 - p),                    T = k  (number of failures)
 * Categorical          eta_i = log(p_i / p_K), i < K (minimal, K-1 coordinates), T = one-hot[:K-1]
+  (OneHotCategorical the same)
 * Multinomial          same eta as Categorical,             T = counts[:K-1]
 * MultivariateNormal   eta = (Lambda mu, -Lambda/2) with the matrix part given by its tril
                        entries, coordinate n_ij setting both symmetric entries.
@@ -1076,7 +1077,7 @@ def _dirichlet_case(kind):
     )
 
 
-def _categorical_case(kind, which, multinomial=False):
+def _categorical_case(kind, which, multinomial=False, one_hot=False):
     batch, kk, total = (2,), (3 if multinomial else 4), 10
 
     def gen(g, dt):
@@ -1105,13 +1106,14 @@ def _categorical_case(kind, which, multinomial=False):
     else:
 
         def build(p):
-            return dist.Categorical(**{which: p[which]})
+            cls = dist.OneHotCategorical if one_hot else dist.Categorical
+            return cls(**{which: p[which]})
 
     ef = _ef_categorical((kk,), which)
     if multinomial:
         base_a = ef.log_partition
         ef = ExpFamily(ef.names, ef.shapes, ef.eta, lambda e, p=None: total * base_a(e))
-    fam = "Multinomial" if multinomial else "Categorical"
+    fam = "Multinomial" if multinomial else "OneHotCategorical" if one_hot else "Categorical"
     return Case(
         id=f"{fam}[{which}]-{kind}",
         family=fam,
@@ -1222,6 +1224,8 @@ def _build_cases():
         for which in ("probs", "logits"):
             for kind in ("rand", "extreme"):
                 cases.append(_categorical_case(kind, which, multinomial))
+    for which in ("probs", "logits"):
+        cases.append(_categorical_case("rand", which, one_hot=True))
     cases.append(_delta_case(0))
     cases.append(_delta_case(1))
     # Independent / .to_event wrappers

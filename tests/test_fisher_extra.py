@@ -10,10 +10,10 @@ import torch
 import pyro.distributions as dist
 from torch.distributions import constraints, kl_divergence
 
-from pyro_natgrad import natural_gradient
+from pyro_natgrad import natural_gradient, register_fisher
 from pyro_natgrad.fisher import (
-    FisherFallbackWarning, SingularFisherError, fisher_information, fisher_operator, fisher_solve,
-    fisher_vp,
+    DiagonalFisher, FisherFallbackWarning, ParamSpec, SingularFisherError, fisher_information,
+    fisher_operator, fisher_solve, fisher_vp,
 )
 
 
@@ -654,3 +654,99 @@ def test_wrong_shape_gradient_names_the_parameter_shape(grad_shape):
                                          r"\(in coords 'unconstrained'\) has shape \(2,\)"):
         natural_gradient(d, {"loc": torch.ones(2), "scale": torch.ones(grad_shape)},
                          coords="unconstrained")
+
+
+def _sigmoid(x):
+    """``1 / (1 + e^-x)`` in Python floats (double precision, never through torch)."""
+    return 1 / (1 + math.exp(-x))
+
+
+# (make, the Fisher in the logits, in natural coordinates), written with p = sigmoid(x)
+# and q = sigmoid(-x) = 1 - p. Geometric counts failures (eta = log q, T = x: the
+# variance q / p^2); NegativeBinomial successes (eta = log p: r p / q^2).
+_SATURATING = {
+    "Bernoulli": (lambda x: dist.Bernoulli(logits=x), lambda p, q: p * q, lambda p, q: p * q),
+    "Binomial": (lambda x: dist.Binomial(10, logits=x), lambda p, q: 10 * p * q,
+                 lambda p, q: 10 * p * q),
+    "Geometric": (lambda x: dist.Geometric(logits=x), lambda p, q: q, lambda p, q: q / p ** 2),
+    "NegativeBinomial": (lambda x: dist.NegativeBinomial(3.0, logits=x), lambda p, q: 3 * p,
+                         lambda p, q: 3 * p / q ** 2),
+}
+
+
+@pytest.mark.parametrize("dtype,x", [(torch.float32, 20.0), (torch.float32, -20.0),
+                                     (torch.float64, 40.0), (torch.float64, -40.0)])
+@pytest.mark.parametrize("family", list(_SATURATING))
+def test_binary_families_keep_their_fisher_where_the_probability_rounds_to_one(family,
+                                                                               dtype, x):
+    """At ``|x| = 20`` (float32) or 40 (float64) ``sigmoid(x)`` rounds to 1, but ``p q``
+    is a normal number: the Fisher in the logits and in natural coordinates must be it,
+    not 0 or NaN (they were, through ``1 - p``)."""
+    make, standard, natural = _SATURATING[family]
+    p, q = _sigmoid(x), _sigmoid(-x)
+    d = make(torch.tensor(x, dtype=dtype))
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert float(fisher_information(d)) == pytest.approx(standard(p, q), rel=rtol)
+    assert float(fisher_information(d, coords="natural")) == pytest.approx(natural(p, q),
+                                                                           rel=rtol)
+    nat = natural_gradient(d, {"logits": torch.ones((), dtype=dtype)})["logits"]
+    assert float(nat) == pytest.approx(1 / standard(p, q), rel=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("logits", [[0.0, 1.0, -800.0], [-800.0, 0.0, 1.0]])
+def test_categorical_natural_coordinates_with_a_vanishing_probability(logits, dtype):
+    """A probability that underflows to 0 (logit -800) leaves the natural coordinates'
+    Fisher, the covariance of the first k - 1 one-hot entries, finite: ``diag(p) - p p^T``,
+    its entries for the vanishing category 0."""
+    d = dist.Categorical(logits=torch.tensor(logits, dtype=dtype))
+    e = [math.exp(v) if v > -700 else 0.0 for v in logits]
+    p = [v / sum(e) for v in e][:2]
+    expected = torch.tensor([[p[0] - p[0] ** 2, -p[0] * p[1]], [-p[0] * p[1], p[1] - p[1] ** 2]],
+                            dtype=dtype)
+    torch.testing.assert_close(fisher_information(d, coords="natural"), expected)
+
+
+@pytest.mark.parametrize("mu,s", [(1.0, 1e-3), (10.0, 1e-2), (-3.0, 2.0)])
+def test_normal_mean_coordinates_keep_float32_accuracy_when_the_sd_is_small(mu, s):
+    """In mean coordinates ``(m1, m2) = (E x, E x^2)`` the Fisher is the inverse of
+    ``Cov[(x, x^2)] = [[v, 2 mu v], [2 mu v, 4 mu^2 v + 2 v^2]]`` (``v = s^2``), exact in
+    ``(mu, s)``. Recovering ``s`` as ``sqrt(m2 - m1^2)`` cost 5% of float32's accuracy
+    at ``s / mu = 1e-3``."""
+    v = s * s
+    cov_t = torch.tensor([[v, 2 * mu * v], [2 * mu * v, 4 * mu * mu * v + 2 * v * v]],
+                         dtype=torch.float64)
+    F = fisher_information(dist.Normal(torch.tensor(mu), torch.tensor(s)), coords="mean")
+    assert F.dtype == torch.float32
+    torch.testing.assert_close(F.double(), torch.linalg.inv(cov_t), rtol=1e-5, atol=0)
+
+
+def test_mvn_mean_coordinates_keep_float32_accuracy_when_the_sds_are_small():
+    """Mean and natural coordinates are dual: ``F_mean = F_natural^{-1}``; the natural
+    coordinates' Fisher is computed without any cancellation (float64 here)."""
+    L = torch.tensor([[1e-3, 0.0], [5e-4, 1e-3]], dtype=torch.float64)
+    loc = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    F_nat = fisher_information(dist.MultivariateNormal(loc, scale_tril=L), coords="natural")
+    F = fisher_information(dist.MultivariateNormal(loc.float(), scale_tril=L.float()),
+                           coords="mean")
+    torch.testing.assert_close(F.double(), torch.linalg.inv(F_nat), rtol=1e-4, atol=0)
+
+
+class _ConcentrationOnlyGamma(dist.Gamma):
+    """A Gamma whose registered Fisher covers ``concentration`` alone."""
+
+
+@register_fisher(_ConcentrationOnlyGamma)
+def _concentration_only_gamma(d):
+    return DiagonalFisher([ParamSpec("concentration", d.concentration, 0)], d.batch_shape,
+                          {"concentration": torch.polygamma(1, d.concentration)})
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: fisher_information(dist.Normal(0.0, 1.0), params=()), "params is empty"),
+    (lambda: fisher_information(_ConcentrationOnlyGamma(torch.tensor(2.0), torch.tensor(1.0)),
+                                coords="natural"), "coordinates it inherits map to"),
+], ids=["empty-params", "partial-registration-natural"])
+def test_clear_errors_for_requests_without_an_answer(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -216,6 +216,41 @@ def test_multivariate_normal_batched():
                                    rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("name", ["covariance_matrix", "precision_matrix"])
+def test_symmetric_matrix_takes_autograd_gradient(name, dtype):
+    """A user's loop: the gradient of a loss with respect to the covariance (or
+    precision) matrix, straight from autograd, symmetric. The natural gradient is the
+    textbook one, from the metric 1/2 tr(S^-1 dS S^-1 dS) of a Gaussian in S = Sigma
+    (in S = Lambda the same with Sigma for S^-1): D = 2 S G S, and Sigma g for the mean.
+    A lower-triangular use of the matrix (its gradient lower triangular) gives the same."""
+    m, L = _mvn_case(3, seed=70)
+    m, L = m.to(dtype), L.to(dtype)
+    S0 = L @ L.T if name == "covariance_matrix" else torch.cholesky_inverse(L)
+    target = dist.MultivariateNormal(rand(3, seed=71).to(dtype), scale_tril=2 * L)
+
+    def loss(loc, S):
+        return torch.distributions.kl_divergence(
+            dist.MultivariateNormal(loc, **{name: S}), target)
+
+    loc, S = m.clone().requires_grad_(), S0.clone().requires_grad_()
+    g_loc, G = torch.autograd.grad(loss(loc, S), [loc, S])
+    torch.testing.assert_close(G, G.T)  # what autograd gives: the test's premise
+    nat = natural_gradient(dist.MultivariateNormal(m, **{name: S0}),
+                           {"loc": g_loc, name: G})
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(nat["loc"], L @ L.T @ g_loc, **tol)
+    torch.testing.assert_close(nat[name], 2 * S0 @ G @ S0, **tol)
+
+    T = S0.clone().requires_grad_()  # the matrix built from its lower triangle
+    sym = T.tril() + T.tril(-1).T
+    (G_tril,) = torch.autograd.grad(loss(m, sym), [T])
+    assert torch.equal(G_tril, G_tril.tril())
+    nat_tril = natural_gradient(dist.MultivariateNormal(m, **{name: S0}), {name: G_tril})
+    nat_alone = natural_gradient(dist.MultivariateNormal(m, **{name: S0}), {name: G})
+    torch.testing.assert_close(nat_tril[name], nat_alone[name], **tol)
+
+
 # ----------------------------------------------------------------------------------------
 # invariance: the natural-gradient direction is a tangent vector, so with u = phi^{-1}(theta)
 # and J = dtheta/du, grads map by J^T and natural gradients by J^{-1}

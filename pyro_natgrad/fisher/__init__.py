@@ -57,6 +57,9 @@ def fisher_operator(d: Distribution, coords: Coords = "standard",
     check_coords(coords)
     if params is not None:
         params = (params,) if isinstance(params, str) else tuple(params)
+        if not params:
+            raise ValueError("params is empty: name at least one parameter, or pass "
+                             "params=None for all of them")
     if isinstance(d, Independent):  # block diagonal over the reinterpreted dims
         op = fisher_operator(d.base_dist, coords, params)
         return op.reinterpret(d.reinterpreted_batch_ndims)

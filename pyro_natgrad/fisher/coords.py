@@ -122,6 +122,14 @@ def _expfam(d, op, coords):
         raise ValueError(f"coords={coords!r} needs an exponential family; "
                          f"{type(d).__name__} is not one (or none is registered). "
                          f"Use 'standard' or 'unconstrained'.")
+    standard = set(ef.from_natural(ef.natural))
+    if standard != set(op.names):
+        # a subclass registered over other parameters than the ancestor whose
+        # exponential-family coordinates it inherits
+        raise ValueError(
+            f"coords={coords!r}: the Fisher of {type(d).__name__} is over {list(op.names)}, "
+            f"but the exponential-family coordinates it inherits map to {sorted(standard)}. "
+            f"Use coords='standard' or 'unconstrained'.")
     if coords == "natural":
         values, phi = ef.natural, ef.from_natural
     else:

@@ -39,7 +39,8 @@ import torch
 import pyro.distributions as pdist
 from torch.distributions import (
     Bernoulli, Beta, Binomial, Categorical, Chi2, Dirichlet, Exponential, Gamma, Geometric,
-    HalfNormal, LogNormal, Multinomial, MultivariateNormal, NegativeBinomial, Normal, Poisson,
+    HalfNormal, LogNormal, Multinomial, MultivariateNormal, NegativeBinomial, Normal,
+    OneHotCategorical, Poisson,
 )
 
 from .families import passed_argument
@@ -101,10 +102,16 @@ def _normal(d):
     def to_mean(t):
         return {"mean1": t["loc"], "mean2": t["loc"].square() + t["scale"].square()}
 
-    def from_mean(m):
-        return {"loc": m["mean1"], "scale": (m["mean2"] - m["mean1"].square()).sqrt()}
-
     var = d.scale.square()
+    loc0, mean2_0 = d.loc, d.loc.square() + var
+
+    # m2 - m1^2, anchored at the current point: the same function, without the
+    # cancellation of m2 - m1^2 (all of float32's digits where sd / |mean| ~ 1e-3)
+    def from_mean(m):
+        m1 = m["mean1"]
+        var_m = var + (m["mean2"] - mean2_0) - (m1 - loc0) * (m1 + loc0)
+        return {"loc": m1, "scale": var_m.sqrt()}
+
     layout = {**_scalar_layout("eta1", "eta2"), **_scalar_layout("mean1", "mean2")}
     return ExpFamCoords({"eta1": d.loc / var, "eta2": -0.5 / var}, from_natural, to_mean,
                         from_mean, layout)
@@ -133,13 +140,20 @@ def _mvn(d):
         second = cov + loc.unsqueeze(-1) * loc.unsqueeze(-2)
         return {"mean1": loc, "mean2": second.tril() + second.tril(-1)}
 
+    def second_moment(mean2):
+        half = mean2.tril(-1) * 0.5
+        return half + half.mT + torch.diag_embed(mean2.diagonal(dim1=-2, dim2=-1))
+
+    # As the normal's: anchored at the current point (loc0, cov0), so that the
+    # covariance is not the difference of two nearly equal matrices.
+    t0 = {"loc": d.loc, name: getattr(d, name)}
+    loc0, cov0 = d.loc, _mvn_cov(t0, name)
+    second0 = second_moment(to_mean(t0)["mean2"])
+
     def from_mean(m):
         loc = m["mean1"]
-        half = m["mean2"].tril(-1) * 0.5
-        second = half + half.mT + torch.diag_embed(m["mean2"].diagonal(dim1=-2, dim2=-1))
-        cov = second - loc.unsqueeze(-1) * loc.unsqueeze(-2)
-        prec = _spd_inverse(cov) if name == "precision_matrix" \
-            else None
+        cov = cov0 + (second_moment(m["mean2"]) - second0) - _loc_outer_change(loc0, loc)
+        prec = _spd_inverse(cov) if name == "precision_matrix" else None
         return from_cov(loc, cov, prec)
 
     prec = torch.cholesky_inverse(d._unbroadcasted_scale_tril)
@@ -149,6 +163,14 @@ def _mvn(d):
               "mean2": (2, "tril")}
     return ExpFamCoords({"eta1": eta1, "eta2": (-0.5 * prec).tril()}, from_natural, to_mean,
                         from_mean, layout)
+
+
+def _loc_outer_change(loc0, loc):
+    """``loc loc^T - loc0 loc0^T`` as ``D loc0^T + loc0 D^T + D D^T``, ``D = loc - loc0``:
+    exactly 0 at ``loc0``."""
+    delta = loc - loc0
+    return (delta.unsqueeze(-1) * (loc0 + delta).unsqueeze(-2)
+            + loc0.unsqueeze(-1) * delta.unsqueeze(-2))
 
 
 def _spd_inverse(A):
@@ -257,19 +279,36 @@ def _probs_of(name, t):
     return t[name] if name == "probs" else torch.sigmoid(t[name])
 
 
+# With logits, eta and its inverse map are written in the logits x, never through
+# p = sigmoid(x), which rounds to 1 for x > 17 (float32) and would make eta infinite.
 @register_exponential_family(Bernoulli)
 @register_exponential_family(Binomial)
 def _bernoulli(d):
     name = passed_argument(d, ("probs", "logits"))
     n = getattr(d, "total_count", 1)
-    return _one_param(torch.logit(d.probs), lambda e: _probs_from(name, torch.sigmoid(e)),
-                      lambda t: n * _probs_of(name, t), lambda m: _probs_from(name, m / n))
+    if name == "logits":
+        eta, from_natural = d.logits, (lambda e: {name: e})
+    else:
+        eta, from_natural = torch.logit(d.probs), (lambda e: {name: torch.sigmoid(e)})
+    return _one_param(eta, from_natural, lambda t: n * _probs_of(name, t),
+                      lambda m: _probs_from(name, m / n))
+
+
+def _log_p_to_logits(log_p):
+    """``logit(p) = log p - log(1 - p)`` from ``log p <= 0``."""
+    return log_p - torch.log(-torch.expm1(log_p))
 
 
 @register_exponential_family(Geometric)
 def _geometric(d):
     name = passed_argument(d, ("probs", "logits"))
-    return _one_param(torch.log1p(-d.probs), lambda e: _probs_from(name, -torch.expm1(e)),
+    if name == "logits":  # eta = log(1 - p) = log sigmoid(-x)
+        eta = torch.nn.functional.logsigmoid(-d.logits)
+        from_natural = lambda e: {name: -_log_p_to_logits(e)}  # noqa: E731
+    else:
+        eta = torch.log1p(-d.probs)
+        from_natural = lambda e: {name: -torch.expm1(e)}  # noqa: E731
+    return _one_param(eta, from_natural,
                       lambda t: (1 - _probs_of(name, t)) / _probs_of(name, t),
                       lambda m: _probs_from(name, (1 + m).reciprocal()))
 
@@ -278,7 +317,12 @@ def _geometric(d):
 def _negative_binomial(d):
     name = passed_argument(d, ("probs", "logits"))
     r = d.total_count
-    return _one_param(d.probs.log(), lambda e: _probs_from(name, e.exp()),
+    if name == "logits":  # eta = log p = log sigmoid(x)
+        eta = torch.nn.functional.logsigmoid(d.logits)
+        from_natural = lambda e: {name: _log_p_to_logits(e)}  # noqa: E731
+    else:
+        eta, from_natural = d.probs.log(), (lambda e: {name: e.exp()})
+    return _one_param(eta, from_natural,
                       lambda t: r * _probs_of(name, t) / (1 - _probs_of(name, t)),
                       lambda m: _probs_from(name, m / (r + m)))
 
@@ -290,7 +334,10 @@ def _categorical_coords(d, name, n):
     def from_natural(e):
         eta = e["eta"]
         full = torch.cat([eta, torch.zeros_like(eta[..., :1])], -1)
-        return probs_to_param(torch.softmax(full, -1))
+        # logits as log_softmax, not log(softmax): a probability that underflows to 0
+        # would give -inf and a NaN Jacobian
+        return {name: torch.softmax(full, -1) if name == "probs"
+                else torch.log_softmax(full, -1)}
 
     def to_mean(t):
         p = t[name] if name == "probs" else torch.softmax(t[name], -1)
@@ -301,7 +348,7 @@ def _categorical_coords(d, name, n):
         p = m["mean"] / n
         return probs_to_param(torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1))
 
-    logp = d.probs.log()
+    logp = d.logits if name == "logits" else d.probs.log()
     return ExpFamCoords({"eta": logp[..., :-1] - logp[..., -1:]}, from_natural, to_mean,
                         from_mean, {"eta": (1, "full"), "mean": (1, "full")})
 
@@ -309,6 +356,11 @@ def _categorical_coords(d, name, n):
 @register_exponential_family(Categorical)
 def _categorical(d):
     return _categorical_coords(d, passed_argument(d, ("probs", "logits")), 1)
+
+
+@register_exponential_family(OneHotCategorical)
+def _one_hot_categorical(d):
+    return _categorical_coords(d, passed_argument(d._categorical, ("probs", "logits")), 1)
 
 
 @register_exponential_family(Multinomial)

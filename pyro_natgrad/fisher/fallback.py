@@ -78,9 +78,10 @@ def _param_specs(d):
         if {name, "probs", "logits"} >= {"probs", "logits"} and any(
                 s.name in ("probs", "logits") for s in specs):
             continue
-        packing = "tril" if c in (constraints.lower_cholesky, constraints.positive_definite) \
-            else "full"
-        specs.append(ParamSpec(name, value.detach(), _event_dim(d, name, value, c), packing))
+        symmetric = c is constraints.positive_definite
+        packing = "tril" if symmetric or c is constraints.lower_cholesky else "full"
+        specs.append(ParamSpec(name, value.detach(), _event_dim(d, name, value, c), packing,
+                               symmetric))
     if not specs:
         raise _no_parameters_error(d)
     return specs
@@ -243,7 +244,7 @@ def _params(specs, x):
 
     out = unflatten(specs, x)
     for s in specs:
-        if s.packing == "tril" and s.name != "scale_tril":
+        if s.symmetric:
             out[s.name] = symmetrize(out[s.name])
     return out
 

@@ -11,7 +11,7 @@ import pyro.distributions as pdist
 from torch.distributions import (
     Bernoulli, Beta, Binomial, Categorical, Chi2, Dirichlet, Exponential, Gamma, Geometric,
     HalfNormal, Independent, Laplace, LogNormal, LowRankMultivariateNormal, Multinomial,
-    MultivariateNormal, NegativeBinomial, Normal, Poisson, StudentT,
+    MultivariateNormal, NegativeBinomial, Normal, OneHotCategorical, Poisson, StudentT,
 )
 
 from .operators import (
@@ -90,11 +90,17 @@ def _poisson(d):
     return _elementwise(d, ("rate",), (d.rate.reciprocal(),))
 
 
+def _complement(d, name):
+    """``1 - p``; from the logits as ``sigmoid(-x)``, which stays positive where ``p``
+    rounds to 1 (``x > 17`` in float32)."""
+    return torch.sigmoid(-d.logits) if name == "logits" else 1 - d.probs
+
+
 @register_fisher(Bernoulli)
 def _bernoulli(d):
     """``probs``: ``1/(p(1-p))``; ``logits``: ``p(1-p)``."""
     name = passed_argument(d, ("probs", "logits"))
-    var = d.probs * (1 - d.probs)
+    var = d.probs * _complement(d, name)
     return _elementwise(d, (name,), (var.reciprocal() if name == "probs" else var,))
 
 
@@ -102,7 +108,7 @@ def _bernoulli(d):
 def _binomial(d):
     """``probs``: ``n/(p(1-p))``; ``logits``: ``n p(1-p)``; ``total_count`` is fixed."""
     name = passed_argument(d, ("probs", "logits"))
-    var = d.probs * (1 - d.probs)
+    var = d.probs * _complement(d, name)
     n = d.total_count
     return _elementwise(d, (name,), (n / var if name == "probs" else n * var,))
 
@@ -111,9 +117,8 @@ def _binomial(d):
 def _geometric(d):
     """Failures before the first success. ``probs``: ``1/(p^2(1-p))``; ``logits``: ``1-p``."""
     name = passed_argument(d, ("probs", "logits"))
-    p = d.probs
-    return _elementwise(d, (name,), ((p.square() * (1 - p)).reciprocal() if name == "probs"
-                                     else 1 - p,))
+    p, q = d.probs, _complement(d, name)
+    return _elementwise(d, (name,), ((p.square() * q).reciprocal() if name == "probs" else q,))
 
 
 @register_fisher(NegativeBinomial)
@@ -261,6 +266,13 @@ def _categorical(d):
     return _categorical_like(d, p, torch.ones_like(p[..., 0]), d)
 
 
+@register_fisher(OneHotCategorical)
+def _one_hot_categorical(d):
+    """As the categorical: one-hot coding is a map of the data, which the Fisher ignores."""
+    p = d.probs
+    return _categorical_like(d, p, torch.ones_like(p[..., 0]), d._categorical)
+
+
 @register_fisher(Multinomial)
 def _multinomial(d):
     """As the categorical, times ``total_count`` (which is fixed)."""
@@ -276,7 +288,8 @@ def _mvn(d):
     ``precision_matrix`` was passed (lower-triangle coordinates). See
     :class:`~pyro_natgrad.fisher.operators.GaussianFisher`."""
     name = passed_argument(d, ("scale_tril", "covariance_matrix", "precision_matrix"))
-    specs = [ParamSpec("loc", d.loc, 1), ParamSpec(name, getattr(d, name), 2, "tril")]
+    specs = [ParamSpec("loc", d.loc, 1),
+             ParamSpec(name, getattr(d, name), 2, "tril", symmetric=name != "scale_tril")]
     return GaussianFisher(specs, d.batch_shape, d._unbroadcasted_scale_tril, name)
 
 

@@ -8,7 +8,8 @@ A :class:`ParamSpec` names one parameter tensor and says how its trailing
   the lower triangle (``torch.tril_indices`` order) are coordinates. Used for
   ``scale_tril`` and for symmetric matrices (``covariance_matrix``,
   ``precision_matrix``), where the coordinate ``t_ij`` (``i > j``) sets both
-  ``S_ij`` and ``S_ji``.
+  ``S_ij`` and ``S_ji`` (``symmetric=True``): its gradient is ``G_ij + G_ji`` for
+  the gradient ``G`` with respect to the whole matrix (:func:`fold_symmetric`).
 
 Per-parameter tensors ("dict form") keep the parameter's own shape, with any
 number of extra leading dimensions; flat vectors have shape
@@ -31,18 +32,23 @@ class ParamSpec:
     :param torch.Tensor value: the parameter, shape ``batch_shape + event_shape``.
     :param int event_dim: how many trailing dims of ``value`` belong to one batch element.
     :param str packing: ``"full"`` or ``"tril"``.
+    :param bool symmetric: a ``"tril"`` block of a symmetric matrix (each off-diagonal
+        coordinate sets two entries), not of a triangular one.
     """
 
     name: str
     value: torch.Tensor
     event_dim: int
     packing: str = "full"
+    symmetric: bool = False
 
     def __post_init__(self):
         if self.packing not in _PACKINGS:
             raise ValueError(f"packing must be one of {_PACKINGS}, got {self.packing!r}")
         if self.packing == "tril" and self.event_dim < 2:
             raise ValueError("packing='tril' needs event_dim >= 2")
+        if self.symmetric and self.packing != "tril":
+            raise ValueError("symmetric=True needs packing='tril'")
 
     @property
     def event_shape(self) -> torch.Size:
@@ -101,6 +107,14 @@ def symmetrize(t: torch.Tensor) -> torch.Tensor:
     """The symmetric matrix whose lower triangle is ``tril(t)``."""
     low = t.tril()
     return low + low.tril(-1).transpose(-1, -2)
+
+
+def fold_symmetric(g: torch.Tensor) -> torch.Tensor:
+    """The lower-triangle coordinates' gradient ``tril(g) + tril(g^T, -1)`` of a symmetric
+    matrix whose gradient as a whole matrix is ``g``: the same for autograd's symmetric
+    gradient (of ``cholesky(S)``, say) and for a gradient that is lower triangular
+    already (of a use that reads the lower triangle only)."""
+    return g.tril() + g.mT.tril(-1)
 
 
 def tril_half_diag(x: torch.Tensor) -> torch.Tensor:
