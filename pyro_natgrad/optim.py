@@ -294,6 +294,7 @@ class NaturalGradient(PyroOptim):
                     "NaturalGradient needs the arguments of a hand-written guide to read it; "
                     "inside SVI.step they are found automatically, otherwise call "
                     "optim.read_guide(*args, **kwargs) with the guide's arguments first")
+        earlier = (self._groups, self._param_names, self._rejected)
         if not isinstance(self.guide, AutoGuide):
             groups, self._param_names, self._rejected = read_handwritten(
                 self.guide, *self._guide_args)
@@ -307,6 +308,8 @@ class NaturalGradient(PyroOptim):
                 groups += found
                 self._param_names.update(names)
                 self._rejected.update(rejected)
+        if self._handwritten():
+            groups = self._with_earlier_reads(groups, *earlier)
         self._groups = {g.key: g for g in groups}
         self._owner = {p: g for g in groups for p in g.tensors()}
         sites = [g.site for g in groups]
@@ -333,6 +336,28 @@ class NaturalGradient(PyroOptim):
             for g in lowrank:
                 g.own_covariance()
             self._owner = {p: g for g in groups for p in g.tensors()}
+
+    def _with_earlier_reads(self, groups, earlier_groups, earlier_names, earlier_rejected):
+        """``groups`` and those of earlier reads that still hold live parameters found
+        by no later read. A hand-written guide is read with one step's arguments, and
+        its sites may depend on them (parameters created lazily, per group of data):
+        what earlier steps' reads found still stands. The same for the parameters'
+        names and the reasons for base-optimizer steps."""
+        if not earlier_groups and not earlier_names:
+            return groups
+        live = {id(p) for p in pyro.get_param_store()._params.values()}
+        if isinstance(self.guide, torch.nn.Module):
+            live.update(id(p) for p in self.guide.parameters())
+        found = {id(p) for g in groups for p in g.tensors()} | set(self._param_names)
+        keys = {g.key for g in groups}
+        kept = [g for g in (earlier_groups or {}).values() if g.key not in keys and all(
+            id(p) in live and id(p) not in found for p in g.tensors())]
+        for i, entry in earlier_names.items():
+            if i in live and i not in found:
+                self._param_names[i] = entry
+                if i in earlier_rejected:
+                    self._rejected[i] = earlier_rejected[i]
+        return groups + kept
 
     def _warn_gradient_only(self, groups):
         """Once, under ``"auto"``: the model's Hessian is computed over more than

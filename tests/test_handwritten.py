@@ -593,6 +593,43 @@ def test_param_store_reload_is_read_again():
     assert all(v.startswith("natural gradient") for v in opt.routing().values())
 
 
+def test_parameters_created_per_step_keep_their_natural_gradient_steps():
+    """A guide whose sites depend on the step's arguments (one latent per group of data,
+    its parameters created at the group's first step): the guide is read again when a
+    group's parameters appear, and the groups found by earlier reads keep their
+    natural-gradient steps. They were once handed to Adam (lr 0.01), whose steps move
+    ``log s`` by at most about 0.01; the natural-gradient steps of the first ten
+    (``rho = 1``) move it by tens of percent."""
+    data = {0: torch.tensor([1.0, 1.2, 0.8], dtype=F64),
+            1: torch.tensor([-2.0, -1.8, -2.2], dtype=F64)}
+
+    def model(k, y):
+        z = pyro.sample(f"z{k}", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+        with pyro.plate("n", len(y)):
+            pyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+    def guide(k, y):
+        m = pyro.param(f"m{k}", torch.tensor(0.0, dtype=F64))
+        s = pyro.param(f"s{k}", torch.tensor(1.0, dtype=F64), constraint=constraints.positive)
+        pyro.sample(f"z{k}", dist.Normal(m, s))
+
+    pyro.set_rng_seed(0)
+    opt = NaturalGradient(guide)
+    svi = SVI(model, guide, opt, Trace_ELBO())
+    log_s = {0: [], 1: []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NaturalGradientWarning)  # nothing goes to Adam
+        for i in range(10):
+            svi.step(i % 2, data[i % 2])
+            log_s[i % 2].append(math.log(float(value(f"s{i % 2}"))))
+    routing = opt.routing()
+    assert set(routing) == {"m0", "s0", "m1", "s1"}
+    assert all(v.startswith("natural gradient") for v in routing.values()), routing
+    for k in (0, 1):  # the steps after each group's first, when the other group appeared
+        moves = [abs(b - a) for a, b in zip(log_s[k], log_s[k][1:])]
+        assert max(moves) > 0.1, moves
+
+
 @pytest.mark.parametrize("module_local", [False, True], ids=["store", "module_local"])
 def test_pyro_module_guide(module_local):
     """A hand-written PyroModule guide (not an autoguide) is read the same way, also with
