@@ -34,7 +34,9 @@ estimates the mean eigenvalue of the whitened curvature ``M = L^T E[H] L`` (the
 ``M eps eps^T``, so ``c`` cancels all of it when ``M`` is a multiple of ``I`` (far
 from the optimum too, e.g. a guide started too narrow) and ``c = 1`` at the optimum
 of a Gaussian posterior, where ``M = I``. Taken from the same draws, ``c`` biases the
-estimate of ``S`` by ``2 (M - c I) / (d + 2)``, which vanishes at the optimum.
+estimate of ``S`` by ``2 (M - c I) / (d + 2)``, which vanishes at the optimum, and
+removes from the mean's gradient its component along the draw (for :func:`full_step`'s
+draws, ``c`` is 1 below :data:`FULL_CV_MIN_ELEMENTS` draw elements).
 Mean-field steps give each element the ``c`` of the other elements' draws
 (:func:`leave_one_out_cv`, the same formula summed over them), which keeps its
 variate's mean zero; see :func:`diagonal_gaussian_step`.
@@ -75,6 +77,14 @@ class GaussianStep(NamedTuple):
 #: With a trust region and no precision target, ``rho |S|_F`` is at most this: the
 #: spectrum of ``X`` lies in ``[-1/2, 1/2]``, so ``B >= I/2`` with no retraction.
 NOISY_STEP_LIMIT = 0.5
+
+
+#: A full-rank step whose draws have fewer elements than this (draws times dimensions)
+#: keeps the control variate's coefficient at 1. From the step's own draws, ``c``
+#: absorbs the mean gradient's component along the draw (a fraction ``1 / (n d)`` of
+#: it on average): from one draw of a one-dimensional guide all of it, so the mean
+#: never moved.
+FULL_CV_MIN_ELEMENTS = 8
 
 
 def cv_coefficient(trace_LtG, d: int, second_moment):
@@ -302,7 +312,8 @@ def full_step(loc, L, grad_loc, G, rho, eps_moments=None, draws=None,
         trace = float(S.diagonal().sum())  # tr(L^T G)
         if draws is not None:
             n = draws.shape[0]
-            c = cv_coefficient(trace, L.shape[-1], float(draws.square().sum()) / n)
+            if n * L.shape[-1] >= FULL_CV_MIN_ELEMENTS:
+                c = cv_coefficient(trace, L.shape[-1], float(draws.square().sum()) / n)
             S.addmm_(draws.mT, draws, alpha=-c / n)
             S.diagonal().add_(c)
         elif eps_moments is not None:

@@ -1539,6 +1539,41 @@ def test_gradient_only_full_rank_converges_on_a_stiff_posterior(float64):
     assert gap(guide) < 1.0
 
 
+@pytest.mark.parametrize("how", ["none", "guide-list"])
+def test_one_dimensional_full_rank_guide_moves_its_mean(float64, how):
+    """An AutoMultivariateNormal over one scalar, stepped from gradients alone
+    (``curvature="none"``, or as a part of an AutoGuideList, which never uses the
+    model's curvature). The control variate's coefficient taken from the step's one draw
+    cancelled the mean's gradient exactly, and the mean stayed where it started.
+    Posterior of w: N(0.8, 0.2) (prior N(0, 1), one observation 1 with sd 0.5)."""
+    def model():
+        w = pyro.sample("w", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+        pyro.sample("y", dist.Normal(w, 0.5), obs=torch.tensor(1.0, dtype=F64))
+        v = pyro.sample("v", dist.Normal(torch.zeros(3, dtype=F64), 1.0).to_event(1))
+        pyro.sample("yv", dist.Normal(v, 0.5).to_event(1),
+                    obs=torch.tensor([1.0, -1.0, 0.5], dtype=F64))
+
+    pyro.set_rng_seed(0)
+    if how == "none":
+        guide = AutoMultivariateNormal(poutine.block(model, hide=["v", "yv"]))
+        opt = NaturalGradient(guide, curvature="none")
+    else:
+        guide = AutoGuideList(model)
+        guide.append(AutoMultivariateNormal(poutine.block(model, expose=["w"])))
+        guide.append(AutoMultivariateNormal(poutine.block(model, expose=["v"])))
+        opt = NaturalGradient(guide)
+    svi = SVI(model, guide, opt, Trace_ELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NaturalGradientWarning)
+        svi.step()
+        start = float(guide.median()["w"])
+        for _ in range(200):
+            svi.step()
+    sd = 0.2 ** 0.5
+    assert abs(start - 0.8) > sd  # it had somewhere to go
+    assert abs(float(guide.median()["w"]) - 0.8) < 0.1 * sd
+
+
 @pytest.mark.parametrize("max_kl", [None, 10.0])
 @pytest.mark.parametrize("control", ["draws", "moments", "none"])
 def test_full_step_retraction_is_iblr_and_never_doubles_variance(float64, max_kl, control):
