@@ -114,9 +114,9 @@ class ExpFamSite(_Site):
 # ---------------------------------------------------------------------------------
 # finding the guide's arguments
 # ---------------------------------------------------------------------------------
-def find_svi_args(optim) -> Optional[Tuple[tuple, dict]]:
-    """The ``(args, kwargs)`` of the ``SVI.step`` (or ``evaluate_loss``) call that
-    is running ``optim`` now, found by walking up the call stack; None if there is none."""
+def _svi_step_locals(optim) -> Optional[dict]:
+    """The local variables of the ``SVI.step`` call that is running ``optim`` now,
+    found by walking up the call stack; None if there is none."""
     from pyro.infer import SVI
 
     frame = inspect.currentframe()
@@ -126,11 +126,29 @@ def find_svi_args(optim) -> Optional[Tuple[tuple, dict]]:
             owner = loc.get("self")
             if isinstance(owner, SVI) and getattr(owner, "optim", None) is optim \
                     and frame.f_code.co_name == "step":
-                return tuple(loc.get("args", ())), dict(loc.get("kwargs", {}))
+                return loc
             frame = frame.f_back
         return None
     finally:
         del frame
+
+
+def find_svi_args(optim) -> Optional[Tuple[tuple, dict]]:
+    """The ``(args, kwargs)`` of the ``SVI.step`` call that is running ``optim`` now;
+    None if there is none."""
+    loc = _svi_step_locals(optim)
+    if loc is None:
+        return None
+    return tuple(loc.get("args", ())), dict(loc.get("kwargs", {}))
+
+
+def find_svi_loss(optim):
+    """The ELBO object of the ``SVI`` whose ``step`` is running ``optim`` now (None if
+    there is none, or SVI was given a plain loss function)."""
+    loc = _svi_step_locals(optim)
+    if loc is None:
+        return None
+    return getattr(getattr(loc["self"], "loss_and_grads", None), "__self__", None)
 
 
 # ---------------------------------------------------------------------------------

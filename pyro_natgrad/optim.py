@@ -31,7 +31,7 @@ from .curvature import ModelCurvature, ModelCurvatureError
 from .gaussian import (StepError, chunk_size, diagonal_gaussian_step, full_step,
                        hold_stride, leave_one_out_cv, softplus_diagonal_step)
 from .guides import DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide
-from .handwritten import describe_rejected, find_svi_args, read_handwritten
+from .handwritten import describe_rejected, find_svi_args, find_svi_loss, read_handwritten
 from .linalg import conjugate_gradient
 from .lowrank import LowRankGaussianGroup, project_lowrank, read_lowrank
 from .minibatch import minibatch_targets, plate_scale, subsampled
@@ -97,6 +97,12 @@ def _curvature_limit(groups) -> int:
     if groups and all(isinstance(g, FullGaussianGroup) for g in groups):
         return MAX_FULL_RANK_CURVATURE_DIM
     return MAX_CURVATURE_DIM
+
+
+#: Losses whose gradients are not the KL ELBO's: they weight the guide's draws
+#: (importance weights, a tail-adaptive f-divergence), so neither the control variate
+#: nor a precision target from the model's Hessian fits them.
+UNSUPPORTED_LOSSES = ("RenyiELBO", "TraceTailAdaptive_ELBO", "TraceTMC_ELBO")
 
 
 class NaturalGradientWarning(UserWarning):
@@ -238,6 +244,7 @@ class NaturalGradient(PyroOptim):
         self._warned_params = set()
         self._warned_no_draws = False
         self._random_state = None  # torch's random state when the last call ended
+        self._checked_loss = None  # the last SVI loss found supported
         self._warned_gradient_only = False
         self._use_curvature = False
         self._minibatch_curvature = False
@@ -471,6 +478,7 @@ class NaturalGradient(PyroOptim):
     # ---- the step -------------------------------------------------------------------
     def __call__(self, params, *args, **kwargs):
         params = list(params)
+        self._check_loss()
         if self._groups is None or self._guide_changed(params):
             self._discover()
         elif self._handwritten() and any(id(p) not in self._seen_params for p in params):
@@ -522,6 +530,25 @@ class NaturalGradient(PyroOptim):
             # Where the next step's compiled ELBO (if it is one) starts drawing.
             device = next(iter(self._groups.values())).tensors()[0].device
             self._random_state = TorchRandomState(device)
+
+    def _check_loss(self):
+        """A ValueError, before anything changes, if ``SVI`` optimises a loss that is not
+        the KL ELBO (:data:`UNSUPPORTED_LOSSES`): the steps would go to the KL optimum
+        (with the model's curvature) or diverge (without)."""
+        loss = find_svi_loss(self)
+        if loss is None or loss is self._checked_loss:
+            return
+        names = [c.__name__ for c in type(loss).__mro__]
+        bad = next((n for n in names if n in UNSUPPORTED_LOSSES), None)
+        if bad is not None:
+            raise ValueError(
+                f"NaturalGradient: SVI's loss is {type(loss).__name__}"
+                f"{'' if bad == names[0] else f' (a {bad})'}, whose gradients weight the "
+                f"guide's draws; the natural-gradient steps assume the KL ELBO's "
+                f"gradients, and would go to the KL optimum or diverge. Use Trace_ELBO, "
+                f"TraceGraph_ELBO, TraceMeanField_ELBO or TraceEnum_ELBO (or their Jit "
+                f"versions), or a Pyro optimizer such as pyro.optim.Adam for this loss")
+        self._checked_loss = loss
 
     def _draws(self, params):
         """``(records, confirmed)``: this step's draws of the guide, and whether they are

@@ -1539,6 +1539,27 @@ def test_gradient_only_full_rank_converges_on_a_stiff_posterior(float64):
     assert gap(guide) < 1.0
 
 
+@pytest.mark.parametrize("loss", ["RenyiELBO", "TraceTailAdaptive_ELBO"])
+def test_losses_other_than_the_kl_elbo_are_refused_before_any_step(loss):
+    """Their gradients weight the guide's draws, so the steps would go elsewhere than
+    the loss's optimum: a ValueError names the loss at the first step, and the
+    parameters are untouched."""
+    import pyro.infer
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    guide = AutoNormal(model)
+    guide()
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    elbo = getattr(pyro.infer, loss)(num_particles=4, vectorize_particles=True)
+    svi = SVI(model, guide, NaturalGradient(guide), elbo)
+    with pytest.raises(ValueError, match=loss):
+        svi.step()
+    for k, v in pyro.get_param_store().items():
+        assert torch.equal(v.detach(), before[k])
+
+
 @pytest.mark.parametrize("how", ["none", "guide-list"])
 def test_one_dimensional_full_rank_guide_moves_its_mean(float64, how):
     """An AutoMultivariateNormal over one scalar, stepped from gradients alone
