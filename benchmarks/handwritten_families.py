@@ -149,8 +149,9 @@ def main(argv=None):
         def med(v):
             return sorted(v)[len(v) // 2]
 
+        spread = f"{SECOND[name]} {min(second):.3g}..{max(second):.3g}"
         rows.append([name, f"{max(err[50]):.3g}", f"{med(err[50]):.3g}", f"{max(err[200]):.3g}",
-                     f"{med(err[200]):.3g}", f"{SECOND[name]} {min(second):.3g}..{max(second):.3g}"])
+                     f"{med(err[200]):.3g}", spread])
         print(f"[{name}] done", file=sys.stderr, flush=True)
     print(f"SITE_MAX_KL = {expfam_step.SITE_MAX_KL}, {args.seeds} seeds, defaults otherwise\n")
     print(markdown_table(["case", "error@50 worst", "median", "error@200 worst", "median",
