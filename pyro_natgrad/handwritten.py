@@ -142,13 +142,10 @@ def find_svi_args(optim) -> Optional[Tuple[tuple, dict]]:
     return tuple(loc.get("args", ())), dict(loc.get("kwargs", {}))
 
 
-def find_svi_loss(optim):
-    """The ELBO object of the ``SVI`` whose ``step`` is running ``optim`` now (None if
-    there is none, or SVI was given a plain loss function)."""
+def find_svi(optim):
+    """The ``SVI`` whose ``step`` is running ``optim`` now; None if there is none."""
     loc = _svi_step_locals(optim)
-    if loc is None:
-        return None
-    return getattr(getattr(loc["self"], "loss_and_grads", None), "__self__", None)
+    return None if loc is None else loc["self"]
 
 
 # ---------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from .curvature import ModelCurvature, ModelCurvatureError
 from .gaussian import (StepError, chunk_size, diagonal_gaussian_step, full_step,
                        hold_stride, leave_one_out_cv, softplus_diagonal_step)
 from .guides import DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide
-from .handwritten import describe_rejected, find_svi_args, find_svi_loss, read_handwritten
+from .handwritten import describe_rejected, find_svi, find_svi_args, read_handwritten
 from .linalg import conjugate_gradient
 from .lowrank import LowRankGaussianGroup, project_lowrank, read_lowrank
 from .minibatch import minibatch_targets, plate_scale, subsampled
@@ -141,7 +141,9 @@ class NaturalGradient(PyroOptim):
     Gaussian posterior and exact gradients. Positive-definiteness holds by
     construction.
 
-    :param guide: the guide that ``SVI`` is given.
+    :param guide: the guide that ``SVI`` is given (an ``SVI`` over another guide, or
+        with a loss that is not the KL ELBO, is refused with a ValueError at its first
+        step).
     :param step_size: a :class:`~pyro_natgrad.schedule.StepSize`, or a float for a
         constant ``rho``. Default: ``StepSize()``, which starts at 1 (10 steps) and decays like
         ``2/t`` so that late iterates average out gradient noise. The clock ``t`` counts
@@ -244,7 +246,7 @@ class NaturalGradient(PyroOptim):
         self._warned_params = set()
         self._warned_no_draws = False
         self._random_state = None  # torch's random state when the last call ended
-        self._checked_loss = None  # the last SVI loss found supported
+        self._checked_svi = None  # the last SVI found to fit this optimizer
         self._warned_gradient_only = False
         self._use_curvature = False
         self._minibatch_curvature = False
@@ -478,7 +480,7 @@ class NaturalGradient(PyroOptim):
     # ---- the step -------------------------------------------------------------------
     def __call__(self, params, *args, **kwargs):
         params = list(params)
-        self._check_loss()
+        self._check_svi()
         if self._groups is None or self._guide_changed(params):
             self._discover()
         elif self._handwritten() and any(id(p) not in self._seen_params for p in params):
@@ -531,13 +533,21 @@ class NaturalGradient(PyroOptim):
             device = next(iter(self._groups.values())).tensors()[0].device
             self._random_state = TorchRandomState(device)
 
-    def _check_loss(self):
-        """A ValueError, before anything changes, if ``SVI`` optimises a loss that is not
-        the KL ELBO (:data:`UNSUPPORTED_LOSSES`): the steps would go to the KL optimum
-        (with the model's curvature) or diverge (without)."""
-        loss = find_svi_loss(self)
-        if loss is None or loss is self._checked_loss:
+    def _check_svi(self):
+        """A ValueError, before anything changes, if the ``SVI`` running this step
+        optimises a loss that is not the KL ELBO (:data:`UNSUPPORTED_LOSSES`: the steps
+        would go to the KL optimum, with the model's curvature, or diverge, without), or
+        steps another guide than this optimizer's (whose parameters would all take the
+        base optimizer's steps)."""
+        svi = find_svi(self)
+        if svi is None or svi is self._checked_svi:
             return
+        if getattr(svi, "guide", self.guide) is not self.guide:
+            raise ValueError(
+                f"NaturalGradient: SVI steps the guide {_guide_name(svi.guide)}, but this "
+                f"optimizer was built for {_guide_name(self.guide)}: pass SVI's guide, "
+                f"SVI(model, guide, NaturalGradient(guide), loss)")
+        loss = getattr(getattr(svi, "loss_and_grads", None), "__self__", None)
         names = [c.__name__ for c in type(loss).__mro__]
         bad = next((n for n in names if n in UNSUPPORTED_LOSSES), None)
         if bad is not None:
@@ -548,7 +558,7 @@ class NaturalGradient(PyroOptim):
                 f"gradients, and would go to the KL optimum or diverge. Use Trace_ELBO, "
                 f"TraceGraph_ELBO, TraceMeanField_ELBO or TraceEnum_ELBO (or their Jit "
                 f"versions), or a Pyro optimizer such as pyro.optim.Adam for this loss")
-        self._checked_loss = loss
+        self._checked_svi = svi
 
     def _draws(self, params):
         """``(records, confirmed)``: this step's draws of the guide, and whether they are
@@ -1184,6 +1194,11 @@ def _halving_limit(P0, target, rho: float, whitened_change=None, cov_factor=None
     # (1 - r) P0 + r target - P0 / 2 = R (I / 2 + r X) R^T
     lowest = float(torch.linalg.eigvalsh(0.5 * (X + X.mT))[0])
     return rho if lowest >= -0.5 else min(rho, 0.5 / -lowest)
+
+
+def _guide_name(guide) -> str:
+    return f"{type(guide).__name__} at {id(guide):#x}" if isinstance(guide, torch.nn.Module) \
+        else repr(guide)
 
 
 def optimizer_name(optim) -> str:

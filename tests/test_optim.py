@@ -1560,6 +1560,24 @@ def test_losses_other_than_the_kl_elbo_are_refused_before_any_step(loss):
         assert torch.equal(v.detach(), before[k])
 
 
+def test_svi_with_another_guide_than_the_optimizers_is_refused():
+    """An optimizer built for one guide, reused in an SVI over a new guide: every
+    parameter would take Adam's steps (with a warning that called them model
+    parameters). A ValueError says so at the first step, before anything moves."""
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    old, new = AutoNormal(model), AutoNormal(model)
+    opt = NaturalGradient(old)
+    SVI(model, old, opt, Trace_ELBO()).step()
+    new()
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    with pytest.raises(ValueError, match="pass SVI's guide"):
+        SVI(model, new, opt, Trace_ELBO()).step()
+    for k, v in pyro.get_param_store().items():
+        assert torch.equal(v.detach(), before[k])
+
+
 @pytest.mark.parametrize("how", ["none", "guide-list"])
 def test_one_dimensional_full_rank_guide_moves_its_mean(float64, how):
     """An AutoMultivariateNormal over one scalar, stepped from gradients alone
