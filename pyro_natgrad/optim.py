@@ -157,7 +157,9 @@ class NaturalGradient(PyroOptim):
         variance in any direction (nor, for mean-field steps from gradients alone,
         halves one; nor, with model curvature, doubles one of the running precision's
         Gaussian). With model curvature that limit shortens the whole step, so the
-        mean's Newton move shrinks with it. None turns these off: right for exact
+        mean's Newton move shrinks with it. A hand-written guide's non-Gaussian site
+        steps at most ``min(max_kl, SITE_MAX_KL)`` (1 nat) per element
+        (:mod:`pyro_natgrad.expfam_step`). None turns these off: right for exact
         gradients, risky for noisy ones.
     :param control_variate: subtract the zero-mean term that the current
         precision predicts from each gradient, using the guide's own draws

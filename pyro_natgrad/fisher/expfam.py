@@ -286,10 +286,10 @@ def _probs_of(name, t):
 def _bernoulli(d):
     name = passed_argument(d, ("probs", "logits"))
     n = getattr(d, "total_count", 1)
-    if name == "logits":
-        eta, from_natural = d.logits, (lambda e: {name: e})
-    else:
-        eta, from_natural = torch.logit(d.probs), (lambda e: {name: torch.sigmoid(e)})
+    def from_natural(e):  # eta = logit p
+        return {name: e if name == "logits" else torch.sigmoid(e)}
+
+    eta = d.logits if name == "logits" else torch.logit(d.probs)
     return _one_param(eta, from_natural, lambda t: n * _probs_of(name, t),
                       lambda m: _probs_from(name, m / n))
 
@@ -302,12 +302,11 @@ def _log_p_to_logits(log_p):
 @register_exponential_family(Geometric)
 def _geometric(d):
     name = passed_argument(d, ("probs", "logits"))
-    if name == "logits":  # eta = log(1 - p) = log sigmoid(-x)
-        eta = torch.nn.functional.logsigmoid(-d.logits)
-        from_natural = lambda e: {name: -_log_p_to_logits(e)}  # noqa: E731
-    else:
-        eta = torch.log1p(-d.probs)
-        from_natural = lambda e: {name: -torch.expm1(e)}  # noqa: E731
+    def from_natural(e):  # eta = log(1 - p)
+        return {name: -_log_p_to_logits(e) if name == "logits" else -torch.expm1(e)}
+
+    eta = torch.nn.functional.logsigmoid(-d.logits) if name == "logits" \
+        else torch.log1p(-d.probs)
     return _one_param(eta, from_natural,
                       lambda t: (1 - _probs_of(name, t)) / _probs_of(name, t),
                       lambda m: _probs_from(name, (1 + m).reciprocal()))
@@ -317,11 +316,10 @@ def _geometric(d):
 def _negative_binomial(d):
     name = passed_argument(d, ("probs", "logits"))
     r = d.total_count
-    if name == "logits":  # eta = log p = log sigmoid(x)
-        eta = torch.nn.functional.logsigmoid(d.logits)
-        from_natural = lambda e: {name: _log_p_to_logits(e)}  # noqa: E731
-    else:
-        eta, from_natural = d.probs.log(), (lambda e: {name: e.exp()})
+    def from_natural(e):  # eta = log p
+        return {name: _log_p_to_logits(e) if name == "logits" else e.exp()}
+
+    eta = torch.nn.functional.logsigmoid(d.logits) if name == "logits" else d.probs.log()
     return _one_param(eta, from_natural,
                       lambda t: r * _probs_of(name, t) / (1 - _probs_of(name, t)),
                       lambda m: _probs_from(name, m / (r + m)))
