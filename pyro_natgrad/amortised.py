@@ -44,6 +44,7 @@ from .guides import BackwardFlag, differentiated
 from .linalg import conjugate_gradient
 from .optim import (
     NaturalGradientWarning, _fraction_taken, optimizer_name, param_labels, skip_non_finite,
+    warn_skip,
 )
 from .schedule import StepSize
 
@@ -474,6 +475,7 @@ class AmortisedNaturalGradient(PyroOptim):
         self.skipped = 0
         self.last_step = StepInfo(reason="no step yet")
         self._warned = set()
+        self._skip_sources = set()  # what has warned of a skipped step (see warn_skip)
         self._route_cache = None
         self.optim_objs, self.grad_clip, self._state_waiting_to_be_consumed = {}, {}, {}
 
@@ -630,7 +632,8 @@ class AmortisedNaturalGradient(PyroOptim):
         rest = [p for p in params if p not in routes]
         self._warn_rest(rest)
         rest, self.skipped = skip_non_finite(rest, self.other_optimizer, self.skipped,
-                                             prefix="AmortisedNaturalGradient: ")
+                                             prefix="AmortisedNaturalGradient: ",
+                                             warned=self._skip_sources)
         if rest:
             self.other_optimizer(rest, *args, **kwargs)
         if not mine:
@@ -655,9 +658,8 @@ class AmortisedNaturalGradient(PyroOptim):
 
     def _skip(self, reason, info):
         self.skipped += 1
-        warnings.warn(f"AmortisedNaturalGradient: {reason}: step skipped ({self.skipped} "
-                      f"skipped so far); the guide parameters are unchanged",
-                      NaturalGradientWarning)
+        warn_skip(f"AmortisedNaturalGradient: {reason}: step skipped", self.skipped,
+                  "the guide parameters are unchanged", reason, self._skip_sources)
         info.reason = reason
         return info
 

@@ -245,6 +245,7 @@ class NaturalGradient(PyroOptim):
         self._waiting_state: Dict[str, Dict] = {}
         self._recorders = []
         self._skipped = 0
+        self._skip_sources = set()  # what has warned of a skipped step (see warn_skip)
         self._warned_params = set()
         self._warned_no_draws = False
         self._random_state = None  # torch's random state when the last call ended
@@ -527,7 +528,8 @@ class NaturalGradient(PyroOptim):
             elif group.key not in seen:
                 seen.add(group.key)
                 self._step_group(group, records, targets.get(group.key))
-        rest, self._skipped = skip_non_finite(rest, self.base_optimizer, self._skipped)
+        rest, self._skipped = skip_non_finite(rest, self.base_optimizer, self._skipped,
+                                              warned=self._skip_sources)
         if rest:
             self.base_optimizer(rest, *args, **kwargs)
         if self._recorders and self._groups:
@@ -672,9 +674,8 @@ class NaturalGradient(PyroOptim):
                     return
         if not _all_finite(grads.values()):
             self._skipped += 1
-            warnings.warn(f"non-finite gradient for {group.key}: step skipped "
-                          f"({self._skipped} skipped so far); the parameters are unchanged",
-                          NaturalGradientWarning)
+            warn_skip(f"non-finite gradient for {group.key}: step skipped", self._skipped,
+                      "the parameters are unchanged", group.key, self._skip_sources)
             return
         state = self._state[group.key]
         with torch.no_grad():
@@ -691,9 +692,9 @@ class NaturalGradient(PyroOptim):
                     used = group.natural_step(grads, rho, self.max_kl)
                 if used is None:
                     self._skipped += 1
-                    warnings.warn(f"singular Fisher for {group.key}: step skipped "
-                                  f"({self._skipped} skipped so far); the parameters are "
-                                  f"unchanged", NaturalGradientWarning)
+                    warn_skip(f"singular Fisher for {group.key}: step skipped",
+                              self._skipped, "the parameters are unchanged", group.key,
+                              self._skip_sources)
                 else:
                     state["t"] += float(_fraction_taken(used, rho).mean())
 
@@ -859,9 +860,9 @@ class NaturalGradient(PyroOptim):
                              precision_target=target, loc_correction=correction, work=work)
         except StepError as e:
             self._skipped += 1
-            warnings.warn(f"{e}: step of {group.key} skipped ({self._skipped} skipped so far); "
-                          f"the parameters are unchanged. If this repeats, set max_kl (a "
-                          f"trust region) or lower it", NaturalGradientWarning)
+            warn_skip(f"{e}: step of {group.key} skipped", self._skipped,
+                      "the parameters are unchanged. If this repeats, set max_kl (a trust "
+                      "region) or lower it", group.key, self._skip_sources)
             return loc.new_zeros(())
         if count:
             state["t"] += float(_fraction_taken(step.rho, rho).mean())
@@ -889,8 +890,8 @@ class NaturalGradient(PyroOptim):
             return False
         if not all(bool(torch.isfinite(v).all()) for gr in grads for v in gr.values()):
             self._skipped += 1
-            warnings.warn(f"non-finite gradient: step skipped ({self._skipped} skipped so far); "
-                          f"the parameters are unchanged", NaturalGradientWarning)
+            warn_skip("non-finite gradient: step skipped", self._skipped,
+                      "the parameters are unchanged", "curvature", self._skip_sources)
             return True
         curv = self._curvature
         draws, plates = [], []
@@ -1208,21 +1209,34 @@ def optimizer_name(optim) -> str:
     return (getattr(optim, "pt_optim_constructor", None) or type(optim)).__name__
 
 
-def skip_non_finite(params, optimizer, skipped: int, prefix: str = ""):
+def skip_non_finite(params, optimizer, skipped: int, prefix: str = "", warned=None):
     """``(finite, skipped)``: the parameters whose gradients are finite (or None), and the
     count of skipped steps, one more (with a warning naming the others) if any gradient
     is not finite: no optimizer may step those, it would write them into the param
-    store (and its moments)."""
+    store (and its moments). ``warned``: as in :func:`warn_skip`."""
     finite, bad = [], []
     for p in params:
         (finite if p.grad is None or _all_finite([p.grad]) else bad).append(p)
     if bad:
         skipped += 1
-        warnings.warn(f"{prefix}non-finite gradient for {len(bad)} parameter(s) of "
-                      f"{optimizer_name(optimizer)}: {', '.join(param_labels(bad)[:8])}; "
-                      f"their step skipped ({skipped} skipped so far), they are unchanged",
-                      NaturalGradientWarning)
+        warn_skip(f"{prefix}non-finite gradient for {len(bad)} parameter(s) of "
+                  f"{optimizer_name(optimizer)}: {', '.join(param_labels(bad)[:8])}; "
+                  f"their step skipped", skipped, "they are unchanged", "base", warned)
     return finite, skipped
+
+
+def warn_skip(what: str, skipped: int, then: str, source=None, warned=None):
+    """Warn ``"{what} ({skipped} skipped so far; ...); {then}"`` at the first skip of each
+    ``source`` (a group's key, say; ``warned`` is the set of those warned of, updated) and
+    whenever ``skipped`` is a power of two. The count is in the text, so Python's filter
+    would repeat the warning at every step of a run whose gradients stay non-finite: this
+    names every source once and keeps the count's growth in about log2(steps) warnings."""
+    first = warned is not None and source not in warned
+    if first:
+        warned.add(source)
+    if first or skipped & (skipped - 1) == 0:
+        warnings.warn(f"{what} ({skipped} skipped so far; further skips warn when the count "
+                      f"reaches a power of two); {then}", NaturalGradientWarning)
 
 
 def param_labels(params):

@@ -700,6 +700,34 @@ def test_nan_gradient_skips_group_and_counts(float64, rng):
         assert opt.get_state()["skipped"] == count
 
 
+def test_persistent_nan_gradients_warn_at_doubling_counts_and_name_every_group(float64, rng):
+    """Gradients that stay non-finite (both AutoNormal groups, w and b, every step) once
+    warned at every skip, 2 warnings a step for as long as the run lasted: the count in
+    the text defeats Python's once-per-message filter. Now each group is named at its
+    first skip and later skips warn only when the count reaches a power of two."""
+    X, y = diabetes()
+    guide = fresh(AutoNormal)
+    guide(X, y)
+    opt = NaturalGradient(guide, curvature="none")
+    steps = 20
+    messages = []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")  # Python's own filter, as a user's script has it
+        for _ in range(steps):
+            _loss_backward(blr_model, guide, X, y)
+            for p in guide.parameters():
+                p.grad.view(-1)[0] = float("nan")
+            opt(store_params())
+        messages = [str(r.message) for r in record
+                    if issubclass(r.category, NaturalGradientWarning) and "skipped" in str(r)]
+    assert opt.get_state()["skipped"] == 2 * steps
+    counts = [int(re.search(r"\b(\d+) skipped so far", m).group(1)) for m in messages]
+    # both groups at their first skip (counts 1, 2), then 4, 8, 16, 32
+    assert counts == [1, 2, 4, 8, 16, 32], messages
+    assert {m.split(":")[0] for m in messages[:2]} == {
+        "non-finite gradient for w", "non-finite gradient for b"}, messages
+
+
 def test_nan_gradient_of_base_optimizer_params_never_reaches_the_store(float64, rng):
     """Parameters that the base optimizer steps (a model parameter; a low-rank guide's
     covariance factors without model curvature) once took Adam steps with a non-finite
