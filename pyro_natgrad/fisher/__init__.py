@@ -24,9 +24,9 @@ from torch.distributions import Distribution, Independent, constraints
 from .coords import COORDS, check_coords, reparameterize
 from .fallback import ALTERNATIVES, MC_SAMPLES, FisherFallbackWarning, fallback_operator
 from .operators import (
-    DenseFisher, DiagonalFisher, DiagPlusRankOneFisher, ElementBlockFisher, FisherOperator,
-    GaussianFisher, LogitsFisher, LowRankGaussianFisher, ReparamFisher, SingularFisherError,
-    ZeroFisher,
+    CategoricalMeanFisher, DenseFisher, DiagonalFisher, DiagPlusRankOneFisher,
+    ElementBlockFisher, FisherOperator, GaussianFisher, LogitsFisher, LowRankGaussianFisher,
+    ProbsFisher, ReparamFisher, SingularFisherError, ZeroFisher,
 )
 from .params import ParamSpec
 from .registry import lookup_fisher, register_fisher
@@ -39,7 +39,7 @@ __all__ = [
     "SingularFisherError", "fisher_information", "fisher_operator", "fisher_solve",
     "fisher_vp", "register_fisher", "DenseFisher", "DiagonalFisher", "DiagPlusRankOneFisher",
     "ElementBlockFisher", "GaussianFisher", "LogitsFisher", "LowRankGaussianFisher",
-    "ReparamFisher", "ZeroFisher",
+    "ProbsFisher", "CategoricalMeanFisher", "ReparamFisher", "ZeroFisher",
 ]
 
 Coords = Union[str, dict]
@@ -140,8 +140,9 @@ def fisher_information(d: Distribution, coords: Coords = "standard",
         ``params=("loc", "scale")`` for a Student-t with fixed ``df``). With
         ``coords="natural"`` or ``"mean"`` the names are those coordinates' (``eta1``,
         ``eta2``, ... as listed by ``fisher_operator(d, coords).names``), all of them.
-    :raises ValueError: for an unknown ``coords`` or parameter name, or parameter
-        values outside their constraints.
+    :raises ValueError: for an unknown ``coords`` or parameter name, parameter
+        values outside their constraints, or an infinite Fisher (a categorical's zero
+        probabilities, in ``probs``, mean or natural coordinates).
     """
     return fisher_operator(d, coords, params).dense()
 
@@ -165,7 +166,9 @@ def fisher_solve(d: Distribution, v: torch.Tensor, damping: float = 0.0,
     :class:`SingularFisherError`. ``Categorical`` and ``Multinomial`` (singular along
     ``p`` in ``probs``, along ``1`` in ``logits`` and unconstrained coordinates) return the
     minimum-norm solution when ``v`` is in the range of ``F``, as the gradient of any
-    function of the distribution is (see their closed forms for other ``v``).
+    function of the distribution is (see their closed forms for other ``v``). Built from
+    ``probs`` with zero probabilities, their solves are the finite limits from positive
+    ones, though ``F`` itself is infinite (``diag(1/p)``; see the API docs).
 
     ``v`` has shape ``batch_shape + (k,)``, extra leading dims allowed (others raise a
     ValueError), as for :func:`fisher_vp`; the result has ``v``'s shape.

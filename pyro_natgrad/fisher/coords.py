@@ -13,7 +13,9 @@ from torch.distributions.transforms import (
 )
 
 from .expfam import exponential_family_coords
-from .operators import DiagPlusRankOneFisher, FisherOperator, LogitsFisher, ReparamFisher
+from .operators import (
+    CategoricalMeanFisher, FisherOperator, LogitsFisher, ProbsFisher, ReparamFisher,
+)
 from .params import ParamSpec, flatten, unflatten
 
 #: The named coordinate systems accepted by ``coords``.
@@ -81,13 +83,13 @@ def _softmax_of_probs(d, op, transforms):
     """Categorical / Multinomial ``probs`` in unconstrained coordinates: ``transform_to``
     gives ``probs = softmax(u)``, so ``u`` are logits (``log probs`` here), with the
     logits' Fisher and its structured, minimum-norm solves (singular along ``1``)."""
-    if not (type(op) is DiagPlusRankOneFisher and op.singular and op.name in transforms
+    if not (type(op) is ProbsFisher and op.name in transforms
             and isinstance(transforms[op.name], SoftmaxTransform)):
         return None
     (spec,) = op.specs
     probs = spec.value / spec.value.sum(-1, keepdim=True)
     return LogitsFisher([ParamSpec(spec.name, probs.log(), spec.event_dim)], op.batch_shape,
-                        probs, -op.c)
+                        probs, -op.c, op.family)
 
 
 def _per_parameter(op, transforms: Dict[str, Transform]):
@@ -132,11 +134,36 @@ def _expfam(d, op, coords):
             f"Use coords='standard' or 'unconstrained'.")
     if coords == "natural":
         values, phi = ef.natural, ef.from_natural
+        _check_natural(d, op, values)
+    elif isinstance(op, (ProbsFisher, LogitsFisher)):
+        # F_mean = Cov(T)^{-1}: its solves (products with Cov(T)) stay finite at zero
+        # probabilities, where the chain through d probs / d m meets F_probs = diag(1/p).
+        (name, value), = ef.to_mean({s.name: s.value for s in op.specs}).items()
+        spec = ParamSpec(name, value.detach(), *ef.layout[name])
+        return CategoricalMeanFisher([spec], op.batch_shape, op.u if isinstance(
+            op, LogitsFisher) else op.probs, -op.c, type(d).__name__)
     else:
         values = ef.to_mean({s.name: s.value for s in op.specs})
         phi = ef.from_mean or _linearized_inverse(op, ef.to_mean, values)
     specs = [ParamSpec(k, v.detach(), *ef.layout[k]) for k, v in values.items()]
     return ReparamFisher(specs, op.batch_shape, op, phi, elementwise=False)
+
+
+def _check_natural(d, op, values):
+    """A ValueError where the natural coordinates are infinite: a zero probability (of a
+    categorical built from probs, ``log(p_i / p_k)``; a Bernoulli's ``logit 0``) is no
+    point of them, and the Fisher there no function of them."""
+    bad = [k for k, v in values.items() if not bool(torch.isfinite(v).all())]
+    if not bad:
+        return
+    zero = [s.name for s in op.specs if s.name == "probs" and bool((s.value == 0).any())]
+    why = (f"{zero[0]!r} has zero probabilities, which are at infinity in natural "
+           f"coordinates (log-probabilities)" if zero else
+           f"the parameters {list(op.names)} are on the boundary of the family")
+    raise ValueError(
+        f"coords='natural': the natural coordinates {bad} of {type(d).__name__} are not "
+        f"finite here: {why}. Build the distribution from logits (finite log-probabilities) "
+        f"or keep the probabilities positive; or use coords='standard' or 'mean'.")
 
 
 def _linearized_inverse(op, forward, values):

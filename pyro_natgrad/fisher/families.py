@@ -16,7 +16,7 @@ from torch.distributions import (
 
 from .operators import (
     DiagonalFisher, DiagPlusRankOneFisher, ElementBlockFisher, GaussianFisher, LogitsFisher,
-    LowRankGaussianFisher, ZeroFisher,
+    LowRankGaussianFisher, ProbsFisher, ZeroFisher,
 )
 from .params import ParamSpec
 from .registry import register_fisher
@@ -24,6 +24,19 @@ from .registry import register_fisher
 
 def _trigamma(x):
     return torch.polygamma(1, x)
+
+
+def _square_trigamma(a):
+    """``a^2 psi'(a)``, finite where ``psi'(a) ~ 1/a^2`` overflows (float32 below 5e-20):
+    there from ``psi'(a) = 1/a^2 + psi'(a + 1)``."""
+    tiny = 1 + a * (a * _trigamma(a + 1))
+    return torch.where(a < 1e-4, tiny, a * (a * _trigamma(a)))
+
+
+# Positive parameters (scales, rates, concentrations) are passed with scale s = 1/theta and
+# the Fisher of log theta as the inner factor: F = s M s. Unconstrained coordinates then
+# take (j s) M (j s), j s = 1 for theta = exp(u), where F itself (1/rate^2 at a float32
+# rate of 1e23) under- or overflows.
 
 
 def passed_argument(d, candidates):
@@ -40,54 +53,64 @@ def passed_argument(d, candidates):
     raise ValueError(f"cannot tell which of {candidates} {type(d).__name__} was built with")
 
 
-def _elementwise(d, names, diag):
+def _elementwise(d, names, diag, scale=None):
+    """``diag(s a s)``, ``a = diag``, ``s = scale`` (one per name, or None for 1)."""
     specs = [ParamSpec(n, getattr(d, n), 0) for n in names]
-    return DiagonalFisher(specs, d.batch_shape, dict(zip(names, diag)))
+    scale = None if scale is None else dict(zip(names, scale))
+    return DiagonalFisher(specs, d.batch_shape, dict(zip(names, diag)), scale)
 
 
-def _block(d, names, rows):
+def _block(d, names, rows, scale=None):
+    """``S M S``, ``M`` from ``rows``, ``S = diag(scale)`` (or the identity)."""
     specs = [ParamSpec(n, getattr(d, n), 0) for n in names]
     matrix = torch.stack([torch.stack(torch.broadcast_tensors(*r), -1) for r in rows], -2)
-    return ElementBlockFisher(specs, d.batch_shape, matrix)
+    scale = None if scale is None else dict(zip(names, scale))
+    return ElementBlockFisher(specs, d.batch_shape, matrix, scale)
+
+
+def _location_scale(d, loc_info, scale_info):
+    """``(loc, scale)``: ``diag(loc_info, scale_info) / sigma^2``."""
+    r = d.scale.reciprocal()
+    one = torch.ones_like(r)
+    return _elementwise(d, ("loc", "scale"), (loc_info * one, scale_info * one), (r, r))
 
 
 @register_fisher(Normal)
 def _normal(d):
     """``(loc, scale)``: ``diag(1/sigma^2, 2/sigma^2)``."""
-    prec = d.scale.reciprocal().square()
-    return _elementwise(d, ("loc", "scale"), (prec, 2 * prec))
+    return _location_scale(d, 1.0, 2.0)
 
 
 @register_fisher(LogNormal)
 def _lognormal(d):
     """``(loc, scale)`` of ``log x``: as the normal (Fisher ignores maps of the data)."""
-    prec = d.scale.reciprocal().square()
-    return _elementwise(d, ("loc", "scale"), (prec, 2 * prec))
+    return _location_scale(d, 1.0, 2.0)
 
 
 @register_fisher(Laplace)
 def _laplace(d):
     """``(loc, scale)``: ``diag(1/b^2, 1/b^2)``."""
-    prec = d.scale.reciprocal().square()
-    return _elementwise(d, ("loc", "scale"), (prec, prec))
+    return _location_scale(d, 1.0, 1.0)
 
 
 @register_fisher(HalfNormal)
 def _halfnormal(d):
     """``scale``: ``2/sigma^2``."""
-    return _elementwise(d, ("scale",), (2 * d.scale.reciprocal().square(),))
+    r = d.scale.reciprocal()
+    return _elementwise(d, ("scale",), (2 * torch.ones_like(r),), (r,))
 
 
 @register_fisher(Exponential)
 def _exponential(d):
     """``rate``: ``1/lambda^2``."""
-    return _elementwise(d, ("rate",), (d.rate.reciprocal().square(),))
+    r = d.rate.reciprocal()
+    return _elementwise(d, ("rate",), (torch.ones_like(r),), (r,))
 
 
 @register_fisher(Poisson)
 def _poisson(d):
     """``rate``: ``1/lambda``."""
-    return _elementwise(d, ("rate",), (d.rate.reciprocal(),))
+    return _elementwise(d, ("rate",), (d.rate,), (d.rate.reciprocal(),))
 
 
 def _complement(d, name):
@@ -134,14 +157,14 @@ def _negative_binomial(d):
 def _gamma(d):
     """``(concentration a, rate b)``: ``[[psi'(a), -1/b], [-1/b, a/b^2]]``."""
     a, b = d.concentration, d.rate
-    return _block(d, ("concentration", "rate"),
-                  ((_trigamma(a), -b.reciprocal()), (-b.reciprocal(), a / b.square())))
+    return _block(d, ("concentration", "rate"), ((_square_trigamma(a), -a), (-a, a)),
+                  (a.reciprocal(), b.reciprocal()))
 
 
 @register_fisher(Chi2)
 def _chi2(d):
     """``df``: ``psi'(df/2)/4`` (a gamma with concentration ``df/2``, rate fixed at 1/2)."""
-    return _elementwise(d, ("df",), (0.25 * _trigamma(0.5 * d.df),))
+    return _elementwise(d, ("df",), (_square_trigamma(0.5 * d.df),), (d.df.reciprocal(),))
 
 
 @register_fisher(pdist.InverseGamma)
@@ -155,9 +178,15 @@ def _beta(d):
     """``(concentration1 a, concentration0 b)``:
     ``[[psi'(a) - psi'(a+b), -psi'(a+b)], [-psi'(a+b), psi'(b) - psi'(a+b)]]``."""
     a, b = d.concentration1, d.concentration0
-    t = _trigamma(a + b)
+    # scaled by (1/a, 1/b); a b psi'(a+b) as w_a w_b (a+b)^2 psi'(a+b), w = a/(a+b), finite
+    # where psi'(a+b) overflows
+    c = a + b
+    wa, wb, t = a / c, b / c, _square_trigamma(c)
+    ab = -wa * (wb * t)
     return _block(d, ("concentration1", "concentration0"),
-                  ((_trigamma(a) - t, -t), (-t, _trigamma(b) - t)))
+                  ((_square_trigamma(a) - wa * (wa * t), ab),
+                   (ab, _square_trigamma(b) - wb * (wb * t))),
+                  (a.reciprocal(), b.reciprocal()))
 
 
 #: Above this df, F_df is summed from its series in 1/df; below, from its closed form,
@@ -197,9 +226,9 @@ def _trigamma_half_difference(x):
 
 
 def _student_t_df_info(nu):
-    """``F_df = (psi'(nu/2) - psi'((nu+1)/2))/4 - (nu+5)/(2 nu (nu+1)(nu+3))``, about
-    ``3.5/nu^4``: the difference of two ``O(1/nu^2)`` terms, which cancel to all digits of
-    float32 by nu = 1e3 (of float64 by 1e5). Computed in float64, from the series in
+    """``nu^2 F_df``, ``F_df = (psi'(nu/2) - psi'((nu+1)/2))/4 - (nu+5)/(2 nu (nu+1)(nu+3))``,
+    about ``3.5/nu^4``: the difference of two ``O(1/nu^2)`` terms, which cancel to all digits
+    of float32 by nu = 1e3 (of float64 by 1e5). Computed in float64, from the series in
     ``1/nu`` above :data:`_STUDENT_T_SERIES_DF`, and cast back."""
     x = nu.double() if nu.device.type != "mps" else nu
     small = x.clamp_max(_STUDENT_T_SERIES_DF)
@@ -210,7 +239,7 @@ def _student_t_df_info(nu):
     for c in reversed(_STUDENT_T_SERIES):  # Horner in t = 1/nu
         series = series * t + c
     series = series * t.square().square()
-    return torch.where(x >= _STUDENT_T_SERIES_DF, series, closed).to(nu.dtype)
+    return (torch.where(x >= _STUDENT_T_SERIES_DF, series, closed) * x * x).to(nu.dtype)
 
 
 @register_fisher(StudentT)
@@ -223,31 +252,37 @@ def _student_t(d):
     """
     nu, s = d.df, d.scale
     zero = torch.zeros_like(s)
-    f_df = _student_t_df_info(nu)
-    f_ds = -2 / (s * (nu + 1) * (nu + 3))
-    f_loc = (nu + 1) / ((nu + 3) * s.square())
-    f_s = 2 * nu / ((nu + 3) * s.square())
+    # scaled by (1/nu, 1/sigma, 1/sigma); nu / (nu + 3) rather than a product that
+    # overflows float32 for nu > 1e19
+    ratio = nu / (nu + 3)
+    f_ds = -2 * ratio / (nu + 1)
+    f_loc = (nu + 1) / (nu + 3)
+    f_s = 2 * ratio
+    r = s.reciprocal()
     return _block(d, ("df", "loc", "scale"),
-                  ((f_df, zero, f_ds), (zero, f_loc, zero), (f_ds, zero, f_s)))
+                  ((_student_t_df_info(nu), zero, f_ds), (zero, f_loc, zero), (f_ds, zero, f_s)),
+                  (nu.reciprocal(), r, r))
 
 
 @register_fisher(Dirichlet)
 def _dirichlet(d):
     """``concentration``: ``diag(psi'(alpha)) - psi'(alpha_0) 1 1^T``."""
     a = d.concentration
+    a0 = a.sum(-1)
     spec = ParamSpec("concentration", a, 1)
-    return DiagPlusRankOneFisher([spec], d.batch_shape, _trigamma(a), torch.ones_like(a),
-                                 -_trigamma(a.sum(-1)))
+    # scaled by 1/alpha: diag(alpha^2 psi'(alpha)) - alpha0^2 psi'(alpha0) w w^T, w = alpha/alpha0
+    return DiagPlusRankOneFisher([spec], d.batch_shape, _square_trigamma(a),
+                                 a / a0.unsqueeze(-1), -_square_trigamma(a0),
+                                 scale=a.reciprocal())
 
 
 def _categorical_like(d, probs, n, spec_source):
     name = passed_argument(spec_source, ("probs", "logits"))
     spec = ParamSpec(name, getattr(d, name), 1)
-    c = -n * torch.ones_like(probs[..., 0])
     if name == "probs":  # n (diag(1/p) - 1 1^T), null vector p
-        return DiagPlusRankOneFisher([spec], d.batch_shape, n.unsqueeze(-1) / probs,
-                                     torch.ones_like(probs), c, singular=True)
-    return LogitsFisher([spec], d.batch_shape, probs, n)  # n (diag(p) - p p^T), null 1
+        return ProbsFisher([spec], d.batch_shape, probs, n, type(d).__name__)
+    # n (diag(p) - p p^T), null 1
+    return LogitsFisher([spec], d.batch_shape, probs, n, type(d).__name__)
 
 
 @register_fisher(Categorical)

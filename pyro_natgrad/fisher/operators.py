@@ -209,15 +209,36 @@ class ZeroFisher(FisherOperator):
         return {k: x / damping for k, x in v.items()}
 
 
+def _scaled(x, s):
+    """``s x s``, the scale applied first to the inner factor: ``1/rate^2`` of a rate of
+    1e23 underflows float32, ``(j/rate) 1 (j/rate)`` with ``j = rate`` does not."""
+    return x if s is None else s * x * s
+
+
+def _rescale(scale, names, jac):
+    """The scales after the change of coordinates ``J = diag(jac)``: ``jac * scale``."""
+    return {n: jac[n] if scale is None else jac[n] * scale[n] for n in names}
+
+
 class DiagonalFisher(FisherOperator):
-    """``F = diag(a)``, one entry per coordinate; all products are elementwise.
+    """``F = diag(s a s)``, one entry per coordinate; all products are elementwise.
 
     :param diag: per-parameter tensors ``a`` with the parameters' shapes.
+    :param scale: optional per-parameter tensors ``s`` (default 1), e.g. ``1/rate``: a
+        change of coordinates ``J = diag(j)`` (:meth:`congruent`) multiplies ``j s`` before
+        ``a``, so ``F_u = diag((j s) a (j s))`` stays representable where ``F`` is not.
     """
 
-    def __init__(self, specs, batch_shape, diag: Tensors):
+    def __init__(self, specs, batch_shape, diag: Tensors, scale: Optional[Tensors] = None):
         super().__init__(specs, batch_shape)
-        self.diag = diag
+        self.inner, self.scale = diag, scale
+        self.diag = {k: _scaled(a, None if scale is None else scale[k]) for k, a in diag.items()}
+
+    def congruent(self, jac: Tensors) -> "DiagonalFisher":
+        """``J F J`` for ``J = diag(jac)``, over the same specs."""
+        inner = {n: self.inner[n] for n in self.names}
+        return DiagonalFisher(self.specs, self.batch_shape, inner,
+                              _rescale(self.scale, self.names, jac))
 
     def _mv(self, v):
         return {k: self.diag[k] * x for k, x in v.items()}
@@ -235,17 +256,32 @@ class DiagonalFisher(FisherOperator):
 class ElementBlockFisher(FisherOperator):
     """``p`` elementwise parameters of one shape, coupled only at the same
     element: a ``p x p`` matrix per element, ``M`` of shape ``shape + (p, p)``.
-    Used for two- and three-parameter families (Gamma, Beta, StudentT)."""
+    Used for two- and three-parameter families (Gamma, Beta, StudentT).
 
-    def __init__(self, specs, batch_shape, matrix: torch.Tensor):
+    :param scale: optional per-parameter tensors ``s``: ``F = diag(s) M diag(s)``, as for
+        :class:`DiagonalFisher`.
+    """
+
+    def __init__(self, specs, batch_shape, matrix: torch.Tensor,
+                 scale: Optional[Tensors] = None):
         super().__init__(specs, batch_shape)
+        self.inner, self.scale = matrix, scale
+        if scale is not None:
+            s = torch.stack(torch.broadcast_tensors(*[scale[n] for n in self.names]), -1)
+            matrix = s.unsqueeze(-1) * matrix * s.unsqueeze(-2)
         self.matrix = matrix
 
     def restrict(self, names):
         idx = [i for i, n in enumerate(self.names) if n in names]
         new = self._with_specs(names)
+        new.inner = self.inner[..., idx, :][..., :, idx]
         new.matrix = self.matrix[..., idx, :][..., :, idx]
         return new
+
+    def congruent(self, jac: Tensors) -> "ElementBlockFisher":
+        """``J F J`` for ``J = diag(jac)``, over the same specs."""
+        return ElementBlockFisher(self.specs, self.batch_shape, self.inner,
+                                  _rescale(self.scale, self.names, jac))
 
     def _stack(self, v):
         return torch.stack([v[n] for n in self.names], dim=-1)
@@ -279,12 +315,24 @@ class DiagPlusRankOneFisher(FisherOperator):
         solution for ``g`` in the range of ``F``; for other ``g`` it solves
         ``F x = g - (u^T a^{-1} g / u^T a^{-1} u) u`` (the range is orthogonal to the null
         vector), not the least-squares ``pinv(F) g``.
+    :param scale: optional ``s``, shaped like the parameter: ``F = S (diag(a) + c u u^T) S``,
+        ``S = diag(s)``, as for :class:`DiagonalFisher` (Dirichlet: ``s = 1/alpha``).
     """
 
-    def __init__(self, specs, batch_shape, a, u, c, singular=False):
+    def __init__(self, specs, batch_shape, a, u, c, singular=False, scale=None):
         super().__init__(specs, batch_shape)
         (self.name,) = self.names
+        self.inner, self.scale = (a, u), scale
+        if scale is not None:
+            a, u = _scaled(a, scale), scale * u
         self.a, self.u, self.c, self.singular = a, u, c, singular
+
+    def congruent(self, jac: Tensors) -> "DiagPlusRankOneFisher":
+        """``J F J`` for ``J = diag(jac)``, over the same spec."""
+        a, u = self.inner
+        scale = jac[self.name] if self.scale is None else jac[self.name] * self.scale
+        return DiagPlusRankOneFisher(self.specs, self.batch_shape, a, u, self.c,
+                                     self.singular, scale)
 
     def _mv(self, v):
         x = v[self.name]
@@ -317,11 +365,13 @@ class LogitsFisher(DiagPlusRankOneFisher):
     same form, ``sum_i p_i lambda / (n p_i + lambda)``, a sum of positive terms.
 
     :param probs: shape ``batch_shape + (k,)``; ``n``: ``batch_shape``.
+    :param family: the distribution's name, for error messages.
     """
 
-    def __init__(self, specs, batch_shape, probs, n):
+    def __init__(self, specs, batch_shape, probs, n, family="Categorical"):
         super().__init__(specs, batch_shape, n.unsqueeze(-1) * probs, probs, -n,
                          singular=True)
+        self.family = family
         self.top = probs.argmax(-1, keepdim=True)
 
     def _centred(self, x):
@@ -334,13 +384,143 @@ class LogitsFisher(DiagPlusRankOneFisher):
 
     def _solve(self, v, damping):
         if damping == 0:
-            return super()._solve(v, damping)
+            return self._min_norm(v[self.name])
         g, p = v[self.name], self.u
         a = self.a + damping  # n p + lambda
         ainv_g, ainv_p = g / a, p / a
         denom = (damping * ainv_p).sum(-1, keepdim=True)  # 1 - n p^T a^{-1} p
         n = -self.c.unsqueeze(-1)
         return {self.name: ainv_g + n * ainv_p * (p * ainv_g).sum(-1, keepdim=True) / denom}
+
+
+    def _min_norm(self, g):
+        """``x = g / (n p) - mean(g / (n p))`` over the support ``p > 0``, 0 off it: the
+        minimum-norm solution for ``g`` in the range of ``F``. A category of probability 0
+        (at ``logit = -inf``, or underflowed) is one more null direction ``e_j``: ``F``'s
+        row and column ``j`` are 0, and the gradient of any function of the distribution
+        is 0 there too."""
+        on = self.u > 0
+        _refuse_off_support(g, on, self.family, self.name,
+                            "its Fisher is 0 along those entries (they leave the distribution "
+                            "unchanged to first order), so F x = g has no solution; such a g "
+                            "is not the gradient of a function of the distribution. Pass "
+                            "damping > 0")
+        x = torch.where(on, g / self.a, torch.zeros_like(g))
+        weight = on.to(g.dtype)
+        mean = (x * weight).sum(-1, keepdim=True) / weight.sum(-1, keepdim=True)
+        return {self.name: (x - mean) * weight}
+
+
+def _refuse_off_support(x, on, family, name, why):
+    """A ValueError where ``x`` is nonzero at a zero probability (``on`` False)."""
+    bad = (x != 0) & ~on.expand(x.shape)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{family}: the vector over {name!r} is nonzero at {int(bad.sum())} entries "
+            f"whose probability is 0 (zero probabilities): {why}. To keep every direction, "
+            f"build the distribution from logits or keep its probabilities positive.")
+
+
+def _zero_probs_error(family, name, what):
+    return ValueError(
+        f"{family}: {name!r} has zero probabilities, where {what}. The natural gradient "
+        f"(fisher_solve, natural_gradient) is finite and available; otherwise build the "
+        f"distribution from logits (finite log-probabilities) or keep the probabilities "
+        f"positive.")
+
+
+class ProbsFisher(DiagPlusRankOneFisher):
+    """``F = n (diag(1/p) - 1 1^T)``: a categorical's or multinomial's Fisher in ``probs``
+    (``n`` the total count), singular along ``p``.
+
+    Solves use ``F^{-1}``'s factor ``p`` rather than ``1/p``: undamped, the minimum-norm
+    ``x = p g / n - (p^T (p g) / p^T p) p / n``; damped, Sherman-Morrison with
+    ``(n/p + lambda)^{-1} = p / (n + lambda p)`` and the denominator
+    ``sum_i p_i lambda p_i / (n + lambda p_i)``. Both are finite, and the limits of the
+    positive-``p`` answers, at a zero probability, where ``F`` (``1/p``) is infinite: there
+    ``dense()`` raises a ValueError, and ``F v`` is finite (``0 * inf = 0``, the limit)
+    only for ``v`` zero at those entries.
+
+    :param probs: shape ``batch_shape + (k,)``; ``n``: ``batch_shape``.
+    :param family: the distribution's name, for error messages.
+    """
+
+    def __init__(self, specs, batch_shape, probs, n, family="Categorical"):
+        super().__init__(specs, batch_shape, n.unsqueeze(-1) / probs, torch.ones_like(probs),
+                         -n, singular=True)
+        self.probs, self.n, self.family = probs, n.unsqueeze(-1), family
+
+    def _mv(self, v):
+        x, p = v[self.name], self.probs
+        on = p > 0
+        _refuse_off_support(x, on, self.family, self.name,
+                            "F = diag(1/p) - 1 1^T is infinite there, and so is F v")
+        ratio = torch.where(on, x / p, torch.zeros_like(x))
+        return {self.name: self.n * (ratio - x.sum(-1, keepdim=True))}
+
+    def dense(self):
+        if bool((self.probs == 0).any()):
+            raise _zero_probs_error(self.family, self.name,
+                                    "the Fisher information diag(1/p) - 1 1^T is infinite")
+        return super().dense()
+
+    def _solve(self, v, damping):
+        g, p, n = v[self.name], self.probs, self.n
+        if damping == 0:
+            x = p * g / n
+            coef = (p * x).sum(-1, keepdim=True) / (p * p).sum(-1, keepdim=True)
+            return {self.name: x - coef * p}
+        ainv = p / (n + damping * p)
+        denom = (damping * p * ainv).sum(-1, keepdim=True)  # 1 - n 1^T a^{-1} 1, sum p = 1
+        return {self.name: ainv * g + n * ainv * (ainv * g).sum(-1, keepdim=True) / denom}
+
+
+class CategoricalMeanFisher(FisherOperator):
+    """A categorical's or multinomial's Fisher in mean coordinates ``m = n q``, ``q`` the
+    first ``k - 1`` probabilities: the inverse of ``Cov(T) = n (diag(q) - q q^T)``,
+    ``F = (diag(1/q) + 1 1^T / p_k) / n``.
+
+    Solves multiply by ``Cov(T)`` (damped: Sherman-Morrison over ``diag(1/(n q)) +
+    lambda``, with ``n p_k`` for ``1/c``), finite at zero probabilities, where ``F`` is
+    infinite (``dense()`` raises a ValueError; ``F v`` is finite only for ``v`` zero at
+    those entries, and summing to 0 if ``p_k = 0``).
+
+    :param probs: all ``k`` probabilities, ``batch_shape + (k,)``; ``n``: ``batch_shape``.
+    """
+
+    def __init__(self, specs, batch_shape, probs, n, family="Categorical"):
+        super().__init__(specs, batch_shape)
+        (self.name,) = self.names
+        self.q, self.last = probs[..., :-1], probs[..., -1:]
+        self.n, self.family = n.unsqueeze(-1), family
+
+    def _mv(self, v):
+        x, q = v[self.name], self.q
+        on = q > 0
+        _refuse_off_support(x, on, self.family, self.name, "F = (diag(1/q) + 1 1^T / p_k) / n is "
+                            "infinite there, and so is F v")
+        total = x.sum(-1, keepdim=True)
+        last = self.last > 0
+        if bool(((total != 0) & ~last.expand(total.shape)).any()):
+            raise _zero_probs_error(self.family, self.name, "the last probability p_k is 0, "
+                                    "so F v is infinite for v not summing to 0")
+        ratio = torch.where(on, x / q, torch.zeros_like(x))
+        tail = torch.where(last, total / self.last, torch.zeros_like(total))
+        return {self.name: (ratio + tail) / self.n}
+
+    def dense(self):
+        if bool((self.q == 0).any()) or bool((self.last == 0).any()):
+            raise _zero_probs_error(self.family, "probs", "the Fisher information in mean "
+                                    "coordinates, (diag(1/q) + 1 1^T / p_k) / n, is infinite")
+        return super().dense()
+
+    def _solve(self, v, damping):
+        g, q, n = v[self.name], self.q, self.n
+        if damping == 0:
+            return {self.name: n * q * (g - (q * g).sum(-1, keepdim=True))}
+        ainv = n * q / (1 + damping * n * q)
+        coef = (ainv * g).sum(-1, keepdim=True) / (n * self.last + ainv.sum(-1, keepdim=True))
+        return {self.name: ainv * (g - coef)}
 
 
 class GaussianFisher(FisherOperator):
@@ -487,15 +667,28 @@ class ReparamFisher(FisherOperator):
         self.base, self.phi, self.elementwise = base, phi, elementwise
         # Contiguous copies: jvp cannot differentiate through an expanded (stride-0) view.
         self._u = {s.name: s.value.detach().clone() for s in specs}
+        self._inner = None
         if elementwise:
             ones = {k: torch.ones_like(x) for k, x in self._u.items()}
             _, jac = torch.func.jvp(self.phi, (self._u,), (ones,))
             self.jac = self._own_dtypes(jac)
+            # J F J in the base's own structure, J applied to its scales before its
+            # entries: F of a float32 rate of 1e23 (1e-46) underflows, F_u (1) does not.
+            if type(base) in _CONGRUENT and [s.size for s in specs] == \
+                    [s.size for s in base.specs]:
+                self._inner = base.congruent(self.jac)
 
     def reinterpret(self, n):
         new = super().reinterpret(n)
         new.base = self.base.reinterpret(n)
+        if self._inner is not None:
+            new._inner = self._inner.reinterpret(n)
         return new
+
+    def dense(self):
+        if self._inner is not None:
+            return self._inner.dense()
+        return super().dense()
 
     def _jvp(self, v):
         if self.elementwise:
@@ -530,9 +723,13 @@ class ReparamFisher(FisherOperator):
         return {k: x.reshape(lead + x.shape[1:]) for k, x in out.items()}
 
     def _mv(self, v):
+        if self._inner is not None:
+            return self._inner.mv_dict(v)
         return self._vjp(self.base.mv_dict(self._jvp(v)))
 
     def _solve(self, v, damping):
+        if self._inner is not None:
+            return self._inner._solve(v, damping)
         if not self.elementwise or damping:
             return None
         scaled = {k: x / self.jac[k] for k, x in v.items()}
@@ -540,6 +737,10 @@ class ReparamFisher(FisherOperator):
         if inner is None:
             inner = self.base.solve_dict(scaled)
         return {k: x / self.jac[k] for k, x in inner.items()}
+
+
+#: Structures whose ``congruent(jac)`` gives ``J F J`` for a diagonal ``J``.
+_CONGRUENT = (DiagonalFisher, ElementBlockFisher, DiagPlusRankOneFisher)
 
 
 class DenseFisher(FisherOperator):

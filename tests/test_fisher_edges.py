@@ -1,0 +1,188 @@
+"""Numerical edge cases of the Fisher library, against references built here.
+
+* Categorical / OneHotCategorical from ``probs`` with a zero entry: solves are compared
+  with ``torch.linalg`` in float64 on matrices written out here (their limit from a
+  positive probability: the block over the support; ``pinv``; ``Cov (1 + lambda Cov)^-1``);
+  entry points with no finite answer must raise a ValueError naming the zero
+  probabilities.
+* Positive parameters at 1e-20 and 1e23 (float32; 1e-160 and 1e160 in float64): the
+  Fisher in ``log`` coordinates, written by hand from asymptotic series of ``psi'``.
+"""
+
+import math
+
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_natgrad import natural_gradient
+from pyro_natgrad.fisher import fisher_information, fisher_solve, fisher_vp
+
+F64 = torch.float64
+DTYPES = [torch.float32, torch.float64]
+FAMILIES = [dist.Categorical, dist.OneHotCategorical]
+P = [0.5, 0.0, 0.2, 0.3]  # one zero probability, not the last
+
+
+def _rtol(dtype):
+    return 1e-5 if dtype == torch.float32 else 1e-10
+
+
+def _close(got, expected, dtype, atol=None):
+    expected = torch.as_tensor(expected, dtype=F64)
+    atol = _rtol(dtype) if atol is None else atol
+    torch.testing.assert_close(got.double(), expected, rtol=_rtol(dtype), atol=atol)
+
+
+def _probs_fisher(p):
+    """``diag(1/p) - 1 1^T`` in float64, for positive ``p``."""
+    p = torch.tensor(p, dtype=F64)
+    return torch.diag(1 / p) - torch.ones(len(p), len(p), dtype=F64)
+
+
+def _on_support(solve, p, g):
+    """The limit ``p_j -> 0`` of a solve with ``F = diag(1/p) - 1 1^T``: as ``F_jj -> inf``
+    the inverse's row and column ``j`` vanish, leaving the solve of the block over the
+    support ``S``; ``solve(F_S, g_S)``, 0 at ``j``."""
+    on = [i for i, v in enumerate(p) if v > 0]
+    out = torch.zeros(len(p), dtype=F64)
+    out[on] = solve(_probs_fisher([p[i] for i in on]), g.double()[on])
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_probability_in_probs_coordinates(family, dtype):
+    """``F = diag(1/p) - 1 1^T`` is infinite at ``p_j = 0``: the dense matrix, and ``F v``
+    for ``v_j != 0``, raise a ValueError; ``F v`` for ``v_j = 0`` and the natural gradient
+    (damped or not) are the limits from ``p_j = eps``, computed here by torch.linalg."""
+    d = family(probs=torch.tensor(P, dtype=dtype))
+    with pytest.raises(ValueError, match="zero probabilities.*logits"):
+        fisher_information(d)
+    g = torch.tensor([0.7, -1.1, 0.4, 2.0], dtype=dtype)
+    with pytest.raises(ValueError, match="zero probabilities"):
+        fisher_vp(d, g)
+    # F v at p_j = eps, v_j = 0: v_i / p_i - sum v on the support, -sum v at j
+    v = torch.tensor([0.7, 0.0, 0.4, 2.0], dtype=dtype)
+    _close(fisher_vp(d, v), [0.7 / 0.5 - 3.1, -3.1, 0.4 / 0.2 - 3.1, 2.0 / 0.3 - 3.1], dtype)
+    # undamped: the minimum-norm solution for g in the range (orthogonal to the null p)
+    p = torch.tensor(P, dtype=F64)
+    g_range = g.double() - (p @ g.double()) / (p @ p) * p
+    expected = _on_support(lambda F, b: torch.linalg.pinv(F, hermitian=True) @ b, P, g_range)
+    nat = natural_gradient(d, {"probs": g_range.to(dtype)})["probs"]
+    _close(nat, expected, dtype)
+    for damping in (0.1, 2.0):
+        eye = torch.eye(3, dtype=F64)
+        expected = _on_support(lambda F, b: torch.linalg.solve(F + damping * eye, b), P, g)
+        _close(fisher_solve(d, g, damping), expected, dtype)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("built", ["probs", "underflowing logits"])
+def test_zero_probability_in_unconstrained_coordinates(family, dtype, built):
+    """In logits (``log p``) the Fisher ``diag(p) - p p^T`` is finite and singular along
+    ``1`` and ``e_j``: the undamped natural gradient of a ``g`` in its range is
+    ``pinv(F) g`` (minimum norm, 0 at ``j``); one that is nonzero at ``j`` has none
+    (ValueError). Also for logits whose probability underflows to 0 (-800)."""
+    if built == "probs":
+        d = family(probs=torch.tensor(P, dtype=dtype))
+    else:
+        d = family(logits=torch.tensor([math.log(v) if v else -800.0 for v in P], dtype=dtype))
+    p = torch.tensor(P, dtype=F64)
+    F = torch.diag(p) - torch.outer(p, p)
+    _close(fisher_information(d, coords="unconstrained"), F, dtype)
+    g = torch.tensor([0.7, 0.0, 0.4, -1.1], dtype=F64)
+    g = g - g.sum() * p  # in the range: zero at j, summing to 0
+    x = fisher_solve(d, g.to(dtype), coords="unconstrained")
+    _close(x, torch.linalg.pinv(F, hermitian=True) @ g, dtype, atol=1e-6)
+    with pytest.raises(ValueError, match="zero probabilities"):
+        fisher_solve(d, torch.tensor([0.7, 0.3, 0.4, -1.4], dtype=dtype),
+                     coords="unconstrained")
+    expected = torch.linalg.solve(F + 0.3 * torch.eye(4, dtype=F64), g)
+    _close(fisher_solve(d, g.to(dtype), 0.3, coords="unconstrained"), expected, dtype)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("probs", [P, [0.5, 0.2, 0.3, 0.0]], ids=["inner", "last"])
+def test_zero_probability_in_natural_and_mean_coordinates(family, dtype, probs):
+    """Natural coordinates ``log(p_i / p_k)`` put a zero probability at infinity: every
+    entry point raises a ValueError naming it. In mean coordinates ``m = p[:k-1]`` the
+    Fisher is ``Cov(T)^{-1}``, infinite there (ValueError), but the natural gradient is
+    ``Cov(T) g = (diag(q) - q q^T) g``, and damped the limit from ``p_j = eps``."""
+    d = family(probs=torch.tensor(probs, dtype=dtype))
+    g = torch.tensor([0.7, -1.1, 0.4], dtype=dtype)
+    for call in (lambda: fisher_information(d, coords="natural"),
+                 lambda: natural_gradient(d, {"eta": g}, coords="natural"),
+                 lambda: fisher_solve(d, g, 0.1, coords="natural"),
+                 lambda: fisher_vp(d, g, coords="natural")):
+        with pytest.raises(ValueError, match="zero probabilities.*logits"):
+            call()
+    with pytest.raises(ValueError, match="zero probabilities"):
+        fisher_information(d, coords="mean")
+    q = torch.tensor(probs[:-1], dtype=F64)
+    cov = torch.diag(q) - torch.outer(q, q)
+    _close(natural_gradient(d, {"mean": g}, coords="mean")["mean"], cov @ g.double(), dtype)
+    # (Cov^{-1} + lambda)^{-1} = Cov (1 + lambda Cov)^{-1}, finite for a singular Cov
+    expected = cov @ torch.linalg.solve(torch.eye(3, dtype=F64) + 0.1 * cov, g.double())
+    _close(fisher_solve(d, g, 0.1, coords="mean"), expected, dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# positive parameters at the ends of the floating-point range, in log coordinates
+# ----------------------------------------------------------------------------------------
+def _sq_trigamma(a):
+    """``a^2 psi'(a)`` in Python floats, for ``a`` tiny or huge only."""
+    if a < 1e-8:
+        return 1.0 + a * a * math.pi ** 2 / 6
+    return a + 0.5 + 1 / (6 * a)
+
+
+def _log_fisher(family, x):
+    """The Fisher in ``log`` of each positive parameter, all set to ``x`` (Normal: of
+    ``scale`` only; Beta and Dirichlet: two equal concentrations)."""
+    if family == "Exponential":
+        return [[1.0]]
+    if family in ("HalfNormal", "Normal"):
+        return [[2.0]]
+    if family == "Gamma":  # [[a^2 psi'(a), -a], [-a, a]]
+        return [[_sq_trigamma(x), -x], [-x, x]]
+    # Beta / Dirichlet(x, x): a^2 (psi'(a) - psi'(2a)) on the diagonal, -a^2 psi'(2a) off it
+    off = -_sq_trigamma(2 * x) / 4
+    return [[_sq_trigamma(x) + off, off], [off, _sq_trigamma(x) + off]]
+
+
+_MAKE = {
+    "Exponential": (lambda x: dist.Exponential(x), None),
+    "HalfNormal": (lambda x: dist.HalfNormal(x), None),
+    "Normal": (lambda x: dist.Normal(torch.zeros_like(x), x), ("scale",)),
+    "Gamma": (lambda x: dist.Gamma(x, x), None),
+    "Beta": (lambda x: dist.Beta(x, x), None),
+    "Dirichlet": (lambda x: dist.Dirichlet(torch.stack([x, x])), None),
+}
+
+
+_EXTREMES = [(torch.float32, 1e-20), (torch.float32, 1e23), (torch.float64, 1e-160),
+             (torch.float64, 1e160)]
+
+
+# Beta and Dirichlet at large x have F ~ 1/x, representable: not an edge case.
+@pytest.mark.parametrize("family,dtype,x", [
+    (f, dtype, x) for f in _MAKE for dtype, x in _EXTREMES
+    if not (f in ("Beta", "Dirichlet") and x > 1)])
+def test_extreme_positive_parameters_in_unconstrained_coordinates(family, dtype, x):
+    """``F_u = J F J`` with ``J = theta``: ``F`` alone (``1/rate^2`` at 1e23 is 1e-46)
+    under- or overflows, ``F_u`` (1 for an exponential) does not; so for the solve."""
+    make, params = _MAKE[family]
+    d = make(torch.tensor(x, dtype=dtype))
+    expected = torch.tensor(_log_fisher(family, x), dtype=F64)
+    F = fisher_information(d, coords="unconstrained", params=params)
+    assert F.dtype == dtype
+    top = expected.abs().max()
+    torch.testing.assert_close(F.double() / top, expected / top, rtol=_rtol(dtype),
+                               atol=_rtol(dtype))
+    if family in ("Exponential", "HalfNormal", "Normal"):
+        g = torch.ones(1, dtype=dtype)
+        x_nat = fisher_solve(d, g, coords="unconstrained", params=params)
+        _close(x_nat, 1 / expected[0], dtype)
