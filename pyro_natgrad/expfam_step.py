@@ -126,11 +126,17 @@ def expfam_site_step(site, grads: Dict[str, torch.Tensor], rho: float,
     batch = op.batch_shape
     nb = len(batch)
     count = float(site.count)
-    size = (0.5 * (g * nat).sum(-1) / count).clamp_min(torch.finfo(g.dtype).tiny)
+    # sqrt(g^T F^{-1} g / 2 count) = sqrt(top) sqrt((g / top)^T F^{-1} g / 2 count): the
+    # product of a huge but finite float32 gradient and its natural gradient overflows,
+    # and made the step 0.
+    tiny = torch.finfo(g.dtype).tiny
+    top = g.abs().amax(-1, keepdim=True).clamp_min(tiny)
+    root = top.squeeze(-1).sqrt() * (0.5 * (g / top * nat).sum(-1) / count).clamp_min(0).sqrt()
+    root = root.clamp_min(tiny)
     rho_t = torch.full(batch, float(rho), dtype=g.dtype, device=g.device)
     if max_kl is not None:
         bound = min(max_kl, SITE_MAX_KL)
-        rho_t = torch.minimum(rho_t, (bound / size).sqrt())
+        rho_t = torch.minimum(rho_t, math.sqrt(bound) / root)
     du = op.unflatten(nat / count)
 
     if site.mirror:

@@ -126,9 +126,32 @@ def _phi(x: torch.Tensor) -> torch.Tensor:
     return x.tril(-1) + 0.5 * torch.diag_embed(x.diagonal(dim1=-2, dim2=-1))
 
 
-def whitened_sizes(grad_loc_w: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-    """``KL(q' || q) ~ rho^2 * size`` for the step: ``|w|^2/2 + |S|_F^2/4``."""
-    return 0.5 * grad_loc_w.square().sum(-1) + 0.25 * S.square().sum((-1, -2))
+def norm(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """``|x|_2`` over ``dim`` (all of it if None) that does not overflow where the squares
+    do: those elements are rescaled by their largest ``|x_i|`` (a float32 gradient of
+    1e22 is finite, its square is not). Shape: ``x``'s without ``dim``."""
+    n = torch.linalg.vector_norm(x, dim=dim)
+    if bool(torch.isinf(n).any()):
+        top = x.abs().amax(dim=dim, keepdim=True)
+        unit = x / torch.where(torch.isfinite(top) & (top > 0), top, 1)
+        top = top.squeeze(dim) if dim is not None else top.reshape(())
+        n = torch.where(torch.isfinite(top), top * torch.linalg.vector_norm(unit, dim=dim), top)
+    return n
+
+
+def _float_norm(x: torch.Tensor) -> float:
+    """:func:`norm` of all of ``x`` as a float, with one synchronisation unless it
+    overflows."""
+    n = float(torch.linalg.vector_norm(x))
+    return float(norm(x)) if math.isinf(n) else n
+
+
+def whitened_root_sizes(grad_loc_w: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """``sqrt(size)``, ``KL(q' || q) ~ rho^2 * size`` for the step:
+    ``size = |w|^2/2 + |S|_F^2/4``; ``w`` ``(..., d)``, ``S`` ``(..., d, d)`` -> ``(...)``.
+    The root, from norms that do not overflow: the size itself would, for a finite but huge
+    float32 gradient, and make the allowed step 0."""
+    return torch.hypot(norm(grad_loc_w, -1) / math.sqrt(2), 0.5 * norm(S, (-1, -2)))
 
 
 #: Below this size the triangular products below use one dense product.
@@ -265,10 +288,10 @@ def full_gaussian_step(loc, scale_tril, grad_loc, grad_scale_tril, rho,
     rho = torch.as_tensor(rho, dtype=L.dtype, device=L.device).expand(L.shape[:-2])
     if max_kl is not None:
         w = (L.mT @ g.unsqueeze(-1)).squeeze(-1)
-        size = whitened_sizes(w, S).clamp_min(torch.finfo(L.dtype).tiny)
-        rho = torch.minimum(rho, (max_kl / size).sqrt())
+        root = whitened_root_sizes(w, S).clamp_min(torch.finfo(L.dtype).tiny)
+        rho = torch.minimum(rho, math.sqrt(max_kl) / root)
         if precision_target is None:
-            s_norm = S.square().sum((-1, -2)).sqrt().clamp_min(torch.finfo(L.dtype).tiny)
+            s_norm = norm(S, (-1, -2)).clamp_min(torch.finfo(L.dtype).tiny)
             rho = torch.minimum(rho, NOISY_STEP_LIMIT / s_norm)
     r = rho[..., None, None]
     B = eye + r * S
@@ -326,15 +349,15 @@ def full_step(loc, L, grad_loc, G, rho, eps_moments=None, draws=None,
     elif eps_moments is not None:
         g = g - c * torch.linalg.solve_triangular(
             L.mT, eps_moments[0].unsqueeze(-1), upper=True).squeeze(-1)
-    # |S|_F^2 from the lower triangle
-    s_norm = math.sqrt(max(0.0, 2 * float(torch.linalg.vector_norm(S)) ** 2
-                           - float(torch.linalg.vector_norm(S.diagonal())) ** 2))
+    # |S|_F^2 = 2 |tril S|^2 - |diag S|^2, from norms and in that form so that nothing
+    # squared overflows (a huge but finite gradient otherwise made the step 0)
+    lower, diagonal = _float_norm(S), _float_norm(S.diagonal())
+    s_norm = lower * math.sqrt(max(0.0, 2 - (diagonal / lower) ** 2)) if lower > 0 else 0.0
     rho = float(rho)
     if max_kl is not None:
-        w = L.mT @ g
-        size = 0.5 * float(w.square().sum()) + 0.25 * s_norm ** 2
-        if size > 0:
-            rho = min(rho, math.sqrt(max_kl / size))
+        root = math.hypot(_float_norm(L.mT @ g) / math.sqrt(2), 0.5 * s_norm)  # sqrt(size)
+        if root > 0:
+            rho = min(rho, math.sqrt(max_kl) / root)
         if precision_target is None and s_norm > 0:
             rho = min(rho, NOISY_STEP_LIMIT / s_norm)
     # B = I + X, X = rho S, while B >= I/2 with a trust region (no variance more than
@@ -418,10 +441,12 @@ def step_limit(w: torch.Tensor, S: torch.Tensor, max_kl: float) -> torch.Tensor:
     mean further than the region allows, and allowed larger steps where ``S > 0`` than
     where ``S < 0``: from a start far from the mean, where ``S`` is mostly noise, that
     asymmetry shrank variances systematically until they collapsed. The bound is the
-    positive root of the quadratic, written without cancellation."""
+    positive root of the quadratic, written without cancellation, and with
+    ``sqrt(a^2 + 4 r a b) = sqrt(a) sqrt(a + 4 r b)``: ``a^2`` overflows for a huge but
+    finite gradient (``|w| > 2e19`` in float32), which made the step 0."""
     r = math.sqrt(max_kl)
     a, b = w.abs(), S.abs()
-    mean = 2 * r / (a + (a.square() + 4 * r * a * b).sqrt())
+    mean = 2 * r / (a + a.sqrt() * (a + 4 * r * b).sqrt())
     precision = math.sqrt(2) * r / b
     return torch.minimum(mean, precision)  # 1/0 = inf where a term vanishes
 
@@ -597,12 +622,14 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
             agreement += torch.dot(sample, part)
             part.copy_(sample)
         # rho_i = min(rho, 2k / (a + sqrt(a^2 + 4k a b)), sqrt(2) k / b): step_limit,
-        # a = |w|, b = |S|, k = sqrt(max_kl)
+        # a = |w|, b = |S|, k = sqrt(max_kl), as 2k / max(sqrt(a) (sqrt(a) + sqrt(a + 4k b)),
+        # sqrt(2) b): a^2 overflows for a huge finite gradient (and made rho_i 0), and one
+        # reciprocal serves both limits, so this takes no more operations than before.
         torch.abs(C, out=E)
-        torch.mul(D, D, out=F)
-        F.addcmul_(D.abs_(), E, value=4 * root_kl).sqrt_().add_(D).reciprocal_().mul_(2 * root_kl)
-        E.reciprocal_().mul_(math.sqrt(2) * root_kl)
-        torch.minimum(F, E, out=D).clamp_max_(rho)
+        torch.add(D.abs_(), E, alpha=4 * root_kl, out=F).sqrt_()
+        F.add_(D.sqrt_()).mul_(D)
+        torch.maximum(F, E.mul_(math.sqrt(2)), out=D).reciprocal_().mul_(2 * root_kl)
+        D.clamp_max_(rho)
         taken += D.sum()
         C.mul_(D).clamp_(1 - NOISY_VARIANCE_FACTOR, NOISY_VARIANCE_FACTOR - 1)  # x
         torch.clamp_max(C, 0, out=E)

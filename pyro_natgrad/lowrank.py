@@ -154,8 +154,13 @@ def lowrank_mean_step(group, grads, rho, max_kl, records=()):
         direction = (q.covariance_matrix @ g.unsqueeze(-1)).squeeze(-1)
         r = torch.as_tensor(float(rho), dtype=loc.dtype)
         if max_kl is not None:
-            size = (0.5 * (g * direction).sum()).clamp_min(torch.finfo(loc.dtype).tiny)
-            r = torch.minimum(r, (max_kl / size).sqrt())
+            # sqrt(g^T Sigma g / 2) = sqrt(top) sqrt((g / top)^T Sigma g / 2): the quadratic
+            # form of a huge but finite float32 gradient overflows, and made the step 0.
+            tiny = torch.finfo(loc.dtype).tiny
+            top = g.abs().amax().clamp_min(tiny)
+            root = top.sqrt() * (0.5 * (g / top * direction).sum()).clamp_min(0).sqrt()
+            root = root.clamp_min(tiny)
+            r = torch.minimum(r, math.sqrt(max_kl) / root)
         write_param(group.params["loc"], loc - r * direction)
     return r
 

@@ -29,7 +29,7 @@ from pyro.infer.autoguide import (AutoCallable, AutoContinuous, AutoDiagonalNorm
 
 from .curvature import ModelCurvature, ModelCurvatureError
 from .gaussian import (StepError, chunk_size, diagonal_gaussian_step, full_step,
-                       hold_stride, leave_one_out_cv, softplus_diagonal_step)
+                       hold_stride, leave_one_out_cv, norm, softplus_diagonal_step)
 from .guides import DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide
 from .handwritten import describe_rejected, find_svi, find_svi_args, read_handwritten
 from .linalg import conjugate_gradient
@@ -1038,7 +1038,7 @@ class NaturalGradient(PyroOptim):
         S = scale.square() * target.diagonal() - 1
         P, direction, rho = self._running_newton(
             P0, target, g_loc, rho, fallback=scale.square() * g_loc,
-            guide_quad=lambda v: (v / scale).square().sum(), precision_change=S.square().sum())
+            guide_quad=lambda v: (v / scale).square().sum(), precision_change=S)
         state["precision"] = P
         step = diagonal_gaussian_step(loc, scale, g_loc, g_scale, rho, None, None,
                                       precision_target=target.diagonal(), loc_step=direction,
@@ -1061,8 +1061,8 @@ class NaturalGradient(PyroOptim):
         :param fallback: the direction where ``P'`` is not positive definite (the
             guide's own natural gradient); ``P0`` is then kept.
         :param guide_quad: ``v -> v^T Sigma^{-1} v`` in the guide's own metric.
-        :param precision_change: ``|X|_F^2`` of the whitened change of precision ``X``,
-            whose KL is ``|X|_F^2 / 4`` per unit step.
+        :param precision_change: the whitened change of precision ``X`` (any shape: its
+            diagonal, for a mean-field guide), whose KL is ``|X|_F^2 / 4`` per unit step.
         :param whitened_change: ``X = R^{-1} (target - P0) R^{-T}`` (``P0 = R R^T``) if the
             caller has it, for :func:`_halving_limit`.
         """
@@ -1087,8 +1087,19 @@ class NaturalGradient(PyroOptim):
             # -0.99999, where mean-field sds are 1/200 of the marginal ones), P's when
             # the posterior is far narrower than q and its mean thousands of sds away.
             quad = torch.minimum(guide_quad(direction), direction @ (P @ direction))
-            size = 0.5 * quad + 0.25 * precision_change
-            limit = float((self.max_kl / size.clamp_min(1e-300)).sqrt())
+            size = 0.5 * quad + 0.25 * precision_change.square().sum()
+            if bool(torch.isinf(size)):
+                # A huge but finite float32 gradient: the squares overflow and made the
+                # allowed step 0. sqrt(size) from norms instead (the quadratic forms of
+                # the direction scaled to a largest element of 1).
+                top = direction.abs().amax().clamp_min(torch.finfo(direction.dtype).tiny)
+                unit = direction / top
+                quad = torch.minimum(guide_quad(unit), unit @ (P @ unit))
+                root = torch.hypot(top * quad.clamp_min(0).sqrt() / math.sqrt(2),
+                                   0.5 * norm(precision_change))
+                limit = math.sqrt(self.max_kl) / max(float(root), 1e-300)
+            else:
+                limit = float((self.max_kl / size.clamp_min(1e-300)).sqrt())
             if limit < rho:
                 rho = limit
                 P, direction = newton(rho)
@@ -1121,7 +1132,7 @@ class NaturalGradient(PyroOptim):
 
         P, direction, rho = self._running_newton(P0, target, g, rho, fallback=Sigma @ g,
                                                  guide_quad=guide_quad,
-                                                 precision_change=X.square().sum(),
+                                                 precision_change=X,
                                                  whitened_change=X)
         C_new, s_new = project_lowrank(P, C.shape[-1], scale=s)
         self._write(group.params["loc"], loc - rho * direction)

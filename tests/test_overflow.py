@@ -1,0 +1,254 @@
+"""Steps from a huge but finite float32 gradient: the trust region's step, not none.
+
+A Poisson regression ``y ~ Poisson(exp(10 w))`` with the guide's mean at ``w = 5`` has a
+rate of ``e^50`` and a gradient of about ``5e22``: finite in float32, its square is not.
+The trust region's sizes were sums of such squares, overflowed to inf, and the allowed
+step became 0, silently (or, for the low-rank guide's mean, NaN on the second step). The
+reference is the same step from the same state in float64, where nothing overflows
+(and, for :func:`~pyro_natgrad.gaussian.step_limit`, the closed-form root).
+"""
+
+import contextlib
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import (
+    AutoDiagonalNormal, AutoLowRankMultivariateNormal, AutoMultivariateNormal, AutoNormal,
+    init_to_value,
+)
+
+from pyro_natgrad import NaturalGradient, gaussian
+from tests.seeding import generator
+
+F32, F64 = torch.float32, torch.float64
+MAX_KL = 10.0
+
+
+@pytest.fixture(autouse=True)
+def _clean_param_store():
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture
+def same_draws(monkeypatch):
+    """The guide's standard normal (and gamma) draws made in float64 and rounded, so
+    that a float32 and a float64 run from one seed draw the same numbers (torch's
+    float32 and float64 normal_ differ from 16 elements on)."""
+    import torch.distributions.gamma as gamma
+    import torch.distributions.lowrank_multivariate_normal as lowrank
+    import torch.distributions.multivariate_normal as mvn
+    import torch.distributions.normal as normal
+
+    def standard_normal(shape, dtype, device):
+        return torch.empty(shape, dtype=F64, device=device).normal_().to(dtype)
+
+    for module in (normal, mvn, lowrank):
+        monkeypatch.setattr(module, "_standard_normal", standard_normal)
+    monkeypatch.setattr(gamma, "_standard_gamma",
+                        lambda c: torch._standard_gamma(c.to(F64)).to(c.dtype))
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def poisson_model(d):
+    def model():
+        w = pyro.sample("w", dist.Normal(torch.zeros(d), 1.0).to_event(1))
+        pyro.sample("y", dist.Poisson(torch.exp(10 * w)).to_event(1), obs=torch.zeros(d))
+    return model
+
+
+def normal_guide(d):
+    def guide():
+        loc = pyro.param("w_loc", 5 * torch.ones(d))
+        scale = pyro.param("w_scale", 0.1 * torch.ones(d), constraint=dist.constraints.positive)
+        pyro.sample("w", dist.Normal(loc, scale).to_event(1))
+    return guide
+
+
+def tril_guide(d):
+    def guide():
+        loc = pyro.param("w_loc", 5 * torch.ones(d))
+        L = pyro.param("w_tril", 0.1 * torch.eye(d), constraint=dist.constraints.lower_cholesky)
+        pyro.sample("w", dist.MultivariateNormal(loc, scale_tril=L))
+    return guide
+
+
+def autoguide(cls, **kwargs):
+    def make(d):
+        model = poisson_model(d)
+        return cls(model, init_loc_fn=init_to_value(values={"w": 5 * torch.ones(d)}), **kwargs)
+    return make
+
+
+GUIDES = {
+    "AutoNormal": autoguide(AutoNormal),
+    "AutoDiagonalNormal": autoguide(AutoDiagonalNormal),
+    "AutoMultivariateNormal": autoguide(AutoMultivariateNormal),
+    "AutoLowRankMultivariateNormal": autoguide(AutoLowRankMultivariateNormal, rank=1),
+    "Normal": normal_guide,
+    "MultivariateNormal": tril_guide,
+}
+
+
+def one_step(name, curvature, d, dtype):
+    """The guide's parameters (float64, constrained) before and after one step."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    with default_dtype(dtype):
+        model, guide = poisson_model(d), GUIDES[name](d)
+        svi = SVI(model, guide, NaturalGradient(guide, curvature=curvature), Trace_ELBO())
+        guide()  # the parameters, before the step's draw
+        store = pyro.get_param_store()
+        before = {k: v.detach().to(F64).clone() for k, v in store.items()}
+        svi.step()
+        after = {k: v.detach().to(F64).clone() for k, v in store.items()}
+    return before, after
+
+
+CASES = [(name, "none", d) for name in GUIDES for d in (3, 100)
+         if d == 3 or name in ("AutoNormal", "AutoDiagonalNormal")]
+CASES += [(name, "auto", 3) for name in GUIDES if name.startswith("Auto")]
+
+
+@pytest.mark.filterwarnings("ignore::pyro_natgrad.NaturalGradientWarning")
+@pytest.mark.parametrize("name,curvature,d", CASES)
+def test_huge_gradient_takes_the_float64_step(same_draws, name, curvature, d):
+    """One step from the same state in float32 and float64: the same parameters after
+    it (the mean moved by the trust region's step, at most about sqrt(max_kl) sds; in
+    float32 it did not move at all). 100 mean-field latents take the fused step's
+    leave-one-out control variate, 3 a fixed one."""
+    before32, after32 = one_step(name, curvature, d, F32)
+    before64, after64 = one_step(name, curvature, d, F64)
+    loc = next(k for k in before64 if k.endswith("loc") or k.endswith("locs.w"))
+    move64 = after64[loc] - before64[loc]
+    assert float(move64.abs().max()) > 0.005, move64  # a step to match
+    # Without the model's curvature the low-rank covariance takes Adam's steps, which
+    # overflow in float32 too (its second moment is the gradient's square).
+    owned = [loc] if (name, curvature) == ("AutoLowRankMultivariateNormal", "none") else before64
+    for k in owned:
+        torch.testing.assert_close(before32[k], before64[k], rtol=1e-6, atol=1e-7)
+        scale = float((after64[k] - before64[k]).abs().max()) + 1e-3
+        torch.testing.assert_close(after32[k] - before32[k], after64[k] - before64[k],
+                                   rtol=1e-3, atol=1e-3 * scale, msg=f"{name}: {k}")
+
+
+def gamma_guide():
+    a = pyro.param("a", torch.tensor(2.0), constraint=dist.constraints.positive)
+    b = pyro.param("b", torch.tensor(1.0), constraint=dist.constraints.positive)
+    pyro.sample("lam", dist.Gamma(a, b))
+
+
+def gamma_model():
+    lam = pyro.sample("lam", dist.Gamma(2.0, 1.0))
+    pyro.sample("y", dist.Poisson(1e22 * lam), obs=torch.tensor(0.0))
+
+
+def test_huge_gradient_exponential_family_site(same_draws):
+    """A hand-written Gamma site's mirror step (gradients of about 1e22 in float32): the
+    float64 step from the same state, not none."""
+    runs = {}
+    for dtype in (F32, F64):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(1)
+        with default_dtype(dtype):
+            svi = SVI(gamma_model, gamma_guide, NaturalGradient(gamma_guide), Trace_ELBO())
+            gamma_guide()
+            store = pyro.get_param_store()
+            before = {k: float(store[k].detach()) for k in ("a", "b")}
+            svi.step()
+            runs[dtype] = {k: (before[k], float(store[k].detach())) for k in ("a", "b")}
+    for k in ("a", "b"):
+        (b32, a32), (b64, a64) = runs[F32][k], runs[F64][k]
+        assert b32 == b64 and abs(a64 - b64) > 0.05 * b64, runs
+        assert a32 == pytest.approx(a64, rel=1e-4), runs
+
+
+def test_step_limit_huge_gradient():
+    """:func:`step_limit` in float32 for ``|w|`` and ``|S|`` up to 1e30: the positive root
+    of ``rho a (1 + rho b) = k``, ``k = sqrt(max_kl)``, ``2 k / (a + sqrt(a^2 + 4 k a b))``
+    computed in float64, where ``a^2`` does not overflow."""
+    gen = generator(5)
+    w = (torch.randn(200, generator=gen, dtype=F64) * 10 ** (
+        torch.rand(200, generator=gen, dtype=F64) * 30)).to(F32)
+    S = (torch.randn(200, generator=gen, dtype=F64) * 10 ** (
+        torch.rand(200, generator=gen, dtype=F64) * 30)).to(F32)
+    limit = gaussian.step_limit(w, S, MAX_KL)
+    a, b, k = w.to(F64).abs(), S.to(F64).abs(), math.sqrt(MAX_KL)
+    mean = 2 * k / (a + (a.square() + 4 * k * a * b).sqrt())
+    expected = torch.minimum(mean, math.sqrt(2) * k / b)
+    assert bool((expected > 0).all()) and float(a.max()) > 1e29
+    torch.testing.assert_close(limit.to(F64), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("cv", [1.0, None])
+def test_fused_step_huge_gradient(cv):
+    """The fused AutoNormal step in float32 with whitened gradients of about 1e22: the
+    general step in float64 on the same numbers (its trust-region step; the fused one
+    took no step at all)."""
+    from pyro.distributions.transforms import SoftplusTransform
+
+    n = 500
+    gen = generator(7)
+
+    def draw(scale):
+        return (scale * torch.randn(n, generator=gen, dtype=F64)).to(F32)
+
+    raw, loc = draw(0.5) - 2, draw(1.0) + 5
+    g_loc, g_raw = draw(1e22), draw(1e21)
+    scale = SoftplusTransform()(raw)
+    sample = loc + scale * draw(1.0)
+    out_loc, out_raw = torch.empty_like(loc), torch.empty_like(loc)
+    work = [torch.empty(n, dtype=F32) for _ in range(6)]
+    sums = gaussian.softplus_diagonal_step(loc, raw, g_loc, g_raw, sample, 1.0, MAX_KL,
+                                           out_loc, out_raw, work, scale=scale, cv=cv)
+    assert math.isfinite(float(sums.check))
+    x = {k: v.to(F64) for k, v in dict(loc=loc, raw=raw, g_loc=g_loc, g_raw=g_raw,
+                                        scale=scale, sample=sample).items()}
+    eps = (x["sample"] - x["loc"]) / x["scale"]
+    g_scale = x["g_raw"] / torch.sigmoid(x["raw"])
+    c = gaussian.leave_one_out_cv(x["scale"] * g_scale, eps.square()) if cv is None else cv
+    ref = gaussian.diagonal_gaussian_step(x["loc"], x["scale"], x["g_loc"], g_scale, 1.0,
+                                          (eps, eps.square()), MAX_KL, cv=c)
+    move = ref.loc - x["loc"]
+    assert float(move.abs().min()) > 1e-3
+    torch.testing.assert_close(out_loc.to(F64) - x["loc"], move, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(SoftplusTransform()(out_raw).to(F64), ref.scale_tril,
+                               rtol=1e-4, atol=0)
+    torch.testing.assert_close(float(sums.taken), float(ref.rho.sum()), rtol=1e-4, atol=0)
+
+
+def test_batched_full_step_huge_gradient():
+    """:func:`full_gaussian_step` over a batch of Gaussians in float32 with gradients of
+    about 1e22: the float64 step on the same numbers."""
+    gen = generator(9)
+    batch, d = 4, 3
+
+    def draw(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, dtype=F64)).to(F32)
+
+    loc = draw(batch, d)
+    L = (0.1 * torch.eye(d, dtype=F64) + 0.01 * draw(batch, d, d).to(F64).tril()).to(F32)
+    g_loc, G = draw(batch, d, scale=1e22), draw(batch, d, d, scale=1e21).tril()
+    step32 = gaussian.full_gaussian_step(loc, L, g_loc, G, 1.0, None, MAX_KL)
+    step64 = gaussian.full_gaussian_step(*(t.to(F64) for t in (loc, L, g_loc, G)), 1.0, None,
+                                         MAX_KL)
+    move = step64.loc - loc.to(F64)
+    assert float(move.abs().max()) > 1e-3
+    torch.testing.assert_close(step32.loc.to(F64) - loc.to(F64), move, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(step32.scale_tril.to(F64), step64.scale_tril, rtol=1e-3,
+                               atol=1e-6)
+    torch.testing.assert_close(step32.rho.to(F64), step64.rho, rtol=1e-4, atol=0)
