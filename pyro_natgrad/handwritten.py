@@ -32,6 +32,9 @@ Groups (the optimizer's unit of work):
 * ``TrilGaussianSite`` for ``MultivariateNormal(loc, scale_tril=L)`` with
   ``L`` constrained ``lower_cholesky`` (or ``softplus_lower_cholesky``): the full
   Gaussian mirror step.
+* ``LowRankSite`` for ``LowRankMultivariateNormal`` with an unconstrained ``loc``:
+  the mean step of :mod:`pyro_natgrad.lowrank`; its ``cov_factor`` and ``cov_diag``
+  go to the base optimizer (their Fisher step from gradients alone is unstable).
 * ``ExpFamSite`` for everything else the Fisher library covers: mirror
   descent in natural parameters for exponential families whose arguments are all
   parameters, otherwise a Fisher-preconditioned step in the parameters' own
@@ -54,6 +57,7 @@ from .fisher import fisher_operator
 from .fisher.expfam import exponential_family_coords
 from .fisher.registry import lookup_fisher
 from .guides import DiagonalGaussianGroup
+from .lowrank import LowRankGaussianGroup
 
 #: Graph nodes that only broadcast or alias a tensor (values unchanged).
 _TRANSPARENT = ("ExpandBackward0", "AliasBackward0")
@@ -87,6 +91,31 @@ class TrilGaussianSite(_Site):
 
     def natural_step(self, grads, rho, max_kl):
         return tril_gaussian_step(self, grads, rho, max_kl)
+
+
+class LowRankSite(LowRankGaussianGroup):
+    """``LowRankMultivariateNormal(loc, cov_factor=W, cov_diag=D)`` with ``loc`` a
+    parameter: the mean step of :mod:`pyro_natgrad.lowrank`, through
+    ``Sigma = W W^T + diag(D) = diag(s) (C C^T + I) diag(s)``, ``s = sqrt(D)``,
+    ``C = W / s``. ``W`` (``(d, k)``) and ``D`` (``(d,)``, the unconstrained leaf if a
+    parameter, with ``diag_transform`` to ``D``) go to the base optimizer if they are
+    parameters: the covariance's natural step needs the model's Hessian, which the
+    optimizer has only for autoguides."""
+
+    def __init__(self, site, loc, cov_factor, cov_diag, diag_transform, covariance_params):
+        super().__init__(site, site, loc, cov_factor, cov_diag, diag_transform)
+        self.covariance_params = covariance_params
+
+    def own_covariance(self):
+        pass  # the projection step that would own it needs the model, unknown here
+
+    def site_tensors(self):
+        """Every parameter of the site, owned or not."""
+        return [self.params["loc"]] + self.covariance_params
+
+    def factors(self):
+        s = self.transforms["scale"](self.scale_raw.detach()).sqrt()
+        return self.cov_factor.detach() / s.unsqueeze(-1), s
 
 
 class ExpFamSite(_Site):
@@ -161,6 +190,9 @@ def _strip(node, categorical):
         if name == "SelectBackward0" and _select_of_stack(node) is not None:
             node = _select_of_stack(node)  # Beta keeps its arguments stacked in a Dirichlet
             continue
+        if name == "SelectBackward0" and _select_of_broadcast(node) is not None:
+            node = _select_of_broadcast(node)  # LowRankMultivariateNormal's loc, cov_diag
+            continue
         if categorical and name in ("DivBackward0", "SubBackward0"):
             (a, _), (b, _) = node.next_functions[:2]
             inner = {"DivBackward0": "SumBackward1", "SubBackward0": "LogsumexpBackward0"}[name]
@@ -199,6 +231,31 @@ def _select_of_stack(node):
     if sel % ndim != stacked % ndim or not 0 <= index < len(inner.next_functions):
         return None
     return inner.next_functions[index][0]
+
+
+def _select_of_broadcast(node):
+    """For ``x.unsqueeze(dim)``, possibly broadcast (``expand``), then ``.select(dim, i)``:
+    the node of ``x`` (up to broadcasting), else None. This is how
+    :class:`~torch.distributions.LowRankMultivariateNormal` stores ``loc`` and
+    ``cov_diag`` after broadcasting them against ``cov_factor``."""
+    try:
+        ndim = len(node._saved_self_sym_sizes)
+        sel = int(node._saved_dim) % ndim - ndim  # counted from the end: expand only
+        inner, unsqueezed_ndim = node.next_functions[0][0], ndim  # adds leading dims
+        while inner is not None and type(inner).__name__ in _TRANSPARENT:
+            if type(inner).__name__ == "ExpandBackward0":
+                unsqueezed_ndim = len(inner._saved_self_sym_sizes)
+            inner = inner.next_functions[0][0]
+        if inner is None or type(inner).__name__ != "UnsqueezeBackward0":
+            return None
+        added = int(inner._saved_dim)
+    except (AttributeError, IndexError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    if added >= 2 ** 63:
+        added -= 2 ** 64
+    if added >= 0:
+        added -= unsqueezed_ndim
+    return inner.next_functions[0][0] if added == sel else None
 
 
 def _node_of(t: torch.Tensor):
@@ -312,18 +369,22 @@ def read_handwritten(guide, args=(), kwargs=None):
 
     groups = []
     for site, deps in candidates:
-        mine = {id(p) for p in site.tensors()}
+        tensors = site.site_tensors() if isinstance(site, LowRankSite) else site.tensors()
+        mine = {id(p) for p in tensors}
         shared = [i for i in mine if uses.get(i, 0) > 1]
         extra = deps - mine
-        if shared or extra or len(mine) != len(site.tensors()):
+        if shared or extra or len(mine) != len(tensors):
             reason = (f"site {site.key!r}: a parameter is shared with another site or "
-                      f"used twice" if shared or len(mine) != len(site.tensors())
+                      f"used twice" if shared or len(mine) != len(tensors)
                       else f"site {site.key!r}: its distribution depends on parameters "
                            f"through something other than its own arguments")
             for i in deps:
                 rejected.setdefault(i, reason)
             continue
         groups.append(site)
+        if isinstance(site, LowRankSite):
+            for p in site.covariance_params:
+                rejected.setdefault(id(p), _LOWRANK_COVARIANCE.format(site=site.key))
     groups = [g for g in groups if not any(id(p) in rejected for p in g.tensors())]
     owned = {id(p) for g in groups for p in g.tensors()}
     for i in names:
@@ -414,8 +475,40 @@ def _read_site(site_name, node, params, by_node):
             and roles == {"loc", "scale_tril"} and loc_real \
             and isinstance(cons["scale_tril"], torch_constraints._LowerCholesky):
         return TrilGaussianSite(site_name, leaves, transforms, cons), None
+    if family == "LowRankMultivariateNormal":
+        return _lowrank_site(site_name, base, fed, leaves, transforms, cons, count)
     mirror = not fixed and exponential_family_coords(rebuilt) is not None
     return ExpFamSite(site_name, leaves, transforms, cons, make, family, count, mirror), None
+
+
+#: Why a hand-written low-rank site's covariance parameters take base-optimizer steps.
+_LOWRANK_COVARIANCE = (
+    "site {site!r}: the covariance of a LowRankMultivariateNormal: from gradients alone "
+    "its Fisher step is unstable (see pyro_natgrad.lowrank); AutoLowRankMultivariateNormal "
+    "takes natural-gradient covariance steps from the model's Hessian")
+
+
+def _lowrank_site(site_name, base, fed, leaves, transforms, cons, count):
+    """A :class:`LowRankSite`, or ``(None, reason)``. Its Fisher step in ``(W, D)`` from
+    gradients alone diverged (the Fisher of ``W`` vanishes with ``W``: see
+    :mod:`pyro_natgrad.lowrank`), so it takes the low-rank group's steps instead."""
+    where = f"site {site_name!r}: LowRankMultivariateNormal"
+    if count != 1 or base.batch_shape != ():
+        return None, f"{where} with batch shape {tuple(base.batch_shape)} (only () is supported)"
+    if "loc" not in fed or type(cons["loc"]).__name__ != "_Real":
+        return None, (f"{where} needs loc to be an unconstrained pyro.param: its covariance "
+                      f"alone has no stable natural-gradient step")
+    if "cov_factor" in fed and type(cons["cov_factor"]).__name__ != "_Real":
+        return None, f"{where}: a constrained cov_factor is not supported"
+    if "cov_diag" in fed and not _positive_scale(cons["cov_diag"]):
+        return None, f"{where}: cov_diag must be constrained positive (or softplus_positive)"
+    W = leaves["cov_factor"] if "cov_factor" in fed else base.cov_factor.detach()
+    if "cov_diag" in fed:
+        D, to_diag = leaves["cov_diag"], transforms["cov_diag"]
+    else:
+        D, to_diag = base.cov_diag.detach(), torch.distributions.transforms.identity_transform
+    covariance = [leaves[r] for r in ("cov_factor", "cov_diag") if r in fed]
+    return LowRankSite(site_name, leaves["loc"], W, D, to_diag, covariance), None
 
 
 def describe_rejected(rejected, names, params) -> List[str]:

@@ -126,7 +126,8 @@ class NaturalGradient(PyroOptim):
       ``base_optimizer`` (:mod:`pyro_natgrad.lowrank` says why);
     * hand-written guides whose sample sites take ``pyro.param`` values directly
       (any constraint) as the parameters of a family with a closed-form Fisher:
-      Normal and MultivariateNormal(scale_tril) as below, Gamma, Beta, Dirichlet,
+      Normal and MultivariateNormal(scale_tril) as below, LowRankMultivariateNormal
+      (``loc`` only: the covariance goes to ``base_optimizer``), Gamma, Beta, Dirichlet,
       Categorical and the other exponential families by mirror descent in natural
       parameters (:mod:`pyro_natgrad.handwritten`). The guide is read once with the
       arguments of ``SVI.step``, found on the call stack; outside SVI call

@@ -300,7 +300,8 @@ def test_extract_predictive_deterministic_sites(name):
     reported = r.extract(out)  # uses the recorded theta / f
     latent_only = {k: v for k, v in out.items() if k not in ("theta", "f", "obs")}
     assert reported.shape[0] == 6 and reported.shape[-1] == r.n_params
-    np.testing.assert_allclose(reported.cpu().numpy(), r.extract(latent_only).cpu().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(reported.cpu().numpy(), r.extract(latent_only).cpu().numpy(),
+                               rtol=1e-12)
     pyro.clear_param_store()
 
 

@@ -270,6 +270,79 @@ def test_mvn_scale_tril_one_exact_step():
     torch.testing.assert_close(L @ L.T, cov, rtol=1e-9, atol=1e-12)
 
 
+# ---- LowRankMultivariateNormal: q = N(loc, W W^T + diag(D)) ------------------------------
+LR_W = torch.tensor([[1.0], [0.5], [-0.8], [0.3]], dtype=F64)
+LR_D = torch.tensor([0.5, 1.0, 0.3, 2.0], dtype=F64)
+LR_MEAN = torch.tensor([4.0, -3.0, 6.0, 1.0], dtype=F64)
+
+
+def lowrank_target():
+    """The posterior itself (a prior with no data): ``N(LR_MEAN, LR_W LR_W^T + diag(LR_D))``."""
+    return dist.MultivariateNormal(LR_MEAN, LR_W @ LR_W.T + torch.diag(LR_D))
+
+
+def lowrank_model():
+    pyro.sample("z", lowrank_target())
+
+
+def lowrank_guide_mean_only():
+    loc = pyro.param("loc", torch.zeros(4, dtype=F64))
+    pyro.sample("z", dist.LowRankMultivariateNormal(loc, LR_W, LR_D))
+
+
+def lowrank_guide():
+    loc = pyro.param("loc", torch.zeros(4, dtype=F64))
+    W = pyro.param("W", 0.1 * torch.ones(4, 1, dtype=F64))
+    D = pyro.param("D", torch.ones(4, dtype=F64), constraint=constraints.positive)
+    pyro.sample("z", dist.LowRankMultivariateNormal(loc, W, D))
+
+
+def test_lowrank_mean_one_exact_step():
+    """A hand-written ``LowRankMultivariateNormal`` site (its ``loc`` is a broadcast view
+    of the parameter, which once sent it to Adam as "computed from parameters"): with the
+    guide's covariance equal to the posterior's, ``loc - Sigma dKL/dloc`` at ``rho = 1``
+    is the posterior mean."""
+    def neg_elbo():
+        q = dist.LowRankMultivariateNormal(pyro.param("loc"), LR_W, LR_D)
+        return kl_divergence(q, lowrank_target())
+
+    _, routes = exact_step(lowrank_guide_mean_only, neg_elbo)
+    assert routes == {"loc": "natural gradient (low-rank Gaussian, mean only, z)"}
+    torch.testing.assert_close(value("loc"), LR_MEAN, rtol=1e-9, atol=1e-12)
+
+
+def test_lowrank_site_in_svi():
+    """With ``W`` and ``D`` parameters too, they go to the base optimizer (the Fisher
+    step in them is unstable from gradients alone), saying why, and ``loc`` reaches the
+    posterior mean from 3 to 6 posterior sds away in 300 steps (Adam at lr 0.01, its
+    route before, moves it at most 3 units)."""
+    pyro.set_rng_seed(0)
+    opt = NaturalGradient(lowrank_guide)
+    svi = SVI(lowrank_model, lowrank_guide, opt, Trace_ELBO())
+    with pytest.warns(NaturalGradientWarning, match="2 parameter"):
+        svi.step()
+    routes = opt.routing()
+    assert routes["loc"] == "natural gradient (low-rank Gaussian, mean only, z)"
+    for name in ("W", "D"):
+        assert routes[name].startswith("base optimizer (Adam): site 'z': the covariance of "
+                                       "a LowRankMultivariateNormal"), routes
+    for _ in range(299):
+        svi.step()
+    sd = lowrank_target().covariance_matrix.diagonal().sqrt()
+    assert ((value("loc") - LR_MEAN).abs() / sd).max() < 0.25, value("loc")
+
+
+def test_lowrank_site_with_batch_shape_is_refused_with_reason():
+    def guide():
+        loc = pyro.param("loc", torch.zeros(2, 4, dtype=F64))
+        with pyro.plate("two", 2):
+            pyro.sample("z", dist.LowRankMultivariateNormal(loc, LR_W, LR_D))
+
+    guide()
+    routes = NaturalGradient(guide).read_guide()
+    assert "batch shape (2,)" in routes["loc"], routes
+
+
 # ---- a discrete latent: Categorical(probs) on the simplex, or Categorical(logits) ----------
 PI0 = torch.tensor([0.2, 0.5, 0.3], dtype=F64)
 MUS = torch.tensor([-1.0, 0.5, 2.0], dtype=F64)
