@@ -25,8 +25,8 @@ from typing import Dict, List
 import torch
 from pyro import poutine
 from pyro.infer.autoguide import (
-    AutoCallable, AutoDiagonalNormal, AutoGuide, AutoGuideList, AutoMultivariateNormal,
-    AutoNormal,
+    AutoCallable, AutoDiagonalNormal, AutoGuide, AutoGuideList, AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal, AutoNormal,
 )
 from torch.distributions import Independent, MultivariateNormal, Normal, transform_to
 from torch.distributions.transforms import ExpTransform
@@ -380,6 +380,33 @@ def read_guide(guide, prefix="") -> List[_Group]:
         return [FullGaussianGroup(f"{prefix}latent", latent, loc, raw, transform_to(constraint),
                                   tril, transform_to(tril_constraint))]
     return []
+
+
+#: The autoguides that :func:`read_guide` and :func:`~pyro_natgrad.lowrank.read_lowrank`
+#: read (exact types: a subclass may parameterise its posterior differently).
+SUPPORTED_AUTOGUIDES = (AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal,
+                        AutoLowRankMultivariateNormal)
+
+
+def unsupported_parts(guide, prefix="") -> List[tuple]:
+    """``[(name, part)]``: the autoguides in ``guide`` (recursing into ``AutoGuideList``)
+    whose parameters no natural-gradient step reads, e.g. ``AutoDelta`` or
+    ``AutoIAFNormal``; ``name`` is the part's index path, ``"1."`` for ``guide[1]``."""
+    if isinstance(guide, AutoGuideList):
+        out = []
+        for i, part in enumerate(guide):
+            out += unsupported_parts(part, prefix=f"{prefix}{i}.")
+        return out
+    if isinstance(guide, (AutoCallable, AutoNormal)) or type(guide) in SUPPORTED_AUTOGUIDES:
+        return []
+    return [(prefix, guide)]
+
+
+def unsupported_reason(name, part) -> str:
+    """Why the parameters of an unsupported autoguide take base-optimizer steps."""
+    where = f"part {name[:-1]} of the AutoGuideList, " if name else ""
+    return (f"{where}{type(part).__name__}: not a guide NaturalGradient reads (it reads "
+            f"{', '.join(t.__name__ for t in SUPPORTED_AUTOGUIDES)} and hand-written guides)")
 
 
 def aux_sites(groups) -> List[str]:

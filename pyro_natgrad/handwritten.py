@@ -57,7 +57,7 @@ from .fisher import fisher_operator
 from .fisher.expfam import exponential_family_coords
 from .fisher.registry import lookup_fisher
 from .guides import DiagonalGaussianGroup
-from .lowrank import LowRankGaussianGroup
+from .lowrank import COVARIANCE_REASON, LowRankGaussianGroup
 
 #: Graph nodes that only broadcast or alias a tensor (values unchanged).
 _TRANSPARENT = ("ExpandBackward0", "AliasBackward0")
@@ -384,7 +384,7 @@ def read_handwritten(guide, args=(), kwargs=None):
         groups.append(site)
         if isinstance(site, LowRankSite):
             for p in site.covariance_params:
-                rejected.setdefault(id(p), _LOWRANK_COVARIANCE.format(site=site.key))
+                rejected.setdefault(id(p), COVARIANCE_REASON.format(site=site.key))
     groups = [g for g in groups if not any(id(p) in rejected for p in g.tensors())]
     owned = {id(p) for g in groups for p in g.tensors()}
     for i in names:
@@ -481,13 +481,6 @@ def _read_site(site_name, node, params, by_node):
     return ExpFamSite(site_name, leaves, transforms, cons, make, family, count, mirror), None
 
 
-#: Why a hand-written low-rank site's covariance parameters take base-optimizer steps.
-_LOWRANK_COVARIANCE = (
-    "site {site!r}: the covariance of a LowRankMultivariateNormal: from gradients alone "
-    "its Fisher step is unstable (see pyro_natgrad.lowrank); AutoLowRankMultivariateNormal "
-    "takes natural-gradient covariance steps from the model's Hessian")
-
-
 def _lowrank_site(site_name, base, fed, leaves, transforms, cons, count):
     """A :class:`LowRankSite`, or ``(None, reason)``. Its Fisher step in ``(W, D)`` from
     gradients alone diverged (the Fisher of ``W`` vanishes with ``W``: see
@@ -512,12 +505,12 @@ def _lowrank_site(site_name, base, fed, leaves, transforms, cons, count):
 
 
 def describe_rejected(rejected, names, params) -> List[str]:
-    """``name (reason)`` for the given fallback parameters, for the one warning."""
+    """``name (reason)`` for the given fallback parameters, for the one warning;
+    ``names``: ``{tensor: name}``."""
     out = []
     store = pyro.get_param_store()
     for p in params:
-        name = names.get(id(p), (None, None))[1] or store.param_name(p) \
-            or f"<tensor {tuple(p.shape)}>"
-        reason = rejected.get(id(p))
-        out.append(f"{name} ({reason})" if reason else name)
+        name = names.get(p) or store.param_name(p) or f"<tensor {tuple(p.shape)}>"
+        reason = rejected.get(id(p), "not the guide's: expected for model parameters")
+        out.append(f"{name} ({reason})")
     return out

@@ -49,6 +49,14 @@ from .expfam_step import write_param
 from .guides import _pyro_param
 
 
+#: Why a low-rank covariance takes base-optimizer steps (formatted with the site).
+COVARIANCE_REASON = (
+    "site {site!r}: a low-rank covariance takes natural-gradient steps only by the "
+    "projection step, which needs the model's Hessian (AutoLowRankMultivariateNormal with "
+    "curvature 'auto' up to MAX_CURVATURE_DIM latents, 'hessian' or 'ggn'); its Fisher step "
+    "from gradients alone is unstable (see pyro_natgrad.lowrank)")
+
+
 class LowRankGaussianGroup:
     """One ``AutoLowRankMultivariateNormal``. It owns ``loc``, and ``cov_factor`` and
     ``scale`` too once :meth:`own_covariance` is called (when the optimizer has the

@@ -30,10 +30,13 @@ from pyro.infer.autoguide import (AutoCallable, AutoContinuous, AutoDiagonalNorm
 from .curvature import ModelCurvature, ModelCurvatureError
 from .gaussian import (StepError, chunk_size, diagonal_gaussian_step, full_step,
                        hold_stride, leave_one_out_cv, norm, softplus_diagonal_step)
-from .guides import DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide
+from .guides import (
+    DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide, unsupported_parts,
+    unsupported_reason,
+)
 from .handwritten import describe_rejected, find_svi, find_svi_args, read_handwritten
 from .linalg import conjugate_gradient
-from .lowrank import LowRankGaussianGroup, project_lowrank, read_lowrank
+from .lowrank import COVARIANCE_REASON, LowRankGaussianGroup, project_lowrank, read_lowrank
 from .minibatch import minibatch_targets, plate_scale, subsampled
 from .replay import TorchRandomState, replay_guide, replayed_records
 from .schedule import StepSize
@@ -314,6 +317,9 @@ class NaturalGradient(PyroOptim):
         else:
             groups = read_guide(self.guide) + read_lowrank(self.guide)
             self._param_names, self._rejected = {}, {}
+            for name, part in unsupported_parts(self.guide):
+                reason = unsupported_reason(name, part)
+                self._rejected.update((id(p), reason) for p in part.parameters())
             for i, part in self._callable_parts():
                 found, names, rejected = read_handwritten(part._guide, *self._guide_args)
                 for g in found:
@@ -349,6 +355,10 @@ class NaturalGradient(PyroOptim):
             for g in lowrank:
                 g.own_covariance()
             self._owner = {p: g for g in groups for p in g.tensors()}
+        for g in lowrank:
+            if not g.owns_covariance():
+                for p in (g.cov_factor, g.scale_raw):
+                    self._rejected.setdefault(id(p), COVARIANCE_REASON.format(site=g.key))
 
     def _with_earlier_reads(self, groups, earlier_groups, earlier_names, earlier_rejected):
         """``groups`` and those of earlier reads that still hold live parameters found
@@ -448,6 +458,20 @@ class NaturalGradient(PyroOptim):
         appear once a step has been taken."""
         if self._groups is None:
             self._discover()
+        names = self._names()
+        out = {}
+        for g in self._groups.values():
+            for role, p in g.params.items():
+                out[names.get(p, f"{g.key}.{role}")] = f"natural gradient ({g.kind}, {g.key})"
+        for p, name in names.items():
+            if p not in self._owner:
+                reason = self._rejected.get(id(p))
+                out[name] = f"base optimizer ({optimizer_name(self.base_optimizer)})" + (
+                    f": {reason}" if reason else "")
+        return out
+
+    def _names(self) -> Dict[torch.Tensor, str]:
+        """``{tensor: name}`` as :meth:`routing` and the warnings name parameters."""
         names = {}
         if self._handwritten():
             for p, name in self._param_names.values():
@@ -460,16 +484,7 @@ class NaturalGradient(PyroOptim):
             name = store.param_name(p)
             if p not in names and name is not None:  # not a tensor of a replaced store
                 names[p] = name
-        out = {}
-        for g in self._groups.values():
-            for role, p in g.params.items():
-                out[names.get(p, f"{g.key}.{role}")] = f"natural gradient ({g.kind}, {g.key})"
-        for p, name in names.items():
-            if p not in self._owner:
-                reason = self._rejected.get(id(p))
-                out[name] = f"base optimizer ({optimizer_name(self.base_optimizer)})" + (
-                    f": {reason}" if reason else "")
-        return out
+        return names
 
     def read_guide(self, *args, **kwargs) -> Dict[str, str]:
         """Read a hand-written guide by running it once with these arguments (under
@@ -497,7 +512,7 @@ class NaturalGradient(PyroOptim):
             new = [p for p in params if p not in self._owner and p not in self._warned_params]
             if new:
                 self._warned_params.update(new)
-                listed = describe_rejected(self._rejected, self._param_names, new)
+                listed = describe_rejected(self._rejected, self._names(), new)
                 warnings.warn(
                     f"NaturalGradient: {len(new)} parameter(s) take "
                     f"{optimizer_name(self.base_optimizer)} steps: {'; '.join(listed[:8])}"
@@ -649,7 +664,8 @@ class NaturalGradient(PyroOptim):
         if not new:
             return
         self._warned_params.update(new)
-        names = param_labels(new)
+        known = self._names()
+        names = [known.get(p) or label for p, label in zip(new, param_labels(new))]
         warnings.warn(f"NaturalGradient: {len(new)} parameter(s) feed no supported guide site "
                       f"and take {optimizer_name(self.base_optimizer)} steps: {names[:8]}"
                       f"{' ...' if len(names) > 8 else ''}. That is expected for model "

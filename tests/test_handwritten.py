@@ -324,8 +324,8 @@ def test_lowrank_site_in_svi():
     routes = opt.routing()
     assert routes["loc"] == "natural gradient (low-rank Gaussian, mean only, z)"
     for name in ("W", "D"):
-        assert routes[name].startswith("base optimizer (Adam): site 'z': the covariance of "
-                                       "a LowRankMultivariateNormal"), routes
+        assert routes[name].startswith("base optimizer (Adam): site 'z': a low-rank "
+                                       "covariance"), routes
     for _ in range(299):
         svi.step()
     sd = lowrank_target().covariance_matrix.diagonal().sqrt()

@@ -562,8 +562,51 @@ def test_guide_list_with_delta_routing(float64):
         where = _route(routes, module_name, store.param_name(p))
         if module_name.startswith("1."):
             assert where.startswith("base optimizer"), (module_name, where)
+            assert "part 1 of the AutoGuideList, AutoDelta: not a guide" in where, where
         else:
             assert where.startswith("natural gradient"), (module_name, where)
+
+
+def test_fallback_warning_names_parameters_as_routing_does(float64, rng):
+    """The one warning names each base-optimizer parameter by its key in routing() (it
+    named the AutoDelta part's by the param store's names, which routing() does not use)
+    and says why; a model parameter is named as such."""
+    X, y = _small_data()
+    pyro.clear_param_store()
+    guide = _delta_guide()
+
+    def model(X, y):
+        pyro.param("offset", torch.tensor(0.0))
+        noise_model(X, y)
+
+    opt = NaturalGradient(guide)
+    with pytest.warns(NaturalGradientWarning, match="take Adam steps") as record:
+        SVI(model, guide, opt, Trace_ELBO()).step(X, y)
+    message = str(record[0].message)
+    routes = opt.routing()
+    base = [k for k, v in routes.items() if v.startswith("base optimizer")]
+    assert sorted(base) == ["1.s_unconstrained", "offset"], routes
+    assert "1.s_unconstrained (part 1 of the AutoGuideList, AutoDelta: not a guide" in message
+    assert "offset (not the guide's: expected for model parameters)" in message, message
+
+
+def test_lowrank_covariance_routing_says_why(float64):
+    """Without the model's Hessian an AutoLowRankMultivariateNormal's covariance goes to
+    the base optimizer, and routing() says why (it gave no reason); with it, the
+    projection step owns it."""
+    X, y = _small_data()
+    for curvature, owned in (("none", False), ("auto", True)):
+        pyro.clear_param_store()
+        guide = AutoLowRankMultivariateNormal(noise_model, rank=2)
+        guide(X, y)
+        opt = NaturalGradient(guide, curvature=curvature)
+        routes = opt.routing()
+        for name in ("cov_factor", "scale_unconstrained"):
+            if owned:
+                assert routes[name] == "natural gradient (low-rank Gaussian, latent)", routes
+            else:
+                assert routes[name].startswith("base optimizer (Adam): site 'latent': a "
+                                               "low-rank covariance"), routes
 
 
 @pytest.mark.parametrize("base", ["default", "explicit"])
