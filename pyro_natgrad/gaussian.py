@@ -538,7 +538,7 @@ class FusedSums(NamedTuple):
     taken: torch.Tensor  # sum(rho_i)
     check: torch.Tensor  # sum(loc') + sum(raw'): finite only if every output is
     agreement: torch.Tensor  # <w, previous w> on the sample, w = scale (dl/dloc - cv eps/scale)
-    norm2: torch.Tensor  # |w|^2 on the sample
+    norm2: torch.Tensor  # |w|^2 on the sample (these two in float64)
 
 
 def passes(n: int, chunk: int):
@@ -582,8 +582,10 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
     n = loc.shape[0]
     taken = loc.new_zeros(())
     check = loc.new_zeros(())
-    agreement = loc.new_zeros(())
-    norm2 = loc.new_zeros(())
+    # In float64: the squares of a huge but finite float32 gradient overflow, and the
+    # hold test then read inf as "no agreement". The sample is small (HOLD_SAMPLE).
+    agreement = loc.new_zeros((), dtype=torch.float64)
+    norm2 = loc.new_zeros((), dtype=torch.float64)
     stride = hold_stride(n)
     root_kl = math.sqrt(max_kl)
     tiny = torch.finfo(loc.dtype).tiny
@@ -618,8 +620,9 @@ def softplus_diagonal_step(loc, raw, grad_loc, grad_raw, draw, rho: float, max_k
             first = -(-start // stride) * stride  # the pass's first sampled element
             sample = D[first - start::stride]
             part = previous[first // stride:first // stride + sample.shape[0]]
-            norm2 += torch.dot(sample, sample)
-            agreement += torch.dot(sample, part)
+            wide = sample.to(torch.float64)
+            norm2 += torch.dot(wide, wide)
+            agreement += torch.dot(wide, part.to(torch.float64))
             part.copy_(sample)
         # rho_i = min(rho, 2k / (a + sqrt(a^2 + 4k a b)), sqrt(2) k / b): step_limit,
         # a = |w|, b = |S|, k = sqrt(max_kl), as 2k / max(sqrt(a) (sqrt(a) + sqrt(a + 4k b)),

@@ -820,12 +820,14 @@ class NaturalGradient(PyroOptim):
                                              loc.device)
         rho = float(self.step_size(state["t"]))
         previous = _previous_gradient(state, len(range(0, n, hold_stride(n))), loc)
-        before = previous @ previous  # the kernel overwrites it
+        wide = previous.to(torch.float64)  # its square may overflow the dtype
+        before = wide @ wide  # the kernel overwrites it
         sums = softplus_diagonal_step(
             flat[0], flat[1], flat[2], flat[3], draw, rho, self.max_kl, new_loc, new_raw, work,
             scale=None if scale is None else scale.reshape(-1),
             cv=None if n >= CV_MIN_ELEMENTS else 1.0, previous=previous)
-        taken, check, agreement, norm2, before = torch.stack(list(sums) + [before]).tolist()
+        taken, check, agreement, norm2, before = torch.stack(
+            [t.to(torch.float64) for t in (*sums, before)]).tolist()
         if not (math.isfinite(taken) and math.isfinite(check)):
             return False  # e.g. an overflow or an underflowed scale: the general route decides
         with torch.no_grad():

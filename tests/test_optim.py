@@ -1789,8 +1789,8 @@ def test_fused_diagonal_step_matches_general(monkeypatch, dtype, with_draw, give
     # its place
     w = (scale * g_loc - (c * eps if with_draw else 0))[::stride]
     torch.testing.assert_close(previous, w, **tol)
-    torch.testing.assert_close(agreement, w @ before, **tol)
-    torch.testing.assert_close(norm2, w @ w, **tol)
+    torch.testing.assert_close(agreement, (w @ before).to(torch.float64), **tol)
+    torch.testing.assert_close(norm2, (w @ w).to(torch.float64), **tol)
 
 
 def test_unsubsampled_plate_steps_like_an_event(float64):

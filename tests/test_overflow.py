@@ -213,8 +213,11 @@ def test_fused_step_huge_gradient(cv):
     sample = loc + scale * draw(1.0)
     out_loc, out_raw = torch.empty_like(loc), torch.empty_like(loc)
     work = [torch.empty(n, dtype=F32) for _ in range(6)]
+    previous = draw(1e22)  # the hold test's sample of the last step's w (stride 1 here)
+    last = previous.to(F64)
     sums = gaussian.softplus_diagonal_step(loc, raw, g_loc, g_raw, sample, 1.0, MAX_KL,
-                                           out_loc, out_raw, work, scale=scale, cv=cv)
+                                           out_loc, out_raw, work, scale=scale, cv=cv,
+                                           previous=previous)
     assert math.isfinite(float(sums.check))
     x = {k: v.to(F64) for k, v in dict(loc=loc, raw=raw, g_loc=g_loc, g_raw=g_raw,
                                         scale=scale, sample=sample).items()}
@@ -229,6 +232,11 @@ def test_fused_step_huge_gradient(cv):
     torch.testing.assert_close(SoftplusTransform()(out_raw).to(F64), ref.scale_tril,
                                rtol=1e-4, atol=0)
     torch.testing.assert_close(float(sums.taken), float(ref.rho.sum()), rtol=1e-4, atol=0)
+    # the hold test's sums (they overflowed to inf, and the step-size clock advanced)
+    w = x["scale"] * x["g_loc"] - c * eps
+    assert gaussian.hold_stride(n) == 1
+    torch.testing.assert_close(float(sums.norm2), float(w @ w), rtol=1e-4, atol=0)
+    torch.testing.assert_close(float(sums.agreement), float(w @ last), rtol=1e-3, atol=0)
 
 
 def test_batched_full_step_huge_gradient():
