@@ -322,5 +322,17 @@ class ModelCurvature:
             raise ModelCurvatureError(
                 f"the generalized Gauss-Newton matrix (curvature='ggn') does not sum out the "
                 f"enumerated {enumerated}", "use curvature='hessian', which does, or 'none'")
-        G = ModelGGN(self._model, values, self.args, self.kwargs).dense()
+        # Subsampling plates draw their indices as ModelGGN traces the model: from the
+        # current state, which is restored, as for the Hessian (see _structure).
+        state = _RandomState(z.device)
+        try:
+            G = ModelGGN(self._model, values, self.args, self.kwargs).dense()
+        except (ValueError, NotImplementedError) as e:
+            # ModelGGN's fixes (e.g. its sites= argument) are not NaturalGradient's.
+            raise ModelCurvatureError(
+                f"the generalized Gauss-Newton matrix (curvature='ggn') is not available for "
+                f"this model: {str(e).split('; ')[0].split('. ')[0]}",
+                "use curvature='hessian' (the model's exact Hessian), or 'none'") from e
+        finally:
+            state.restore()
         return G - self.hessian(z, prior_only=True)

@@ -116,8 +116,11 @@ class _Head:
         for m, below in masks:
             if m is not None and not (isinstance(m, bool) and m):
                 w = w * _align(m, below, dtype, device)
-        if bool((torch.as_tensor(w) < 0).any()):
-            raise ValueError(f"{label}: the scale must be >= 0 for a positive semi-definite GGN")
+        w_ = torch.as_tensor(w)
+        if not bool(((w_ >= 0) & torch.isfinite(w_)).all()):  # NaN fails both
+            bad = w_[~((w_ >= 0) & torch.isfinite(w_))].flatten()[0].item()
+            raise ValueError(f"{label}: the scale (times the mask) must be finite and >= 0 "
+                             f"for a positive semi-definite GGN, got {bad}")
         self.weight = w
         self.batch_shape = base.batch_shape
         self.reinterpreted = reinterpreted
@@ -409,10 +412,11 @@ class ModelGGN(GGNOperator):
     :param sites: restrict to these observed sites (default: all of them).
     :param bool vectorize: see :class:`GGNOperator`.
 
-    Subsampling plates draw their indices once, at construction; every product
-    replays them. Discrete latent sites and factor statements are not supported;
-    every observed site must have a registered closed-form Fisher (not, for
-    example, ``NegativeBinomial``).
+    Subsampling plates draw their indices once, at construction (from torch's random
+    state, which they advance); every product replays them. Discrete latent sites and
+    factor statements are not supported; every observed site must have a registered
+    closed-form Fisher (not, for example, ``Cauchy``: :func:`~pyro_natgrad.register_fisher`
+    adds one).
     """
 
     def __init__(self, model: Callable, latent_values: Dict[str, torch.Tensor],

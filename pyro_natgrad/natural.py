@@ -2,11 +2,16 @@
 
 ::
 
-    q = dist.Gamma(alpha, beta)
+    q = dist.Gamma(alpha, beta)                    # alpha, beta: leaves, requires_grad
     loss = ...                                     # any differentiable function of q
     g = torch.autograd.grad(loss, [alpha, beta])
-    nat = natural_gradient(q, {"concentration": g[0], "rate": g[1]})
-    # step: alpha -= lr * nat["concentration"], ...
+    with torch.no_grad():
+        nat = natural_gradient(q, {"concentration": g[0], "rate": g[1]})
+        alpha -= lr * nat["concentration"]         # (a positive parameter is better
+        beta -= lr * nat["rate"]                   # stepped in coords="unconstrained")
+
+Like any function of ``q``'s parameters, the natural gradient is differentiable with
+respect to them: compute it under ``torch.no_grad()`` for a plain step.
 """
 
 from typing import Dict, Sequence

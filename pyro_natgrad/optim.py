@@ -812,9 +812,11 @@ class NaturalGradient(PyroOptim):
         if n == 0:
             return False
         if scale is None:
-            lo, hi = torch.aminmax(raw.detach())
-            if not (float(hi) <= 20.0 and float(lo) >= -30.0):
-                return False  # softplus is not log1p(exp(raw)) there, or the scale underflows
+            # The guide's own function, not the kernel's log1p(exp(raw)), which rounds
+            # differently: a step must not depend on whether the guide's scale was
+            # recorded (it is not before the groups are read, e.g. at the first step of
+            # a resumed run, which then differed from the uninterrupted one).
+            scale = group.transforms["scale"](raw.detach())
         flat = [t.detach().reshape(-1) for t in tensors]
         new_loc, new_raw, *work = group.work((n, n) + (min(n, chunk_size(loc)),) * 6, loc.dtype,
                                              loc.device)
@@ -824,7 +826,7 @@ class NaturalGradient(PyroOptim):
         before = wide @ wide  # the kernel overwrites it
         sums = softplus_diagonal_step(
             flat[0], flat[1], flat[2], flat[3], draw, rho, self.max_kl, new_loc, new_raw, work,
-            scale=None if scale is None else scale.reshape(-1),
+            scale=scale.reshape(-1),
             cv=None if n >= CV_MIN_ELEMENTS else 1.0, previous=previous)
         taken, check, agreement, norm2, before = torch.stack(
             [t.to(torch.float64) for t in (*sums, before)]).tolist()
@@ -1181,15 +1183,20 @@ class NaturalGradient(PyroOptim):
                 "skipped": self._skipped}
 
     def set_state(self, state: Dict) -> None:
-        """Restore :meth:`get_state`'s result. Groups not yet read (before the first
-        step) receive theirs when they are."""
+        """Restore :meth:`get_state`'s result (copied: ``state`` is not changed by later
+        steps). Groups not yet read (before the first step) receive theirs when they are."""
         ng = state.get("natural_gradient", {})
         for key, value in ng.items():
+            # Copies: steps change some of these tensors in place (the hold test's
+            # sample), and the caller's checkpoint must stay as it was.
+            value = {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v))
+                     for k, v in value.items()}
             if self._groups is not None and (key in self._groups or key == "curvature"):
-                self._state[key] = dict(value)
+                self._state[key] = value
             else:
-                self._waiting_state[key] = dict(value)
-        self.base_optimizer.set_state(state.get("base", {}))
+                self._waiting_state[key] = value
+        # torch's load_state_dict keeps the given moments' tensors and steps them in place
+        self.base_optimizer.set_state(copy.deepcopy(state.get("base", {})))
         self._skipped = state.get("skipped", 0)
 
     def save(self, filename: str) -> None:

@@ -164,3 +164,33 @@ def test_minibatch_hessian_diagonal_matches_autograd_hessian(float64):
     expected = torch.zeros(N, 2, dtype=torch.float64)
     expected[idx] = diag[2:].reshape(B, 2) / (N / B)  # a local's target is unscaled
     torch.testing.assert_close(targets["z"], expected)
+
+
+def _subsampled_linear_model(X, y, size=10):
+    def model():
+        w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1], dtype=X.dtype), 2.0).to_event(1))
+        with pyro.plate("data", len(X), subsample_size=size) as i:
+            pyro.sample("y", dist.Normal(X[i] @ w, 0.5), obs=y[i])
+    return model
+
+
+def test_ggn_precision_leaves_the_random_state_as_it_was():
+    """A subsampled plate of observations draws its indices for the GGN from the current
+    random state, which is restored, as for the Hessian (ggn_precision advanced it, so
+    the next ELBO step saw other minibatches than under curvature='hessian'). The
+    linear-Gaussian model's GGN is its Hessian: X_i^T X_i (N / B) / sigma^2 + I / 4 on
+    the subsample the state would draw."""
+    X, y = _data()
+    guide = AutoMultivariateNormal(_subsampled_linear_model(X, y))
+    curv = ModelCurvature(guide)
+    guide()
+    z = torch.zeros(3, dtype=torch.float64)
+    for target in (lambda: -curv.hessian(z), lambda: curv.ggn_precision(z)):
+        torch.manual_seed(3)
+        state = torch.get_rng_state()
+        G = target()
+        assert torch.equal(torch.get_rng_state(), state)
+        i = torch.randperm(len(X))[:10]  # pyro's subsample, drawn from the same state
+        Xi = X[i]
+        exact = Xi.T @ Xi * (len(X) / 10) / 0.5 ** 2 + torch.eye(3, dtype=torch.float64) / 4
+        torch.testing.assert_close(G, exact, rtol=1e-10, atol=1e-10)

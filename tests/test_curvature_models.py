@@ -370,3 +370,42 @@ def test_the_ggn_error_on_an_enumerated_model_points_to_the_hessian(float64):
     message = str(info.value)
     assert "enumerated ['a']" in message and "use curvature='hessian', which does" in message
     assert "no precision target" not in message
+
+
+def _factor_model(X, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    pyro.factor("ridge", -0.5 * (w ** 2).sum())
+    with pyro.plate("data", len(X)):
+        pyro.sample("y", dist.Normal(X @ w, 1.0), obs=y)
+
+
+def _cauchy_model(X, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    with pyro.plate("data", len(X)):
+        pyro.sample("y", dist.Cauchy(X @ w, 1.0), obs=y)
+
+
+@pytest.mark.parametrize("model,why", [(_factor_model, "site 'ridge' is a factor statement"),
+                                       (_cauchy_model, "registered for Cauchy")])
+def test_a_model_without_a_ggn_is_refused_with_a_fix_that_applies(float64, model, why):
+    """curvature='ggn' on a model with a factor statement, or a likelihood with no
+    closed-form Fisher: a ValueError that says why and points to curvature='hessian'
+    (it told the user to pass ModelGGN's ``sites=``, which NaturalGradient does not
+    take, or was a bare NotImplementedError), raised before anything changed; the
+    Hessian takes the model as it is."""
+    g = generator(0)
+    X = torch.randn(30, 2, generator=g)
+    y = X @ torch.tensor([1.0, -0.5]) + torch.randn(30, generator=g)
+    guide = AutoMultivariateNormal(model)
+    guide(X, y)
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    svi = SVI(model, guide, NaturalGradient(guide, curvature="ggn"), Trace_ELBO())
+    with pytest.raises(ValueError) as info:
+        svi.step(X, y)
+    message = str(info.value)
+    assert why in message and "use curvature='hessian'" in message, message
+    assert "sites=" not in message
+    for k, v in pyro.get_param_store().items():
+        assert torch.equal(v.detach(), before[k]), k
+    svi = SVI(model, guide, NaturalGradient(guide, curvature="hessian"), Trace_ELBO())
+    assert math.isfinite(svi.step(X, y))

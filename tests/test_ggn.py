@@ -590,3 +590,15 @@ def test_weights_align_through_independent_and_masks():
     ref = torch.einsum("gn,gni,gnj->ij", weight, X, X)
     assert_close(G, ref)
     assert m.any() and not m.all()
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -1.0])
+def test_a_scale_that_is_not_finite_and_nonnegative_is_refused(scale):
+    """``scale`` must be finite and >= 0 (NaN passed the check ``scale < 0``, and the
+    operator's matrix was NaN)."""
+    X = torch.randn(6, 2)
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
+        GGNOperator(lambda t: {"logits": X @ t}, torch.zeros(2), dist.Bernoulli, scale=scale)
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
+        GGNOperator(lambda t: {"logits": X @ t}, torch.zeros(2), dist.Bernoulli,
+                    scale=torch.tensor([1.0, scale, 1.0, 1.0, 1.0, 1.0]))

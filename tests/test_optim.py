@@ -863,7 +863,8 @@ def _resume(guide_cls, X, y, param_state, optim_state, rng_state, model=ckpt_mod
     is set up: Pyro's AutoContinuous guides keep ``loc`` as a plain nn.Parameter that only
     reads the store when it is created, so restoring afterwards would not reach it."""
     pyro.clear_param_store()
-    pyro.get_param_store().set_state(param_state)
+    # a copy: Pyro's param store takes over the given tensors and steps change them
+    pyro.get_param_store().set_state(copy.deepcopy(param_state))
     guide = guide_cls(model)
     guide(X, y)  # set up the guide's structure (uses the RNG: before restoring it)
     opt = NaturalGradient(guide, **options)
@@ -888,8 +889,15 @@ def ckpt_model_log_concave(X, y):
     (AutoNormal, {}, ckpt_model), (AutoMultivariateNormal, {}, ckpt_model),
     (AutoLowRankMultivariateNormal, {}, ckpt_model),
     (AutoNormal, {"curvature": "hvp"}, ckpt_model_log_concave),
-], ids=["AutoNormal", "AutoMultivariateNormal", "AutoLowRankMultivariateNormal", "hvp"])
+    # the fused step from gradients alone, whose first resumed step once computed the
+    # guide's scale itself (not yet recorded) and rounded differently
+    (AutoNormal, {"curvature": "none"}, ckpt_model),
+], ids=["AutoNormal", "AutoMultivariateNormal", "AutoLowRankMultivariateNormal", "hvp",
+        "AutoNormal-none"])
 def test_checkpoint_resume_bitwise(float64, rng, tmp_path, guide_cls, options, model):
+    """Resumed from a checkpoint, in memory (twice from one snapshot: set_state took
+    over its tensors, which steps change in place) and via files, the run continues
+    bit for bit."""
     X, y = _small_data()
     guide = fresh(guide_cls, model)
     opt = NaturalGradient(guide, **options)
@@ -897,7 +905,7 @@ def test_checkpoint_resume_bitwise(float64, rng, tmp_path, guide_cls, options, m
     _run(svi, 10, X, y)
     param_state = copy.deepcopy(pyro.get_param_store().get_state())
     optim_state = copy.deepcopy(opt.get_state())
-    if options:  # the Newton steps ran, so their state is part of the checkpoint
+    if options.get("curvature") == "hvp":  # its Newton steps' state is in the checkpoint
         assert "hessian_weight" in optim_state["natural_gradient"]["curvature"]
     rng_state = rng_state_now()
     pyro.get_param_store().save(tmp_path / "params.pt")
@@ -907,14 +915,21 @@ def test_checkpoint_resume_bitwise(float64, rng, tmp_path, guide_cls, options, m
     expected = store_snapshot()
     assert all(bool(torch.isfinite(v).all()) for v in expected.values())
 
-    # in memory
-    guide, svi = _resume(guide_cls, X, y, param_state, optim_state, rng_state, model,
-                         **options)
-    _run(svi, 10, X, y)
-    got = store_snapshot()
-    assert got.keys() == expected.keys()
-    for k in expected:
-        assert torch.equal(got[k], expected[k]), k
+    # in memory, twice from the same snapshot
+    snapshot = copy.deepcopy(optim_state)
+    for _ in range(2):
+        guide, svi = _resume(guide_cls, X, y, param_state, optim_state, rng_state, model,
+                             **options)
+        _run(svi, 10, X, y)
+        got = store_snapshot()
+        assert got.keys() == expected.keys()
+        for k in expected:
+            assert torch.equal(got[k], expected[k]), k
+    for key, value in snapshot["natural_gradient"].items():
+        for k, v in value.items():
+            same = torch.equal(v, optim_state["natural_gradient"][key][k]) \
+                if torch.is_tensor(v) else v == optim_state["natural_gradient"][key][k]
+            assert same, (key, k)
 
     # via files, and with the optimizer built before the guide's set-up call, whose draws
     # it records (they once took the place of the first resumed step's own)
@@ -1931,7 +1946,12 @@ def test_mean_field_step_size_holds_while_the_gradients_agree(float64, monkeypat
 def test_fused_step_reuses_the_guides_scale_only_while_raw_is_unchanged(float64, monkeypatch):
     """The fused step takes softplus(raw) from the guide's forward pass (recorded with
     raw's version counter) instead of computing it again, and only while raw is
-    unchanged since: an in-place change in between makes it compute the scale."""
+    unchanged since: an in-place change in between makes it compute the scale, with the
+    guide's own softplus (bit for bit the same: the kernel's own log1p(exp(raw))
+    rounded differently, and a resumed run, whose first step has no recorded scale,
+    left the uninterrupted one's path)."""
+    import pyro.distributions.transforms.softplus as softplus_module
+
     from pyro_natgrad import optim as optim_module
 
     model, guide, opt, svi = _large_mean_field(seed=0)
@@ -1939,20 +1959,31 @@ def test_fused_step_reuses_the_guides_scale_only_while_raw_is_unchanged(float64,
     original = optim_module.softplus_diagonal_step
 
     def spy(*args, scale=None, **kwargs):
-        given.append(scale is not None)
-        if scale is not None:  # it is the guide's softplus(raw), bit for bit
-            assert torch.equal(scale, guide.scales.z.detach().reshape(-1))
+        raw = guide.scales.z_unconstrained.detach().reshape(-1)
+        given.append(torch.equal(scale, torch.nn.functional.softplus(raw)))
         return original(*args, scale=scale, **kwargs)
 
     monkeypatch.setattr(optim_module, "softplus_diagonal_step", spy)
     svi.step()
-    assert given == [True]
-    elbo = Trace_ELBO()
-    elbo.differentiable_loss(model, guide).backward()
-    with torch.no_grad():
-        guide.scales.z_unconstrained.mul_(1.0)  # same values, a new version
-    opt(list(guide.parameters()))
-    assert given == [True, False]
+    calls = []
+    softplus = softplus_module.softplus
+
+    def counted(x):
+        calls.append(x.shape)
+        return softplus(x)
+
+    for change in (False, True):
+        Trace_ELBO().differentiable_loss(model, guide).backward()
+        if change:
+            with torch.no_grad():
+                guide.scales.z_unconstrained.mul_(1.0)  # same values, a new version
+        monkeypatch.setattr(softplus_module, "softplus", counted)
+        opt(list(guide.parameters()))
+        monkeypatch.setattr(softplus_module, "softplus", softplus)
+        for p in guide.parameters():
+            p.grad = None
+    assert given == [True, True, True]
+    assert len(calls) == 1  # the second call only
 
 
 @pytest.mark.parametrize("which", ["loc", "scale"])
