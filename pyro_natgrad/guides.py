@@ -236,6 +236,16 @@ class DiagonalGaussianGroup(_Group):
                 index.append((frame.dim - self.event_dim, record[frame.name]))
         return index
 
+    def draw_count(self, records) -> int:
+        """How many draws of the site the records hold (vectorised particles count each)."""
+        count = 0
+        for record in records:
+            if self.site in record:
+                value = record[self.site][0]
+                lead = value.dim() - self.params["loc"].dim()
+                count += value.shape[:lead].numel() if lead > 0 else 1
+        return count
+
     def eps_moments(self, records, loc, scale):
         """``(E[eps], E[eps^2], visits)`` over the recorded draws, full-size tensors
         (elements outside a subsample get 0, 1 and 0); None without records."""

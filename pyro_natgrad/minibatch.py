@@ -46,9 +46,9 @@ def minibatch_targets(curv, groups: Iterable[DiagonalGaussianGroup], records,
                       limit: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """``{group key: precision target}`` for a subsampled ``AutoNormal``: minus the
     diagonal of the model's Hessian at this step's draws (globals and the subsample's
-    locals), averaged over the draws and vectorised particles, full-size (0 outside the
-    subsample); each local's entry is unscaled by its plate's ``full_size / size``, as
-    its gradient is.
+    locals), averaged over the draws (and vectorised particles) that visited each element,
+    full-size (0 outside the subsamples); each local's entry is unscaled by its plate's
+    ``full_size / size``, as its gradient is.
 
     Cost: one backward pass per global coordinate and per local coordinate of one item,
     for each particle, not per subsample element.
@@ -64,7 +64,7 @@ def minibatch_targets(curv, groups: Iterable[DiagonalGaussianGroup], records,
     names = [name for name, _, _ in curv._sites()]
     if not records or set(names) != set(groups):
         return {}
-    sums, count = {}, 0
+    sums, visits = {}, {}
     for record in records:
         if not all(groups[n].site in record for n in names):
             return {}
@@ -113,9 +113,15 @@ def minibatch_targets(curv, groups: Iterable[DiagonalGaussianGroup], records,
                 part = diag[pos:pos + k].reshape(shapes[n])
                 pos += k
                 index = g.subsample_index(record)
+                seen = 1.0
                 if index:
-                    part = _scatter(g.params["loc"], part / plate_scale(curv.guide, g, [record]),
-                                    index)
+                    part = part / plate_scale(curv.guide, g, [record])
+                    seen = _scatter(g.params["loc"], torch.ones_like(part), index)
+                    part = _scatter(g.params["loc"], part, index)
                 sums[g.key] = sums.get(g.key, 0) + part
-            count += 1
-    return {key: value / count for key, value in sums.items()}
+                visits[g.key] = visits.get(g.key, 0) + seen
+    # Each element's average over the draws that visited it: sequential particles draw
+    # their own subsamples (averaging over all draws shrank a rarely visited element's
+    # target, and so widened its variance, k-fold).
+    return {key: value / torch.as_tensor(visits[key]).clamp_min(1)
+            for key, value in sums.items()}

@@ -737,7 +737,14 @@ class NaturalGradient(PyroOptim):
             t = state.get("t_elem")
             if not torch.is_tensor(t):
                 t = torch.full_like(loc.detach(), float(state["t"]))
+            # With several particles each draws its own subsample, and the ELBO averages
+            # over all k draws: an element visited by v of them has (v / k) c times the
+            # average of its visits' gradients (it was taken as c times, shrinking
+            # rarely visited elements' steps k-fold).
             c = plate_scale(self.guide, group, records)
+            if visits is not None:
+                share = visits / group.draw_count(records)
+                c = c * torch.where(visits > 0, share, torch.ones_like(share))
             g_loc, g_scale = g_loc / c, g_scale / c
             rho = self.step_size(t)
         else:
@@ -919,9 +926,17 @@ class NaturalGradient(PyroOptim):
         for record in records:
             if not all(g.site in record for g in groups):
                 return False
-            parts = [record[g.site][0] for g in groups]
-            lead = parts[0].dim() - groups[0].params["loc"].dim()
-            flat = [x.reshape(x.shape[:lead].numel() if lead else 1, -1) for x in parts]
+            flat = []
+            for g in groups:
+                # Vectorised particles: leading dims per site (a scalar global's draw is
+                # (k, 1) beside a local plate's (k, n): its own lead, not the first site's)
+                x = record[g.site][0]
+                lead = x.dim() - g.params["loc"].dim()
+                if lead < 0:
+                    return False
+                flat.append(x.reshape(x.shape[:lead].numel(), -1))
+            if len({x.shape[0] for x in flat}) != 1:
+                return False
             draws.append(torch.cat(flat, -1))
             # The model's plates take the subsample this draw was made with, as in the ELBO.
             plates += [DrawRecorder.plate_indices(record)] * draws[-1].shape[0]
