@@ -4,6 +4,7 @@ Each example imports this module as ``_common``: a script run as
 ``python examples/<name>.py`` has ``examples/`` on ``sys.path``.
 
 * :func:`add_common_args` / :func:`finish_args`: the command-line options every example has.
+* :func:`check_output` / :func:`natgrad_options`: options checked before any fitting.
 * :func:`fit`: an SVI loop with a progress bar, for ``NaturalGradient`` or ``Adam``.
 * :func:`guide_draws`: guide samples through ``Predictive``.
 * :func:`summarise` / :func:`print_table`: the posterior summary table.
@@ -11,6 +12,7 @@ Each example imports this module as ``_common``: a script run as
 """
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ import pyro
 import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO
 
-from pyro_natgrad import NaturalGradient
+from pyro_natgrad import NaturalGradient, StepSize
 
 OPTIMIZERS = ("natgrad", "adam")
 LABELS = {"natgrad": "natural gradient", "adam": "Adam"}
@@ -84,9 +86,59 @@ def finish_args(parser, argv=None, step_defaults: Optional[Callable] = None):
         parser.error("--lr must be positive")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    check_output(parser, args.plot, "--plot")
     torch.set_num_threads(args.threads)
     args.other = other
     return args
+
+
+def check_output(parser, path, option, folder=False):
+    """``parser.error`` unless ``path`` can be written: its folder exists and is writable
+    (``folder=True``: ``path`` is a folder, made if missing, so its nearest existing
+    ancestor must be writable). Called before fitting, so that a typo in a folder does not
+    lose a run that took minutes; ``None`` or ``""`` (no output) passes."""
+    if not path:
+        return
+    full = os.path.abspath(path)
+    if folder:
+        if os.path.exists(full) and not os.path.isdir(full):
+            parser.error(f"{option} {path}: not a folder")
+        parent = full
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+    else:
+        if os.path.isdir(full):
+            parser.error(f"{option} {path}: is a folder; give a file name")
+        parent = os.path.dirname(full)
+        if not os.path.isdir(parent):
+            parser.error(f"{option} {path}: folder {parent} does not exist")
+    if not os.path.isdir(parent):
+        parser.error(f"{option} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        parser.error(f"{option} {path}: folder {parent} is not writable")
+
+
+def _no_guide(*args, **kwargs):
+    """A stand-in guide: NaturalGradient checks its options in the constructor."""
+
+
+def natgrad_options(parser, max_kl=None, initial_step=None) -> dict:
+    """``NaturalGradient``'s keyword options from ``--max-kl`` and ``--initial-step``
+    (``None``: the optimizer's default), checked now by the library's own rules, so that
+    a bad value is a usage error before any fitting, not a traceback at the first fit."""
+    options = {}
+    if initial_step is not None:
+        try:
+            options["step_size"] = StepSize(initial=initial_step)
+        except ValueError as e:
+            parser.error(f"--initial-step {initial_step:g}: {e}")
+    if max_kl is not None:
+        options["max_kl"] = max_kl
+        try:
+            NaturalGradient(_no_guide, max_kl=max_kl)
+        except ValueError as e:
+            parser.error(f"--max-kl {max_kl:g}: {e}")
+    return options
 
 
 def runs(args):

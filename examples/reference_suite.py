@@ -87,6 +87,7 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.lr <= 0:
         parser.error("--lr must be positive")
+    C.check_output(parser, args.plot, "--plot")
     if not args.list:
         try:
             args.models = select_models(args.models)

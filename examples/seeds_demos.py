@@ -373,6 +373,7 @@ def main(argv=None):
         parser.error("need --scale > 0, --n >= 2, --steps >= 1, --pg-steps >= 1")
     if not 0 <= args.gamma < 1 or args.kl_step <= 0 or args.theta0_pg[1] <= 0:
         parser.error("need 0 <= --gamma < 1, --kl-step > 0 and a positive sigma in --theta0-pg")
+    C.check_output(parser, args.out, "--out", folder=True)
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(1)
     part_a(args, args.out)
