@@ -35,21 +35,12 @@ import numpy as np
 import pyro
 from pyro.infer.autoguide import AutoMultivariateNormal
 
-from pyro_natgrad import StepSize
 from pyro_natgrad.datasets import load_reference
 
 RADON = "radon_contextual_effects_minnesota_halfnormal"
 EIGHT_SCHOOLS = "eight_schools-eight_schools_noncentered"
 STEPS = {"radon": {"natgrad": 200, "adam": 2000},
          "eight_schools": {"natgrad": 200, "adam": 3000}}
-
-
-def options_from(args) -> dict:
-    """The ``NaturalGradient`` options that ``--max-kl`` and ``--initial-step`` set."""
-    options = {} if args.max_kl is None else {"max_kl": args.max_kl}
-    if args.initial_step is not None:
-        options["step_size"] = StepSize(initial=args.initial_step)
-    return options
 
 
 def fit_reference(ref, args, steps_of, natgrad_options):
@@ -66,7 +57,7 @@ def fit_reference(ref, args, steps_of, natgrad_options):
 
 def run_radon(args, steps_of, axes=None):
     ref = load_reference(RADON)
-    options = options_from(args)
+    options = args.natgrad_options
     print(f"== radon: {ref.name} ({ref.source}), {ref.n_data} homes, "
           f"{ref.n_params} latent dimensions; NaturalGradient{options or '()'}")
     fits, summaries = fit_reference(ref, args, steps_of, options)
@@ -105,7 +96,7 @@ def run_radon(args, steps_of, axes=None):
 
 def run_eight_schools(args, steps_of, axes=None):
     ref = load_reference(EIGHT_SCHOOLS)
-    options = options_from(args)
+    options = args.natgrad_options
     print(f"== eight schools: {ref.name} ({ref.source}), {ref.n_data} schools; "
           f"NaturalGradient{options or '()'}")
     fits, summaries = fit_reference(ref, args, steps_of, options)
@@ -168,6 +159,8 @@ def main(argv=None):
                       "schools)")
     # None: each model's own default step counts (STEPS)
     args = C.finish_args(parser, argv, lambda a: {"natgrad": None, "adam": None})
+    # the NaturalGradient options that --max-kl and --initial-step set, checked up front
+    args.natgrad_options = C.natgrad_options(parser, args.max_kl, args.initial_step)
 
     def steps_of(model):
         def inner(opt, chosen):

@@ -87,8 +87,8 @@ def maximum_likelihood(X, y):
     return np.asarray(res.params), np.asarray(res.bse)
 
 
-def run_glm(args):
-    X, y, columns = load_randhie()
+def run_glm(args, data):
+    X, y, columns = data
     names = [f"b[{c}]" for c in columns]
     model = glm_model(X, y, args.batch_size)
     mle, se = maximum_likelihood(X, y)
@@ -98,7 +98,7 @@ def run_glm(args):
     if args.batch_size is not None:
         print(f"minibatch SVI: each step's ELBO sees {rows_per_evaluation(model)} of "
               f"{len(y)} observations")
-    options = {} if args.max_kl is None else {"max_kl": args.max_kl}
+    options = args.natgrad_options
     fits = [C.fit(model, lambda: AutoMultivariateNormal(model, init_loc_fn=init_to_feasible),
                   opt, steps, lr=args.lr, seed=args.seed, quiet=args.quiet,
                   natgrad_options=options)
@@ -134,7 +134,7 @@ def run_glm(args):
 
 def run_gp(args):
     ref = load_reference(GP_REFERENCE)
-    options = {} if args.max_kl is None else {"max_kl": args.max_kl}
+    options = args.natgrad_options
     print(f"{ref.name} ({ref.source}): {ref.n_data} counts, latent GP; "
           f"reference: long-run NUTS")
     fits = [C.fit(ref.model, lambda: AutoMultivariateNormal(ref.model), opt, steps,
@@ -186,10 +186,17 @@ def main(argv=None):
                          else {"natgrad": 100, "adam": 3000})
     if args.batch_size is not None and (args.gp or args.batch_size < 1):
         parser.error("--batch-size needs a positive size, and applies to the GLM only")
+    args.natgrad_options = C.natgrad_options(parser, args.max_kl)
     if args.gp:
         run_gp(args)
-    else:
-        run_glm(args)
+        return 0
+    data = load_randhie()
+    n = len(data[1])
+    if args.batch_size is not None and args.batch_size > n:
+        # Pyro's plate would refuse it only at the first step, after the MLE fit
+        parser.error(f"--batch-size {args.batch_size}: the GLM has only {n} observations "
+                     f"(give 1..{n})")
+    run_glm(args, data)
     return 0
 
 
