@@ -37,7 +37,9 @@ ADAM_LRS = (0.001, 0.01, 0.1)
 
 
 def load_digits_ppca(K: int, dtype=torch.float64):
-    """Centred digits ``X`` (N, 64) and the PPCA maximum-likelihood ``W``, ``b``, ``sigma``."""
+    """Centred digits ``X`` (N, 64) and the PPCA maximum-likelihood ``W``, ``b``, ``sigma``.
+
+    Raises ``ValueError`` for a ``K`` that leaves no noise variance (see below)."""
     from sklearn.datasets import load_digits
 
     X = torch.tensor(load_digits().data / 16.0, dtype=dtype)
@@ -45,6 +47,16 @@ def load_digits_ppca(K: int, dtype=torch.float64):
     S = torch.cov((X - b).T, correction=0)
     evals, evecs = torch.linalg.eigh(S)
     evals, evecs = evals.flip(0), evecs.flip(1)
+    # sigma^2 is the mean of the eigenvalues past the K-th: it must be positive, so K must
+    # stay below the covariance's rank (61 of the 64 pixels: three are always blank). A
+    # larger K gives sigma = 0 (or NaN past 63), and the exact posterior does not exist.
+    D = X.shape[1]
+    rank = int((evals > evals[0] * D * torch.finfo(dtype).eps).sum())
+    if not 1 <= K < rank:
+        raise ValueError(f"must be in 1..{rank - 1}: PPCA's noise variance is the mean of the "
+                         f"pixel covariance's eigenvalues past the K-th, and the covariance has "
+                         f"rank {rank} (of {D} pixels, {D - rank} are constant), so a larger K "
+                         f"leaves sigma = 0")
     sigma2 = evals[K:].mean()
     W = evecs[:, :K] * (evals[:K] - sigma2).sqrt()
     return X, W, b, float(sigma2.sqrt())
@@ -179,7 +191,9 @@ def main(argv=None):
     parser.add_argument("--compare-steps", type=int, default=None,
                         help="with --plot: steps of the other optimizer (default: its "
                              "default)")
-    parser.add_argument("--latent", type=int, default=4, help="latent dimension K (default 4)")
+    parser.add_argument("--latent", type=int, default=4,
+                        help="latent dimension K (default 4; at most 60, the rank of the "
+                             "digits' covariance less one)")
     parser.add_argument("--hidden", type=int, default=16,
                         help="hidden units of the encoder (default 16)")
     parser.add_argument("--cg-iters", type=int, default=20,
@@ -188,17 +202,24 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     defaults = {"natgrad": 40, "adam": 1500}
-    args.steps = args.steps or defaults[args.optimizer]
     other = "adam" if args.optimizer == "natgrad" else "natgrad"
-    args.compare_steps = args.compare_steps or defaults[other]
+    # "is None", not "or": --steps 0 is an error, not the default
+    if args.steps is None:
+        args.steps = defaults[args.optimizer]
+    if args.compare_steps is None:
+        args.compare_steps = defaults[other]
     for name in ("steps", "compare_steps", "latent", "hidden", "cg_iters", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.lr is not None and args.lr <= 0:
-        parser.error("--lr must be positive")
+    if args.lr is not None and not 0 < args.lr < float("inf"):
+        parser.error("--lr must be positive and finite")
+    C.check_output(parser, args.plot, "--plot")
     torch.set_num_threads(args.threads)
 
-    X, W, b, sigma = load_digits_ppca(args.latent)
+    try:
+        X, W, b, sigma = load_digits_ppca(args.latent)
+    except ValueError as e:
+        parser.error(f"--latent {args.latent}: {e}")
     model = make_model(W, b, sigma)
     exact = Exact(X, W, b, sigma)
     N, D = X.shape
