@@ -73,7 +73,17 @@ def main(argv=None):
     parser.add_argument("--adam-steps", type=int, default=3000, help="Adam steps (3000)")
     parser.add_argument("--adam-lr", type=float, default=0.01, help="Adam learning rate (0.01)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1; the model is small, and more threads mostly "
+                             "add overhead)")
     args = parser.parse_args(argv)
+    # checked before any fitting, as the other examples do (examples/_common.py)
+    for name in ("steps", "adam_steps", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.adam_lr < float("inf"):
+        parser.error("--adam-lr must be positive and finite")
+    torch.set_num_threads(args.threads)
 
     X, y, sigma = load_diabetes()
     model = make_model(X, y, sigma)
