@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmark scripts: seeding, posterior draws from a guide,
-markdown tables and environment notes."""
+"""Helpers shared by the benchmark scripts: checks of command-line options, seeding,
+posterior draws from a guide, markdown tables and environment notes."""
 
 import math
 import os
@@ -12,6 +12,34 @@ import pyro
 import torch
 from pyro.infer.autoguide import AutoContinuous, AutoNormal
 from torch.distributions import biject_to
+
+
+def check_at_least(parser, args, minimum, *names) -> None:
+    """``parser.error`` unless each option in ``names`` (attributes of ``args``; ``None``,
+    not given, passes; a list is checked item by item) is at least ``minimum``: counts of
+    steps, seeds, repeats and sizes are refused before any work, not after minutes of it
+    or as a traceback."""
+    for name in names:
+        value = getattr(args, name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and v < minimum:
+                parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, got {v}")
+
+
+def check_output(parser, path, option) -> None:
+    """``parser.error`` unless the file ``path`` can be written: its folder exists and is
+    writable. Checked before the benchmark runs, so that a typo in a folder does not lose
+    its results; ``None`` or ``""`` (no output) passes."""
+    if not path:
+        return
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        parser.error(f"{option} {path}: is a folder; give a file name")
+    folder = os.path.dirname(full)
+    if not os.path.isdir(folder):
+        parser.error(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        parser.error(f"{option} {path}: folder {folder} is not writable")
 
 
 def seed_everything(seed: int) -> None:

@@ -44,6 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     WarningLog,
+    check_at_least,
+    check_output,
     environment_line,
     fmt,
     log,
@@ -316,6 +318,9 @@ def parse_args(argv=None):
         args.adam_steps = 2000 if args.quick else 10000
     if args.mc_particles is None:
         args.mc_particles = 300 if args.quick else 2000
+    check_at_least(p, args, 1, "steps", "adam_steps", "threads")
+    check_at_least(p, args, 0, "mc_particles")
+    check_output(p, args.plot, "--plot")
     return args
 
 

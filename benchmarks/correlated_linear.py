@@ -25,7 +25,8 @@ import torch
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import print_budget_table, seeded_generator, set_threads, svi_gaps  # noqa: E402
+from common import (  # noqa: E402
+    check_at_least, print_budget_table, seeded_generator, set_threads, svi_gaps)
 from problems import LinearRegression, guide_moments  # noqa: E402
 
 from pyro_natgrad import NaturalGradient  # noqa: E402
@@ -55,6 +56,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    check_at_least(p, args, 1, "d", "steps", "hessian_steps", "hvp_steps", "threads")
     set_threads(args.threads)
     problem = design(args.d, args.mixing, args.decades)
     mean_field = args.guide == "normal"

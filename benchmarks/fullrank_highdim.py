@@ -28,7 +28,8 @@ import torch
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment_line, log, markdown_table, set_threads, svi_gaps  # noqa: E402
+from common import (  # noqa: E402
+    check_at_least, environment_line, log, markdown_table, set_threads, svi_gaps)
 from problems import GLMRegression, full_rank_moments  # noqa: E402
 
 from pyro_natgrad import NaturalGradient  # noqa: E402
@@ -74,6 +75,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.hessian_steps = 1000, 50
+    check_at_least(p, args, 1, "n", "steps", "hessian_steps", "threads")
+    check_at_least(p, args, 2, "d")  # an intercept and at least one covariate to mix
     set_threads(args.threads)
     problem = design(args.n, args.d, args.mixing)
     log(f"optimal full-rank ELBO by L-BFGS (d={args.d}) ...")

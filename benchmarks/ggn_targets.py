@@ -58,6 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     WarningLog,
+    check_at_least,
     environment_line,
     fmt,
     log,
@@ -540,8 +541,13 @@ def cost_section(args):
 
 
 def parse_size(text):
-    n, d = text.lower().split("x")
-    return int(n), int(d)
+    """``"20000x10"`` -> ``(20000, 10)``; argparse reports a malformed size as a usage
+    error naming the option."""
+    try:
+        n, d = text.lower().split("x")
+        return int(n), int(d)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size N x D, e.g. 20000x10")
 
 
 def parse_args(argv=None):
@@ -582,6 +588,11 @@ def parse_args(argv=None):
     if args.cost_sizes is None:
         args.cost_sizes = ([(5000, 10), (20000, 40)] if q else
                            [(5000, 10), (80000, 10), (20000, 40)])
+    check_at_least(p, args, 1, "seeds", "ng_steps", "adam_steps", "cost_repeats", "threads")
+    check_at_least(p, args, 0, "mc_particles", "profile_steps", "breakdown_repeats")
+    for n, d in args.cost_sizes:
+        if n < 1 or d < 1:
+            p.error(f"--cost-sizes {n}x{d}: n and d must be at least 1")
     return args
 
 

@@ -23,7 +23,8 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import print_budget_table, seeded_generator, set_threads, svi_gaps  # noqa: E402
+from common import (  # noqa: E402
+    check_at_least, print_budget_table, seeded_generator, set_threads, svi_gaps)
 
 from pyro_natgrad import NaturalGradient  # noqa: E402
 
@@ -54,6 +55,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    check_at_least(p, args, 1, "d", "n", "steps", "draws", "threads")
     set_threads(args.threads)
     model = logistic_problem(args.d, args.n, args.mixing)
     estimator = Trace_ELBO(num_particles=args.draws, vectorize_particles=True,

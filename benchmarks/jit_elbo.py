@@ -36,7 +36,7 @@ from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import set_threads  # noqa: E402
+from common import check_at_least, set_threads  # noqa: E402
 from problems import LinearRegression  # noqa: E402
 
 import pyro_natgrad.optim  # noqa: E402
@@ -84,6 +84,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, nargs="+", default=[10, 30, 100])
     p.add_argument("--replay", choices=["on", "off"], default="on")
     args = p.parse_args(argv)
+    check_at_least(p, args, 1, "seeds", "steps")
     set_threads(1)
     torch.set_default_dtype(torch.float64)
     if args.replay == "off":  # every replay rejected and no draw kept: the old steps

@@ -22,6 +22,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal
 
 sys.path.insert(0, os.path.dirname(__file__))
+from common import check_at_least  # noqa: E402
 from problems import LinearRegression  # noqa: E402
 
 from pyro_natgrad import NaturalGradient  # noqa: E402
@@ -90,6 +91,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--rank", type=int, default=3)
     args = ap.parse_args()
+    check_at_least(ap, args, 1, "steps", "seeds", "rank")
     torch.set_num_threads(1)
     problem = LinearRegression.diabetes()
     ref = best_lowrank_elbo(problem, args.rank)

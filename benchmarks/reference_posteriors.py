@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     WarningLog,
+    check_at_least,
     environment_line,
     fmt,
     guide_draws,
@@ -79,6 +80,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.adam_steps is None:
         args.adam_steps = 1000 if args.quick else 5000
+    check_at_least(p, args, 1, "steps", "adam_steps", "num_samples", "threads")
+    if not args.list:
+        try:
+            args.models = select_models(args.models)
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 
@@ -93,7 +100,7 @@ def select_models(patterns):
         else:
             match = [n for n in names if pat in n]
         if len(match) != 1:
-            raise SystemExit(f"--models {pat!r} matches {match or 'nothing'}; choose from "
+            raise ValueError(f"--models {pat!r} matches {match or 'nothing'}; choose from "
                              f"{names}")
         if match[0] not in chosen:
             chosen.append(match[0])
@@ -171,8 +178,7 @@ def main(argv=None):
             print(f"{n:48s} {r.kind:12s} gaussian_like={r.gaussian_like} params={r.n_params}")
         return 0
     set_threads(args.threads)
-    names = select_models(args.models)
-    refs = [load_reference(n, dtype=torch.float64) for n in names]
+    refs = [load_reference(n, dtype=torch.float64) for n in args.models]
     # Gaussian-like posteriors first (the target), then the others.
     refs.sort(key=lambda r: (not r.gaussian_like, r.name))
 

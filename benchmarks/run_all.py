@@ -24,6 +24,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
+sys.path.insert(0, HERE)
+from common import check_output  # noqa: E402
+
 SCRIPTS = [
     ("reference_posteriors", "Reference posteriors (means and sds against gold standards)"),
     ("convergence", "Convergence to the optimal ELBO (closed-form problems)"),
@@ -44,7 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--output", default=os.path.join("benchmarks", "RESULTS.md"),
                    help="results file, relative to the repository root "
                         "(default benchmarks/RESULTS.md)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # checked before the scripts run (minutes to the better part of an hour), not when
+    # their tables are written
+    check_output(p, os.path.join(ROOT, args.output), "--output")
+    return args
 
 
 def main(argv=None):
