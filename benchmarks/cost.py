@@ -51,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     WarningLog,
+    check_at_least,
     environment_line,
     log,
     markdown_table,
@@ -496,6 +497,24 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 20 if args.quick else 30
+    check_at_least(p, args, 1, "n", "d", "repeats", "threads")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device}: {e}")
+    # refused here, not at the first tensor made on it (after the setup of the first case)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: this torch build ({torch.__version__}) has no "
+                    f"usable CUDA device (torch.cuda.is_available() is False); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            p.error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
+    try:  # any other kind (mps, xpu, ...) this build or machine lacks
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        reason = str(e).split(". ")[0]  # torch appends a page of dispatch keys
+        p.error(f"--device {args.device}: this torch build or machine cannot make tensors "
+                f"there ({reason})")
     return args
 
 
