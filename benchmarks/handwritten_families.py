@@ -23,6 +23,7 @@ Run ``python benchmarks/handwritten_families.py --help`` for the options.
 import argparse
 import math
 import os
+import statistics
 import sys
 import warnings
 
@@ -130,6 +131,10 @@ def main(argv=None):
     parser.add_argument("--site-max-kl", type=float, default=None,
                         help="set expfam_step.SITE_MAX_KL (default: leave it, 1 nat)")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    if args.site_max_kl is not None and not args.site_max_kl > 0:
+        parser.error("--site-max-kl must be positive (a bound on each step's KL, in nats)")
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     if args.site_max_kl is not None:
@@ -146,10 +151,8 @@ def main(argv=None):
                 if steps == 200:
                     second.append(other)
 
-        def med(v):
-            return sorted(v)[len(v) // 2]
-
         spread = f"{SECOND[name]} {min(second):.3g}..{max(second):.3g}"
+        med = statistics.median
         rows.append([name, f"{max(err[50]):.3g}", f"{med(err[50]):.3g}", f"{max(err[200]):.3g}",
                      f"{med(err[200]):.3g}", spread])
         print(f"[{name}] done", file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ form for a Gaussian q and this model), median over seeds, single-particle Trace_
 
 import argparse
 import os
+import statistics
 import sys
 import warnings
 
@@ -110,7 +111,7 @@ def main():
             for c, gap in run(problem, make_guide, make_optim, args.steps, checkpoints,
                               seed).items():
                 gaps[c].append(gap)
-        cells = [f"{sorted(v)[len(v) // 2]:.3g}" for v in gaps.values()]
+        cells = [f"{statistics.median(v):.3g}" for v in gaps.values()]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
