@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from pyro import poutine
 from pyro.distributions.util import sum_rightmost
-from pyro.infer.autoguide import AutoContinuous, AutoNormal
+from pyro.infer.autoguide import AutoContinuous, AutoGuideList, AutoNormal
 from pyro.infer.mcmc.util import TraceEinsumEvaluator
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
@@ -79,15 +79,27 @@ class _RandomState:
         random.setstate(self.python)
 
 
+def curvature_guide(guide) -> bool:
+    """Whether :class:`ModelCurvature` can read ``guide``: an ``AutoContinuous`` or
+    ``AutoNormal``, or an ``AutoGuideList`` of nothing else (whose parts then provide
+    every latent the model's log joint is conditioned on; a part it cannot read, such as
+    a hand-written one, would leave its latents to be drawn at random)."""
+    if isinstance(guide, AutoGuideList):
+        return len(guide) > 0 and all(isinstance(p, (AutoContinuous, AutoNormal))
+                                      for p in guide)
+    return isinstance(guide, (AutoContinuous, AutoNormal))
+
+
 class ModelCurvature:
     """Hessians of the model log joint on an autoguide's unconstrained latent.
 
-    :param guide: an ``AutoContinuous`` guide or an ``AutoNormal``; its ``.model`` is
-        the model (see :func:`curvature_model`). For subsampled sites, :meth:`unpack`,
-        :meth:`hessian` and :meth:`log_joint` take the subsample's ``shapes``, and the
-        methods that evaluate the model take ``subsample``, ``{plate name: indices}``
-        (the guide's, which the ELBO's model run replays; plates without them draw
-        their own).
+    :param guide: an ``AutoContinuous`` guide or an ``AutoNormal``, or an
+        ``AutoGuideList`` of them (the latent packs the parts' latents one after
+        another); its ``.model`` is the model (see :func:`curvature_model`). For
+        subsampled sites, :meth:`unpack`, :meth:`hessian` and :meth:`log_joint` take
+        the subsample's ``shapes``, and the methods that evaluate the model take
+        ``subsample``, ``{plate name: indices}`` (the guide's, which the ELBO's model
+        run replays; plates without them draw their own).
 
     Discrete sites that the model enumerates in parallel (``config_enumerate``, for
     ``TraceEnum_ELBO``) are summed out, as the ELBO sums them. A model that draws other
@@ -99,9 +111,9 @@ class ModelCurvature:
     """
 
     def __init__(self, guide):
-        if not isinstance(guide, (AutoContinuous, AutoNormal)):
-            raise TypeError(f"model curvature needs an AutoContinuous or AutoNormal guide, got "
-                            f"{type(guide).__name__}")
+        if not curvature_guide(guide):
+            raise TypeError(f"model curvature needs an AutoContinuous or AutoNormal guide, or "
+                            f"an AutoGuideList of them, got {type(guide).__name__}")
         self.guide = guide
         self._model = curvature_model(guide.model)
         self.args: Tuple = ()
@@ -127,14 +139,22 @@ class ModelCurvature:
 
     # ---- the unconstrained latent --------------------------------------------------
     def _sites(self) -> List[Tuple[str, dict, torch.Size]]:
+        """``[(name, prototype site, unconstrained shape)]`` in the order of the packed
+        latent: an ``AutoGuideList``'s parts one after another, each in its own order."""
+        parts = list(self.guide) if isinstance(self.guide, AutoGuideList) else [self.guide]
         out = []
-        for name, site in self.guide.prototype_trace.iter_stochastic_nodes():
-            if isinstance(self.guide, AutoNormal):
-                shape = getattr(self.guide.locs, name).shape
-            else:
-                shape = self.guide._unconstrained_shapes[name]
-            out.append((name, site, torch.Size(shape)))
+        for part in parts:
+            for name, site in part.prototype_trace.iter_stochastic_nodes():
+                if isinstance(part, AutoNormal):
+                    shape = getattr(part.locs, name).shape
+                else:
+                    shape = part._unconstrained_shapes[name]
+                out.append((name, site, torch.Size(shape)))
         return out
+
+    def _fns(self) -> Dict[str, object]:
+        """``{site: its prototype distribution}`` (for the support and event dim)."""
+        return {name: site["fn"] for name, site, _ in self._sites()}
 
     def unpack(self, z: torch.Tensor, shapes=None):
         """``{site: unconstrained value}`` from a packed latent ``(D,)``; ``shapes``
@@ -210,13 +230,13 @@ class ModelCurvature:
         sites if ``prior_only``), enumerated discrete sites summed out; ``shapes`` and
         ``subsample`` as in the class docstring."""
         values, ladjs = {}, {}
+        fns = self._fns()
         for name, u in self.unpack(z, shapes).items():
-            site = self.guide.prototype_trace.nodes[name]
-            t = biject_to(site["fn"].support)
+            t = biject_to(fns[name].support)
             x = t(u)
             values[name] = x
             ladj = t.log_abs_det_jacobian(u, x)
-            ladjs[name] = sum_rightmost(ladj, ladj.dim() - x.dim() + site["fn"].event_dim).sum()
+            ladjs[name] = sum_rightmost(ladj, ladj.dim() - x.dim() + fns[name].event_dim).sum()
         subsample = dict(subsample or {})
         nesting, enumerated, plates = self._structure(
             {k: v.detach() for k, v in values.items()}, subsample)
@@ -313,9 +333,9 @@ class ModelCurvature:
         exact curvature of the prior and of the constraining transforms."""
         from .ggn import ModelGGN
 
-        values = {}
+        values, fns = {}, self._fns()
         for name, u in self.unpack(z.detach()).items():
-            values[name] = biject_to(self.guide.prototype_trace.nodes[name]["fn"].support)(u)
+            values[name] = biject_to(fns[name].support)(u)
         self._require_arguments()
         enumerated = self._structure({k: v.detach() for k, v in values.items()}, {})[1]
         if enumerated:

@@ -94,6 +94,7 @@ class DrawRecorder:
                 drawn.append(node["value"])
             elif node["fn"].__class__.__name__ == "_Subsample":
                 record[name] = node["value"].detach()
+        record.update(_master_subsamples(module, record))
         scales = {}
         for name, raw in self.scale_params.items():
             node = tr.nodes.get(name)
@@ -130,6 +131,22 @@ class DrawRecorder:
         state = self.__dict__.copy()
         state.update(records=[], _tracer=None, _handles=[], _owner=None, scale_params={})
         return state
+
+
+def _master_subsamples(module, record) -> Dict[str, torch.Tensor]:
+    """``{plate name: subsample indices}`` of the plates a part of an ``AutoGuideList``
+    shares with the list: the list opens them (their subsample sites are in its trace,
+    not the part's), and a part's draws over them are of that subsample."""
+    master = getattr(module, "master", None)
+    plates = getattr(master(), "plates", None) if callable(master) else None
+    out = {}
+    for name, plate in (plates or {}).items():
+        # pyro.plate keeps its subsample as _indices (drawn when the plate is made)
+        indices = getattr(plate, "_indices", None)
+        if name not in record and torch.is_tensor(indices) and plate.subsample_size is not None \
+                and plate.subsample_size < plate.size:
+            out[name] = indices.detach()
+    return out
 
 
 def _gaussian_draw(fn) -> bool:

@@ -88,6 +88,24 @@ def _agreement(state, v):
     return sums
 
 
+def _takes_curvature(guide) -> bool:
+    """Whether steps can take the model's Hessian: a single ``AutoNormal`` or
+    ``AutoContinuous`` guide, or an ``AutoGuideList`` of ``AutoNormal`` and
+    ``AutoDiagonalNormal`` parts (mean-field across and within them, so the
+    mean-field step over all their groups applies; a part that provided no latents,
+    such as a hand-written one, would leave the model's log joint random)."""
+    if isinstance(guide, AutoGuideList):
+        return len(guide) > 0 and all(isinstance(p, AutoNormal) or type(p) is AutoDiagonalNormal
+                                      for p in guide)
+    return isinstance(guide, (AutoContinuous, AutoNormal))
+
+
+def _guide_description(guide) -> str:
+    if isinstance(guide, AutoGuideList):
+        return f"an AutoGuideList of {', '.join(type(p).__name__ for p in guide) or 'nothing'}"
+    return type(guide).__name__
+
+
 def _subsampled_latents(guide) -> bool:
     """Whether a latent site of the autoguide lies in a subsampled plate."""
     return any(any(f.full_size is not None and f.full_size != f.size
@@ -180,7 +198,9 @@ class NaturalGradient(PyroOptim):
         mean-field natural gradient alone is a Jacobi iteration that needs
         ``O(condition number)`` steps. ``"none"``: the ELBO gradient only (a rank-two
         estimate per draw). ``"auto"`` (default): ``"hessian"`` for an
-        ``AutoContinuous`` or ``AutoNormal`` guide with at most
+        ``AutoContinuous`` or ``AutoNormal`` guide, or an ``AutoGuideList`` of
+        ``AutoNormal`` and ``AutoDiagonalNormal`` parts (a mean-field guide too; not
+        over subsampled plates), with at most
         :data:`~pyro_natgrad.optim.MAX_CURVATURE_DIM` latent dimensions
         (:data:`~pyro_natgrad.optim.MAX_FULL_RANK_CURVATURE_DIM` for an
         ``AutoMultivariateNormal``, whose gradient-only steps need ``O(D)``
@@ -216,12 +236,14 @@ class NaturalGradient(PyroOptim):
                              f"True, or pass curvature='none'")
         if not callable(guide):
             raise TypeError(f"NaturalGradient expects the guide, got {type(guide).__name__}")
-        if curvature in ("hessian", "ggn") and not isinstance(guide, (AutoContinuous, AutoNormal)):
-            # Only a single autoguide knows its whole model, whose Hessian the step takes.
+        if curvature in ("hessian", "ggn") and not _takes_curvature(guide):
+            # Only autoguides know the model whose Hessian the step takes and provide
+            # every latent it is conditioned on.
             raise ValueError(f"curvature={curvature!r} needs an AutoNormal, AutoDiagonalNormal, "
                              f"AutoMultivariateNormal or AutoLowRankMultivariateNormal guide, "
-                             f"not {type(guide).__name__}, whose steps use no model curvature; "
-                             f"use curvature='auto' or 'none'")
+                             f"or an AutoGuideList of AutoNormal and AutoDiagonalNormal "
+                             f"parts, not {_guide_description(guide)}, whose steps use no "
+                             f"model curvature; use curvature='auto' or 'none'")
         if max_kl is not None and not (isinstance(max_kl, (int, float)) and not isinstance(
                 max_kl, bool) and 0 < max_kl < math.inf):
             raise ValueError(f"max_kl must be None or a positive finite number, got {max_kl!r}")
@@ -277,7 +299,7 @@ class NaturalGradient(PyroOptim):
             else [self.guide]
         for m in modules:
             self._recorders.append(DrawRecorder(m, sites=(), owner=self))
-        if self.curvature != "none" and isinstance(self.guide, (AutoContinuous, AutoNormal)):
+        if self.curvature != "none" and _takes_curvature(self.guide):
             self._curvature = ModelCurvature(self.guide)
 
     def detach(self):
@@ -437,6 +459,13 @@ class NaturalGradient(PyroOptim):
         if self.curvature == "hvp":
             return True, False  # checked by _check_hvp
         if _subsampled_latents(self.guide):
+            if isinstance(self.guide, AutoGuideList):
+                # The minibatch Hessian (_minibatch_targets) reads a single AutoNormal;
+                # not written for lists.
+                if self.curvature in ("hessian", "ggn"):
+                    raise ValueError(f"curvature={self.curvature!r} with subsampled plates "
+                                     f"needs a single AutoNormal guide; use curvature='none'")
+                return False, False
             if self.curvature == "ggn" or not all(
                     isinstance(g, DiagonalGaussianGroup) for g in groups):
                 if self.curvature in ("hessian", "ggn"):
@@ -916,6 +945,7 @@ class NaturalGradient(PyroOptim):
         grads = [g.grads() for g in groups]
         if any(v is None for gr in grads for v in gr.values()):
             return False
+        records = self._joint_records(groups, records)
         if not all(bool(torch.isfinite(v).all()) for gr in grads for v in gr.values()):
             self._skipped += 1
             warn_skip("non-finite gradient: step skipped", self._skipped,
@@ -986,6 +1016,24 @@ class NaturalGradient(PyroOptim):
         # decay of the step size does not start before the iterates got anywhere.
         state["t"] += float(_fraction_taken(used, rho).mean())
         return True
+
+    def _joint_records(self, groups, records):
+        """Each guide call's draws of every group in one record. An ``AutoGuideList``'s
+        parts record theirs separately (a recorder each), in the order of the calls: the
+        ``j``-th record of every part, merged (no records if the parts' counts differ, so
+        that the step falls back to gradients alone)."""
+        if not isinstance(self.guide, AutoGuideList):
+            return records
+        parts = [{g.site for g in groups if g.key.split(".", 1)[0] == str(i)}
+                 for i in range(len(self.guide))]
+        per_part = [[r for r in records if any(site in r for site in sites)]
+                    for sites in parts if sites]
+        if len({len(rs) for rs in per_part}) != 1:
+            return []
+        # Site values and subsample indices (string keys); a part's own bookkeeping
+        # (the tuple keys) stays with the part's record.
+        return [{k: v for r in rs for k, v in r.items() if isinstance(k, str)}
+                for rs in zip(*per_part)]
 
     def _step_hvp(self, groups, grads, records, draws, rho, state, confirmed=True) -> bool:
         """Mean-field groups under ``curvature="hvp"``: the Newton step for the mean of

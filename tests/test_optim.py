@@ -2081,15 +2081,75 @@ def test_hvp_falls_back_to_gradient_steps_where_the_hessian_is_indefinite(float6
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
-def test_model_curvature_on_a_guide_list_or_hand_written_guide_is_refused(curvature):
-    """Such guides step without model curvature, so asking for it is an error rather than
-    an option silently ignored."""
+def test_model_curvature_on_a_guide_it_cannot_serve_is_refused(curvature):
+    """A hand-written guide, and an AutoGuideList with a full-rank part, step without
+    model curvature, so asking for it is an error rather than an option silently
+    ignored; a list of mean-field parts takes it."""
     def guide():
         pyro.sample("z", dist.Normal(pyro.param("m", torch.zeros(())), 1.0))
 
-    for g in (guide, _guide_list(AutoNormal, AutoNormal)):
-        with pytest.raises(ValueError, match=f"curvature='{curvature}' needs an AutoNormal"):
+    for g, what in ((guide, "not function"),
+                    (_guide_list(AutoMultivariateNormal, AutoNormal),
+                     "not an AutoGuideList of AutoMultivariateNormal, AutoNormal")):
+        with pytest.raises(ValueError, match=f"curvature='{curvature}' needs an AutoNormal"
+                                             f".*{what}"):
             NaturalGradient(g, curvature=curvature)
+    NaturalGradient(_guide_list(AutoNormal, AutoDiagonalNormal), curvature=curvature)
+
+
+def _two_site_regression():
+    """The diabetes regression with its weights in two sites, w1 (6) and w2 (4): a
+    Gaussian posterior N(mean, Lambda^-1), whose mean-field optimum has the posterior
+    mean and sds Lambda_ii^(-1/2)."""
+    X, y = diabetes()
+    noise = 0.7
+
+    def model():
+        w1 = pyro.sample("w1", dist.Normal(X.new_zeros(6), 1.0).to_event(1))
+        w2 = pyro.sample("w2", dist.Normal(X.new_zeros(X.shape[1] - 6), 1.0).to_event(1))
+        with pyro.plate("data", X.shape[0]):
+            # (X * w).sum(-1), not w @ X.T: under vectorised particles w is (k, 1, d),
+            # and the particles must stay at dim -2, beside the data plate
+            pyro.sample("y", dist.Normal((X * torch.cat([w1, w2], -1)).sum(-1), noise),
+                        obs=y)
+
+    Lam = X.T @ X / noise ** 2 + torch.eye(X.shape[1], dtype=X.dtype)
+    mean = torch.linalg.solve(Lam, X.T @ y / noise ** 2)
+    return model, mean, Lam.diagonal().rsqrt()
+
+
+@pytest.mark.parametrize("curvature,particles", [("auto", 1), ("ggn", 1), ("auto", 3),
+                                                 ("auto", "vectorised")])
+@pytest.mark.parametrize("second", [AutoNormal, AutoDiagonalNormal])
+def test_guide_list_of_mean_field_parts_takes_the_models_hessian(float64, rng, curvature,
+                                                                  particles, second):
+    """AutoGuideList([AutoNormal for w1, AutoNormal or AutoDiagonalNormal for w2]) is a
+    mean-field Gaussian like AutoNormal over both, and steps like it: the model's
+    Hessian over both parts' latents (their draws merged per guide call), a Newton step
+    for the mean, so it is on the mean-field optimum (closed form) within a few steps.
+    Each part used to take gradient-only steps: 318 nats from the optimum after 10
+    steps, 0.9 after 1,000. Also with several particles, sequential (a record per part
+    and call) or vectorised."""
+    model, mean, sd = _two_site_regression()
+    guide = AutoGuideList(model)
+    guide.append(AutoNormal(poutine.block(model, expose=["w1"])))
+    guide.append(second(poutine.block(model, expose=["w2"])))
+    loss = Trace_ELBO() if particles == 1 else Trace_ELBO(num_particles=3) \
+        if particles == 3 else Trace_ELBO(num_particles=3, vectorize_particles=True,
+                                          max_plate_nesting=1)
+    svi = SVI(model, guide, NaturalGradient(guide, curvature=curvature), loss)
+    for _ in range(15):
+        svi.step()
+    with torch.no_grad():
+        first = guide[0]
+        if second is AutoNormal:
+            loc2, scale2 = guide[1].locs.w2, guide[1].scales.w2
+        else:
+            loc2, scale2 = guide[1].loc, guide[1].scale
+        loc = torch.cat([first.locs.w1, loc2])
+        scale = torch.cat([first.scales.w1, scale2])
+    torch.testing.assert_close(loc, mean, rtol=0, atol=1e-6 * float(sd.min()))
+    torch.testing.assert_close(scale, sd, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn", "hvp"])
@@ -2426,3 +2486,41 @@ def test_model_param_beside_subsampled_locals(float64, rng, curvature):
     assert float(ratio.log().abs().max()) < math.log(sd_tol), ratio
     err = (guide.locs.z.detach() - y / (1 + sigma ** 2)) / post_sd
     assert float(err.abs().max()) < mean_tol, err
+
+
+def test_guide_list_over_a_subsampled_plate_steps_without_the_hessian(float64, rng):
+    """The joint Hessian over the parts of an AutoGuideList with subsampled locals is
+    not implemented: asking for "hessian" is an error at the first step that leaves the
+    parameters as they were, and "auto" takes gradient-only steps, which reach the
+    mean-field optimum (closed form) as a single AutoNormal's do. The list opens the
+    plates, so their subsample is in its trace, not the part's: the part's draws were
+    taken for the full plate, and the first step crashed (RuntimeError)."""
+    x = _particles_data()
+
+    def make():
+        pyro.clear_param_store()
+        guide = AutoGuideList(particles_model)
+        guide.append(AutoNormal(poutine.block(particles_model, expose=["mu"])))
+        guide.append(AutoNormal(poutine.block(particles_model, expose=["z"])))
+        guide(x, 10)
+        return guide
+
+    guide = make()
+    before = store_snapshot()
+    svi = SVI(particles_model, guide, NaturalGradient(guide, curvature="hessian"), Trace_ELBO())
+    with pytest.raises(ValueError, match="curvature='hessian' with subsampled plates needs a "
+                                         "single AutoNormal guide; use curvature='none'"):
+        svi.step(x, 10)
+    after = store_snapshot()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    guide = make()
+    opt = NaturalGradient(guide)
+    svi = SVI(particles_model, guide, opt, Trace_ELBO())
+    for _ in range(600):
+        assert math.isfinite(svi.step(x, 10))
+    assert not opt._use_curvature and not opt._minibatch_curvature
+    (m_mu, s_mu), (m_z, s_z) = _particles_optimum(x)
+    ratio = guide[1].scales.z.detach() / s_z
+    assert float(ratio.log().abs().max()) < math.log(1.03), ratio
+    assert float(((guide[1].locs.z.detach() - m_z) / s_z).abs().max()) < 0.6
+    assert abs(float(guide[0].locs.mu.detach() - m_mu)) < 0.6 * float(s_mu)
