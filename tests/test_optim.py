@@ -857,6 +857,13 @@ def _run(svi, n, X, y):
             svi.step(X, y)
 
 
+def _mean_field_list(model):
+    guide = AutoGuideList(model)
+    guide.append(AutoNormal(poutine.block(model, expose=["w"])))
+    guide.append(AutoDiagonalNormal(poutine.block(model, expose=["s"])))
+    return guide
+
+
 def _resume(guide_cls, X, y, param_state, optim_state, rng_state, model=ckpt_model,
             **options):
     """What a user does in a new process. The param store is restored *before* the guide
@@ -892,8 +899,10 @@ def ckpt_model_log_concave(X, y):
     # the fused step from gradients alone, whose first resumed step once computed the
     # guide's scale itself (not yet recorded) and rounded differently
     (AutoNormal, {"curvature": "none"}, ckpt_model),
+    # the joint Hessian step over a list's parts (their draws merged per call)
+    (lambda model: _mean_field_list(model), {}, ckpt_model),
 ], ids=["AutoNormal", "AutoMultivariateNormal", "AutoLowRankMultivariateNormal", "hvp",
-        "AutoNormal-none"])
+        "AutoNormal-none", "AutoGuideList"])
 def test_checkpoint_resume_bitwise(float64, rng, tmp_path, guide_cls, options, model):
     """Resumed from a checkpoint, in memory (twice from one snapshot: set_state took
     over its tensors, which steps change in place) and via files, the run continues
@@ -907,6 +916,8 @@ def test_checkpoint_resume_bitwise(float64, rng, tmp_path, guide_cls, options, m
     optim_state = copy.deepcopy(opt.get_state())
     if options.get("curvature") == "hvp":  # its Newton steps' state is in the checkpoint
         assert "hessian_weight" in optim_state["natural_gradient"]["curvature"]
+    if isinstance(guide, AutoGuideList):  # the running precision of the Hessian steps
+        assert "precision" in optim_state["natural_gradient"]["curvature"]
     rng_state = rng_state_now()
     pyro.get_param_store().save(tmp_path / "params.pt")
     opt.save(tmp_path / "optim.pt")
