@@ -25,7 +25,7 @@ import pyro
 from pyro.optim import PyroOptim
 
 from pyro.infer.autoguide import (AutoCallable, AutoContinuous, AutoDiagonalNormal, AutoGuide,
-                                  AutoGuideList, AutoNormal)
+                                  AutoGuideList, AutoMultivariateNormal, AutoNormal)
 
 from .curvature import ModelCurvature, ModelCurvatureError
 from .gaussian import (StepError, chunk_size, diagonal_gaussian_step, full_step,
@@ -90,13 +90,14 @@ def _agreement(state, v):
 
 def _takes_curvature(guide) -> bool:
     """Whether steps can take the model's Hessian: a single ``AutoNormal`` or
-    ``AutoContinuous`` guide, or an ``AutoGuideList`` of ``AutoNormal`` and
-    ``AutoDiagonalNormal`` parts (mean-field across and within them, so the
-    mean-field step over all their groups applies; a part that provided no latents,
-    such as a hand-written one, would leave the model's log joint random)."""
+    ``AutoContinuous`` guide, or an ``AutoGuideList`` of ``AutoNormal``,
+    ``AutoDiagonalNormal`` and ``AutoMultivariateNormal`` parts (a block-diagonal
+    Gaussian: :meth:`NaturalGradient._step_blocks_newton`; a part that provided no
+    latents, such as a hand-written one, would leave the model's log joint random, and
+    a low-rank part's projection step is for a guide alone)."""
     if isinstance(guide, AutoGuideList):
-        return len(guide) > 0 and all(isinstance(p, AutoNormal) or type(p) is AutoDiagonalNormal
-                                      for p in guide)
+        return len(guide) > 0 and all(isinstance(p, AutoNormal) or type(p) in (
+            AutoDiagonalNormal, AutoMultivariateNormal) for p in guide)
     return isinstance(guide, (AutoContinuous, AutoNormal))
 
 
@@ -199,8 +200,8 @@ class NaturalGradient(PyroOptim):
         ``O(condition number)`` steps. ``"none"``: the ELBO gradient only (a rank-two
         estimate per draw). ``"auto"`` (default): ``"hessian"`` for an
         ``AutoContinuous`` or ``AutoNormal`` guide, or an ``AutoGuideList`` of
-        ``AutoNormal`` and ``AutoDiagonalNormal`` parts (a mean-field guide too; not
-        over subsampled plates), with at most
+        ``AutoNormal``, ``AutoDiagonalNormal`` and ``AutoMultivariateNormal`` parts
+        (not over subsampled plates), with at most
         :data:`~pyro_natgrad.optim.MAX_CURVATURE_DIM` latent dimensions
         (:data:`~pyro_natgrad.optim.MAX_FULL_RANK_CURVATURE_DIM` for an
         ``AutoMultivariateNormal``, whose gradient-only steps need ``O(D)``
@@ -241,9 +242,10 @@ class NaturalGradient(PyroOptim):
             # every latent it is conditioned on.
             raise ValueError(f"curvature={curvature!r} needs an AutoNormal, AutoDiagonalNormal, "
                              f"AutoMultivariateNormal or AutoLowRankMultivariateNormal guide, "
-                             f"or an AutoGuideList of AutoNormal and AutoDiagonalNormal "
-                             f"parts, not {_guide_description(guide)}, whose steps use no "
-                             f"model curvature; use curvature='auto' or 'none'")
+                             f"or an AutoGuideList of AutoNormal, AutoDiagonalNormal and "
+                             f"AutoMultivariateNormal parts, not {_guide_description(guide)}, "
+                             f"whose steps use no model curvature; use curvature='auto' or "
+                             f"'none'")
         if max_kl is not None and not (isinstance(max_kl, (int, float)) and not isinstance(
                 max_kl, bool) and 0 < max_kl < math.inf):
             raise ValueError(f"max_kl must be None or a positive finite number, got {max_kl!r}")
@@ -923,17 +925,22 @@ class NaturalGradient(PyroOptim):
             return loc.new_zeros(())
         if count:
             state["t"] += float(_fraction_taken(step.rho, rho).mean())
-        L_new = step.scale_tril  # a scratch tensor
+        self._write_full(group, step.loc, step.scale_tril)
+        return step.rho
+
+    @staticmethod
+    def _write_full(group, new_loc, L_new):
+        """Write ``loc`` and the factor ``L = diag(s) U`` of a full-rank group (``L_new``
+        is overwritten)."""
         s_new = L_new.diagonal().clone()
         U_new = L_new.div_(s_new.unsqueeze(-1)).tril_(-1)
         new_scale = group.transforms["scale"].inv(s_new)
-        if not _all_finite([step.loc, new_scale, U_new]):
+        if not _all_finite([new_loc, new_scale, U_new]):
             raise FloatingPointError("a natural-gradient step produced non-finite values; "
                                      "this is a bug, please report it")
-        loc.data.copy_(step.loc)
+        group.params["loc"].data.copy_(new_loc)
         group.params["scale"].data.copy_(new_scale)
-        raw_tril.data.triu_().add_(U_new)  # the upper triangle is unused but kept
-        return step.rho
+        group.params["scale_tril"].data.triu_().add_(U_new)  # the upper triangle is unused
 
     def _step_with_curvature(self, records, confirmed=True) -> bool:
         """One step of every group of the guide, with the model's Hessian as the
@@ -991,6 +998,9 @@ class NaturalGradient(PyroOptim):
             if isinstance(groups[0], LowRankGaussianGroup):
                 used = self._step_lowrank_newton(groups[0], grads[0], target, offset, rho,
                                                  state)
+            elif any(isinstance(g, FullGaussianGroup) for g in groups[1:]) or (
+                    len(groups) > 1 and isinstance(groups[0], FullGaussianGroup)):
+                used = self._step_blocks_newton(groups, grads, target, offset, rho, state)
             elif isinstance(groups[0], FullGaussianGroup):
                 s_, _, U = groups[0].factors()
                 L = s_.unsqueeze(-1) * U
@@ -1135,6 +1145,74 @@ class NaturalGradient(PyroOptim):
             self._write(g.params["scale"],
                         g.transforms["scale"].inv(step.scale_tril[pos:pos + n].reshape(shape)))
             pos += n
+        return torch.as_tensor(rho)
+
+    def _step_blocks_newton(self, groups, grads, target, offset, rho, state):
+        """The groups of an ``AutoGuideList`` with full-rank parts: a block-diagonal
+        Gaussian. The mean steps as in :meth:`_step_diagonal_newton`, with the running
+        precision ``P`` of the whole ``target``; each block's precision moves towards
+        its own block of it, ``Sigma_b'^{-1} = (1 - rho) Sigma_b^{-1} + rho T_bb``, the
+        natural-gradient step of a block-diagonal Gaussian (mean-field blocks: the
+        diagonal of ``T_bb``). ``offset``: the mean of the draws less the mean."""
+        blocks, pos = [], 0
+        for g in groups:
+            n = g.params["loc"].numel()
+            if isinstance(g, FullGaussianGroup):
+                s_, _, U = g.factors()
+                blocks.append((slice(pos, pos + n), s_.unsqueeze(-1) * U, None))
+            else:
+                blocks.append((slice(pos, pos + n), None, g.scale()[0].reshape(-1)))
+            pos += n
+        loc = torch.cat([g.params["loc"].detach().reshape(-1) for g in groups])
+        g_loc = torch.cat([gr["loc"].reshape(-1) for gr in grads])
+        P0 = state.get("precision")
+        if P0 is None:
+            P0 = torch.block_diag(*[torch.cholesky_inverse(L) if L is not None
+                                    else torch.diag(s.square().reciprocal())
+                                    for _, L, s in blocks])
+        # The draw-independent control variate, as for the other Newton steps.
+        g_loc = g_loc - P0 @ offset
+        changes = []
+        for sl, L, s in blocks:
+            T = target[sl, sl]
+            if L is not None:
+                X = L.mT @ T @ L
+                X.diagonal().sub_(1)
+            else:
+                X = s.square() * T.diagonal() - 1
+            changes.append(X.reshape(-1))
+
+        def guide_quad(v):
+            total = v.new_zeros(())
+            for sl, L, s in blocks:
+                if L is not None:
+                    w = torch.linalg.solve_triangular(L, v[sl].unsqueeze(-1), upper=False)
+                    total = total + w.square().sum()
+                else:
+                    total = total + (v[sl] / s).square().sum()
+            return total
+
+        fallback = torch.cat([L @ (L.mT @ g_loc[sl]) if L is not None else s.square() * g_loc[sl]
+                              for sl, L, s in blocks])
+        P, direction, rho = self._running_newton(P0, target, g_loc, rho, fallback, guide_quad,
+                                                 torch.cat(changes))
+        state["precision"] = P
+        new_loc = loc - rho * direction
+        for g, gr, (sl, L, s) in zip(groups, grads, blocks):
+            T = target[sl, sl]
+            shape = g.params["loc"].shape
+            if L is not None:
+                step = full_step(loc[sl], L, torch.zeros_like(loc[sl]), torch.zeros_like(L),
+                                 rho, precision_target=T)
+                self._write_full(g, new_loc[sl], step.scale_tril)
+            else:
+                step = diagonal_gaussian_step(
+                    loc[sl], s, g_loc[sl], torch.zeros_like(s), rho, None, None,
+                    precision_target=T.diagonal(), loc_step=direction[sl],
+                    floor=self.max_kl is not None)
+                self._write(g.params["loc"], step.loc.reshape(shape))
+                self._write(g.params["scale"],
+                            g.transforms["scale"].inv(step.scale_tril.reshape(shape)))
         return torch.as_tensor(rho)
 
     def _running_newton(self, P0, target, g, rho, fallback, guide_quad, precision_change,
