@@ -857,9 +857,9 @@ def _run(svi, n, X, y):
             svi.step(X, y)
 
 
-def _mean_field_list(model):
+def _mean_field_list(model, first=AutoNormal):
     guide = AutoGuideList(model)
-    guide.append(AutoNormal(poutine.block(model, expose=["w"])))
+    guide.append(first(poutine.block(model, expose=["w"])))
     guide.append(AutoDiagonalNormal(poutine.block(model, expose=["s"])))
     return guide
 
@@ -901,8 +901,9 @@ def ckpt_model_log_concave(X, y):
     (AutoNormal, {"curvature": "none"}, ckpt_model),
     # the joint Hessian step over a list's parts (their draws merged per call)
     (lambda model: _mean_field_list(model), {}, ckpt_model),
+    (lambda model: _mean_field_list(model, AutoMultivariateNormal), {}, ckpt_model),
 ], ids=["AutoNormal", "AutoMultivariateNormal", "AutoLowRankMultivariateNormal", "hvp",
-        "AutoNormal-none", "AutoGuideList"])
+        "AutoNormal-none", "AutoGuideList", "AutoGuideList-full-rank"])
 def test_checkpoint_resume_bitwise(float64, rng, tmp_path, guide_cls, options, model):
     """Resumed from a checkpoint, in memory (twice from one snapshot: set_state took
     over its tensors, which steps change in place) and via files, the run continues
