@@ -1001,6 +1001,8 @@ class NaturalGradient(PyroOptim):
             elif any(isinstance(g, FullGaussianGroup) for g in groups[1:]) or (
                     len(groups) > 1 and isinstance(groups[0], FullGaussianGroup)):
                 used = self._step_blocks_newton(groups, grads, target, offset, rho, state)
+                if used is None:
+                    return False  # not finite (an overflow): gradient-only steps instead
             elif isinstance(groups[0], FullGaussianGroup):
                 s_, _, U = groups[0].factors()
                 L = s_.unsqueeze(-1) * U
@@ -1153,7 +1155,8 @@ class NaturalGradient(PyroOptim):
         precision ``P`` of the whole ``target``; each block's precision moves towards
         its own block of it, ``Sigma_b'^{-1} = (1 - rho) Sigma_b^{-1} + rho T_bb``, the
         natural-gradient step of a block-diagonal Gaussian (mean-field blocks: the
-        diagonal of ``T_bb``). ``offset``: the mean of the draws less the mean."""
+        diagonal of ``T_bb``). ``offset``: the mean of the draws less the mean. Returns
+        the step size taken, or None (nothing changed) where the step is not finite."""
         blocks, pos = [], 0
         for g in groups:
             n = g.params["loc"].numel()
@@ -1196,23 +1199,32 @@ class NaturalGradient(PyroOptim):
                               for sl, L, s in blocks])
         P, direction, rho = self._running_newton(P0, target, g_loc, rho, fallback, guide_quad,
                                                  torch.cat(changes))
-        state["precision"] = P
         new_loc = loc - rho * direction
-        for g, gr, (sl, L, s) in zip(groups, grads, blocks):
+        covariances = []  # every block's before any is written: a failure changes nothing
+        for sl, L, s in blocks:
             T = target[sl, sl]
-            shape = g.params["loc"].shape
             if L is not None:
-                step = full_step(loc[sl], L, torch.zeros_like(loc[sl]), torch.zeros_like(L),
-                                 rho, precision_target=T)
-                self._write_full(g, new_loc[sl], step.scale_tril)
+                # With the trust region (the mean's gradient 0: it measures the
+                # covariance's move alone) no variance more than doubles, as for the
+                # mean-field blocks' floor; a block's step may then be the shorter.
+                cov = full_step(loc[sl], L, torch.zeros_like(loc[sl]), torch.zeros_like(L),
+                                rho, max_kl=self.max_kl, precision_target=T).scale_tril
             else:
-                step = diagonal_gaussian_step(
+                cov = diagonal_gaussian_step(
                     loc[sl], s, g_loc[sl], torch.zeros_like(s), rho, None, None,
                     precision_target=T.diagonal(), loc_step=direction[sl],
-                    floor=self.max_kl is not None)
-                self._write(g.params["loc"], step.loc.reshape(shape))
-                self._write(g.params["scale"],
-                            g.transforms["scale"].inv(step.scale_tril.reshape(shape)))
+                    floor=self.max_kl is not None).scale_tril
+            covariances.append(cov)
+        if not _all_finite([new_loc, *covariances]):
+            return None
+        state["precision"] = P
+        for g, (sl, L, _), cov in zip(groups, blocks, covariances):
+            if L is not None:
+                self._write_full(g, new_loc[sl], cov)
+            else:
+                shape = g.params["loc"].shape
+                self._write(g.params["loc"], new_loc[sl].reshape(shape))
+                self._write(g.params["scale"], g.transforms["scale"].inv(cov.reshape(shape)))
         return torch.as_tensor(rho)
 
     def _running_newton(self, P0, target, g, rho, fallback, guide_quad, precision_change,
