@@ -998,8 +998,7 @@ class NaturalGradient(PyroOptim):
             if isinstance(groups[0], LowRankGaussianGroup):
                 used = self._step_lowrank_newton(groups[0], grads[0], target, offset, rho,
                                                  state)
-            elif any(isinstance(g, FullGaussianGroup) for g in groups[1:]) or (
-                    len(groups) > 1 and isinstance(groups[0], FullGaussianGroup)):
+            elif len(groups) > 1 and any(isinstance(g, FullGaussianGroup) for g in groups):
                 used = self._step_blocks_newton(groups, grads, target, offset, rho, state)
                 if used is None:
                     return False  # not finite (an overflow): gradient-only steps instead
