@@ -186,3 +186,31 @@ def test_extreme_positive_parameters_in_unconstrained_coordinates(family, dtype,
         g = torch.ones(1, dtype=dtype)
         x_nat = fisher_solve(d, g, coords="unconstrained", params=params)
         _close(x_nat, 1 / expected[0], dtype)
+
+
+@pytest.mark.parametrize("family", FAMILIES + [dist.Multinomial])
+@pytest.mark.parametrize("coords", ["unconstrained", "affine"])
+def test_damped_solve_over_many_logits_covers_the_null_direction(family, coords):
+    """Above the dense-solve size (512 coordinates) a damped solve over logits runs
+    conjugate gradients on ``J F J + lambda I``, ``F = n (diag(p) - p p^T)``, which is not
+    singular. It used to be preconditioned with ``F``'s minimum-norm pseudo-inverse, which
+    drops the right-hand side's component along ``1``, so CG never converged (and
+    ``coords="unconstrained"``, where logits are their own coordinates, took that route
+    too). Against ``torch.linalg.solve`` on the matrix written out here."""
+    k, damping, jac = 600, 0.1, 2.0
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(k, generator=g, dtype=F64)
+    n = 3 if family is dist.Multinomial else 1
+    d = family(n, logits=logits) if family is dist.Multinomial else family(logits=logits)
+    v = torch.randn(k, generator=g, dtype=F64) + 1.0  # a component along the null vector
+    j = jac if coords == "affine" else 1.0
+    p = torch.softmax(logits, -1)
+    F = n * j * j * (torch.diag(p) - torch.outer(p, p)) + damping * torch.eye(k, dtype=F64)
+    expected = torch.linalg.solve(F, v)
+    chosen = ({"logits": torch.distributions.AffineTransform(0.0, jac)}
+              if coords == "affine" else coords)
+    got = fisher_solve(d, v, damping=damping, coords=chosen)
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8 * expected.abs().max())
+    if coords == "unconstrained":
+        nat = natural_gradient(d, {"logits": v}, coords=coords, damping=damping)["logits"]
+        torch.testing.assert_close(nat, expected, rtol=1e-8, atol=1e-8 * expected.abs().max())

@@ -93,6 +93,8 @@ def _softmax_of_probs(d, op, transforms):
 
 
 def _per_parameter(op, transforms: Dict[str, Transform]):
+    if not transforms:
+        return op  # every parameter is its own unconstrained coordinate (e.g. logits)
     specs = []
     for s in op.specs:
         t = transforms.get(s.name)

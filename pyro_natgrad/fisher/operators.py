@@ -38,6 +38,9 @@ class FisherOperator:
     :param torch.Size batch_shape: shape of the batch of distributions.
     """
 
+    #: Whether ``F`` is singular and the undamped ``_solve`` a minimum-norm one.
+    singular = False
+
     def __init__(self, specs: Sequence[ParamSpec], batch_shape: torch.Size):
         self.specs: List[ParamSpec] = list(specs)
         self.batch_shape = torch.Size(batch_shape)
@@ -179,8 +182,11 @@ class FisherOperator:
             return self.mv(x) + damping * x
 
         def precond(r):
+            # A singular F's undamped solve is a minimum-norm one, which drops r's component
+            # along the null space: as a preconditioner CG could then never solve along it.
             try:
-                exact = self._solve(self.unflatten(r), 0.0) if damping else None
+                exact = (self._solve(self.unflatten(r), 0.0)
+                         if damping and not self.singular else None)
             except SingularFisherError:  # no undamped inverse to precondition with
                 exact = None
             return self.flatten(exact) if exact is not None else r
@@ -665,6 +671,7 @@ class ReparamFisher(FisherOperator):
     def __init__(self, specs, batch_shape, base: FisherOperator, phi, elementwise: bool):
         super().__init__(specs, batch_shape)
         self.base, self.phi, self.elementwise = base, phi, elementwise
+        self.singular = base.singular  # an elementwise solve goes through the base's
         # Contiguous copies: jvp cannot differentiate through an expanded (stride-0) view.
         self._u = {s.name: s.value.detach().clone() for s in specs}
         self._inner = None
