@@ -351,11 +351,15 @@ def read_handwritten(guide, args=(), kwargs=None):
             continue
         fn = node["fn"]
         try:
-            deps = _leaves([fn.log_prob(node["value"].detach())])
+            # The value and a poutine.scale factor too: a Delta's log_prob ((x == v).log())
+            # carries no gradient, so Delta(m) was no second use of m.
+            deps = _leaves([fn.log_prob(node["value"].detach()), node["value"], node["scale"]])
         except Exception:  # noqa: BLE001 - anything unusual: assume it uses everything
             deps = set(names)
         for i in deps:
             uses[i] = uses.get(i, 0) + 1
+        for i in _leaves([node["scale"]]):
+            rejected.setdefault(i, f"scales site {site_name!r} (poutine.scale)")
         if node["is_observed"] or not deps:
             for i in deps:
                 rejected.setdefault(i, f"used in observed site {site_name!r} of the guide")
@@ -374,8 +378,10 @@ def read_handwritten(guide, args=(), kwargs=None):
         shared = [i for i in mine if uses.get(i, 0) > 1]
         extra = deps - mine
         if shared or extra or len(mine) != len(tensors):
-            reason = (f"site {site.key!r}: a parameter is shared with another site or "
-                      f"used twice" if shared or len(mine) != len(tensors)
+            culprits = ", ".join(repr(names[i][1]) for i in shared if i in names)
+            reason = (f"site {site.key!r}: a parameter{' (' + culprits + ')' if culprits else ''}"
+                      f" is shared with another site or used twice"
+                      if shared or len(mine) != len(tensors)
                       else f"site {site.key!r}: its distribution depends on parameters "
                            f"through something other than its own arguments")
             for i in deps:

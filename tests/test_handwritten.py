@@ -596,6 +596,38 @@ def test_routing_and_one_warning():
             svi.step()
 
 
+@pytest.mark.parametrize("use", ["Delta(m)", "Delta(2 m)", "poutine.scale(s)"])
+def test_a_second_use_through_a_delta_or_a_scale_factor_is_seen(use):
+    """``m`` and ``s`` feed ``z ~ Normal(m, s)``, and one of them also a second site: as
+    a Delta's value (whose log_prob, ``(x == v).log()``, carries no gradient) or as a
+    poutine.scale factor. The Normal step for ``z`` would ignore that site's part of the
+    gradient (with ``y ~ N(3, 0.01^2)`` in the model it fitted m = 0.8 for 3.0): both go
+    to the base optimizer, the reason naming the parameter used twice."""
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(3.0, 0.01))
+
+    def guide():
+        m = pyro.param("m", torch.tensor(0.0))
+        s = pyro.param("s", torch.tensor(1.0), constraint=constraints.positive)
+        pyro.sample("z", dist.Normal(m, s))
+        if use == "poutine.scale(s)":
+            with pyro.poutine.scale(scale=s):
+                pyro.sample("y", dist.Normal(3.0, 1.0))
+        else:
+            pyro.sample("y", dist.Delta(m if use == "Delta(m)" else 2 * m))
+
+    opt = NaturalGradient(guide)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NaturalGradientWarning)
+        SVI(model, guide, opt, Trace_ELBO()).step()
+    routes = opt.routing()
+    assert all(r.startswith("base optimizer") for r in routes.values()), routes
+    twice = "s" if use == "poutine.scale(s)" else "m"
+    other = "m" if twice == "s" else "s"
+    assert f"a parameter ('{twice}') is shared" in routes[other], routes
+
+
 def test_fallback_params_take_exact_adam_steps():
     """Rejected parameters get exactly the base optimizer's steps."""
     opt = NaturalGradient(mixed_guide, base_optimizer=pyro.optim.Adam({"lr": 0.05}))
