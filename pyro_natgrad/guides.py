@@ -382,7 +382,7 @@ def read_guide(guide, prefix="") -> List[_Group]:
             f"call svi.step(...) (or the guide once) before the optimizer. Inside "
             f"svi.step, this means the optimizer was built for another guide than the one "
             f"SVI runs: pass SVI's guide to NaturalGradient")
-    if isinstance(guide, AutoNormal):
+    if reads_as_autonormal(guide):
         groups = []
         for name, site in guide.prototype_trace.iter_stochastic_nodes():
             loc, _ = _pyro_param(guide.locs, name)
@@ -410,9 +410,23 @@ def read_guide(guide, prefix="") -> List[_Group]:
 
 
 #: The autoguides that :func:`read_guide` and :func:`~pyro_natgrad.lowrank.read_lowrank`
-#: read (exact types: a subclass may parameterise its posterior differently).
+#: read (exact types: a subclass may parameterise its posterior differently; for
+#: ``AutoNormal`` see :func:`reads_as_autonormal`).
 SUPPORTED_AUTOGUIDES = (AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal,
                         AutoLowRankMultivariateNormal)
+
+#: The methods by which an ``AutoNormal`` builds its parameters and its distribution.
+_AUTONORMAL_METHODS = ("_setup_prototype", "_get_loc_and_scale", "forward")
+
+
+def reads_as_autonormal(guide) -> bool:
+    """Whether ``guide`` samples each site from ``Normal(locs.<site>, scales.<site>)``
+    as ``AutoNormal`` does: an ``AutoNormal`` or a subclass that keeps its methods (one that
+    only changes ``scale_constraint`` or the initial values, say). A subclass that builds
+    its distribution otherwise (``loc + 1``, ``2 * scale``) would get steps for a
+    distribution it does not sample from."""
+    return isinstance(guide, AutoNormal) and all(
+        getattr(type(guide), m) is getattr(AutoNormal, m) for m in _AUTONORMAL_METHODS)
 
 
 def unsupported_parts(guide, prefix="") -> List[tuple]:
@@ -424,7 +438,8 @@ def unsupported_parts(guide, prefix="") -> List[tuple]:
         for i, part in enumerate(guide):
             out += unsupported_parts(part, prefix=f"{prefix}{i}.")
         return out
-    if isinstance(guide, (AutoCallable, AutoNormal)) or type(guide) in SUPPORTED_AUTOGUIDES:
+    if (isinstance(guide, AutoCallable) or reads_as_autonormal(guide)
+            or type(guide) in SUPPORTED_AUTOGUIDES):
         return []
     return [(prefix, guide)]
 
@@ -432,6 +447,12 @@ def unsupported_parts(guide, prefix="") -> List[tuple]:
 def unsupported_reason(name, part) -> str:
     """Why the parameters of an unsupported autoguide take base-optimizer steps."""
     where = f"part {name[:-1]} of the AutoGuideList, " if name else ""
+    if isinstance(part, AutoNormal):
+        changed = [m for m in _AUTONORMAL_METHODS
+                   if getattr(type(part), m) is not getattr(AutoNormal, m)]
+        return (f"{where}{type(part).__name__}: a subclass of AutoNormal that overrides "
+                f"{', '.join(changed)}, so its distribution may not be Normal(locs, scales), "
+                f"whose natural-gradient steps NaturalGradient takes")
     return (f"{where}{type(part).__name__}: not a guide NaturalGradient reads (it reads "
             f"{', '.join(t.__name__ for t in SUPPORTED_AUTOGUIDES)} and hand-written guides)")
 

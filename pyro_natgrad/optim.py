@@ -31,8 +31,8 @@ from .curvature import ModelCurvature, ModelCurvatureError
 from .gaussian import (StepError, chunk_size, diagonal_gaussian_step, full_step,
                        hold_stride, leave_one_out_cv, norm, softplus_diagonal_step)
 from .guides import (
-    DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide, unsupported_parts,
-    unsupported_reason,
+    DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide, reads_as_autonormal,
+    unsupported_parts, unsupported_reason,
 )
 from .handwritten import describe_rejected, find_svi, find_svi_args, read_handwritten
 from .linalg import conjugate_gradient
@@ -96,9 +96,9 @@ def _takes_curvature(guide) -> bool:
     latents, such as a hand-written one, would leave the model's log joint random, and
     a low-rank part's projection step is for a guide alone)."""
     if isinstance(guide, AutoGuideList):
-        return len(guide) > 0 and all(isinstance(p, AutoNormal) or type(p) in (
+        return len(guide) > 0 and all(reads_as_autonormal(p) or type(p) in (
             AutoDiagonalNormal, AutoMultivariateNormal) for p in guide)
-    return isinstance(guide, (AutoContinuous, AutoNormal))
+    return isinstance(guide, AutoContinuous) or reads_as_autonormal(guide)
 
 
 def _guide_description(guide) -> str:

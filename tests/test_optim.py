@@ -684,6 +684,42 @@ def test_guide_without_supported_sites_is_adam_with_one_warning(float64, rng):
     assert all(v.startswith("base optimizer") for v in opt.routing().values())
 
 
+class _ShiftedAutoNormal(AutoNormal):
+    """Samples ``Normal(loc + 1, 2 scale)``: not the distribution of its parameters."""
+
+    def _get_loc_and_scale(self, name):
+        loc, scale = super()._get_loc_and_scale(name)
+        return loc + 1.0, 2.0 * scale
+
+
+class _PositiveAutoNormal(AutoNormal):
+    """Changes only the scale's constraint (``exp``), which the steps read."""
+
+    scale_constraint = dist.constraints.positive
+
+
+def test_autonormal_subclass_that_changes_its_distribution_is_not_stepped(float64, rng):
+    """A subclass of ``AutoNormal`` whose ``_get_loc_and_scale`` shifts and widens the
+    distribution used to take ``Normal(locs, scales)`` steps silently (100 steps ended 13
+    sds off); its parameters take the base optimizer's steps after one warning that names
+    the override. A subclass that changes only ``scale_constraint`` keeps its steps and
+    reaches the exact mean-field optimum."""
+    X, y = diabetes()
+    guide = fresh(_ShiftedAutoNormal)
+    opt = NaturalGradient(guide)
+    svi = SVI(blr_model, guide, opt, Trace_ELBO())
+    with pytest.warns(NaturalGradientWarning, match="overrides _get_loc_and_scale"):
+        svi.step(X, y)
+    routes = opt.routing()
+    assert routes and all(v.startswith("base optimizer") for v in routes.values()), routes
+
+    guide = fresh(_PositiveAutoNormal)
+    svi = SVI(blr_model, guide, NaturalGradient(guide), Trace_ELBO())
+    for _ in range(30):
+        svi.step(X, y)
+    assert_mean_field_optimum(*guide_moments(guide), X, y, rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------
 # 4. non-finite gradients
 # ----------------------------------------------------------------------------------------
