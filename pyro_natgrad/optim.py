@@ -271,6 +271,7 @@ class NaturalGradient(PyroOptim):
         self._owner: Dict[torch.Tensor, object] = {}
         self._state: Dict[str, Dict] = {}
         self._waiting_state: Dict[str, Dict] = {}
+        self._waiting_layout = None  # (layout, state, base state) of a checkpoint to check
         self._recorders = []
         self._skipped = 0
         self._skip_sources = set()  # what has warned of a skipped step (see warn_skip)
@@ -361,6 +362,14 @@ class NaturalGradient(PyroOptim):
         for r in self._recorders:
             r.sites = set(sites)
             r.scale_params = scale_params
+        if self._waiting_layout is not None:
+            (layout, ng, base), self._waiting_layout = self._waiting_layout, None
+            try:
+                _check_layout(layout, _layout(self._groups), ng)
+            except ValueError:
+                self._waiting_state = {}
+                raise
+            self.base_optimizer.set_state(base)
         for key in list(self._groups) + ["curvature"]:
             if key in self._waiting_state:  # a loaded state wins over the live one
                 self._state[key] = self._waiting_state.pop(key)
@@ -1331,13 +1340,23 @@ class NaturalGradient(PyroOptim):
         state = {k: {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
                  for k, v in self._state.items()}
         # A copy, not the base optimizer's live tensors, which later steps change in place.
-        return {"natural_gradient": state, "base": copy.deepcopy(self.base_optimizer.get_state()),
-                "skipped": self._skipped}
+        out = {"natural_gradient": state, "base": copy.deepcopy(self.base_optimizer.get_state()),
+               "skipped": self._skipped}
+        if self._groups is not None:
+            out["layout"] = _layout(self._groups)
+        return out
 
     def set_state(self, state: Dict) -> None:
         """Restore :meth:`get_state`'s result (copied: ``state`` is not changed by later
-        steps). Groups not yet read (before the first step) receive theirs when they are."""
+        steps). Groups not yet read (before the first step) receive theirs when they are.
+
+        :raises ValueError: if the checkpoint is of another guide (its groups' parameter
+            shapes differ, or it has groups this guide lacks): here, or, if the guide has
+            not been read yet, at the first step, before any of the checkpoint is used."""
         ng = state.get("natural_gradient", {})
+        layout = state.get("layout")
+        if layout is not None and self._groups is not None:
+            _check_layout(layout, _layout(self._groups), ng)
         for key, value in ng.items():
             # Copies: steps change some of these tensors in place (the hold test's
             # sample), and the caller's checkpoint must stay as it was.
@@ -1348,7 +1367,13 @@ class NaturalGradient(PyroOptim):
             else:
                 self._waiting_state[key] = value
         # torch's load_state_dict keeps the given moments' tensors and steps them in place
-        self.base_optimizer.set_state(copy.deepcopy(state.get("base", {})))
+        base = copy.deepcopy(state.get("base", {}))
+        if layout is not None and self._groups is None:
+            # Checked when the guide is read, before the base optimizer makes its optimizers.
+            self._waiting_layout = (layout, ng, base)
+        else:
+            self._waiting_layout = None
+            self.base_optimizer.set_state(base)
         self._skipped = state.get("skipped", 0)
 
     def save(self, filename: str) -> None:
@@ -1358,6 +1383,39 @@ class NaturalGradient(PyroOptim):
     def load(self, filename: str, map_location=None) -> None:
         """:meth:`set_state` from a file written by :meth:`save`."""
         self.set_state(torch.load(filename, map_location=map_location, weights_only=False))
+
+
+def _layout(groups) -> Dict[str, Dict[str, tuple]]:
+    """``{group key: {role: shape}}``, what a checkpoint's state was made for (a low-rank
+    group's covariance factors included, owned or not)."""
+    out = {}
+    for key, g in groups.items():
+        params = dict(g.params)
+        if isinstance(g, LowRankGaussianGroup):
+            params.update(cov_factor=g.cov_factor, scale=g.scale_raw)
+        out[key] = {role: tuple(p.shape) for role, p in params.items()}
+    return out
+
+
+def _check_layout(saved, current, ng_state) -> None:
+    """A ValueError unless a checkpoint made for the groups ``saved`` fits ``current``:
+    the same shapes for each group both have, no group only the checkpoint has, and, if
+    it carries the curvature's running precision (over all the groups' latents), the
+    same groups."""
+    problems = [f"group {k!r} is not in this guide" for k in saved if k not in current]
+    problems += [f"group {k!r} has parameters {dict(saved[k])} there and {dict(current[k])} "
+                 f"here" for k in saved if k in current and
+                 {r: tuple(v) for r, v in saved[k].items()} != current[k]]
+    curvature = ng_state.get("curvature", {})
+    if not problems and set(saved) != set(current) and any(
+            torch.is_tensor(v) for v in curvature.values()):
+        problems.append(f"its curvature state is over groups {sorted(saved)}, and this "
+                        f"guide's are {sorted(current)}")
+    if problems:
+        raise ValueError(
+            f"set_state: the checkpoint was made for another guide ({'; '.join(problems)}); "
+            f"nothing was restored. Load a checkpoint of this guide, or start this optimizer "
+            f"afresh")
 
 
 def _halving_limit(P0, target, rho: float, whitened_change=None, cov_factor=None) -> float:
