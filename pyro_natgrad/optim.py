@@ -522,7 +522,10 @@ class NaturalGradient(PyroOptim):
         store = pyro.get_param_store()
         for p in list(self._seen_params.values()):
             name = store.param_name(p)
-            if p not in names and name is not None:  # not a tensor of a replaced store
+            # Not a tensor the store has replaced (a store loaded, or cleared and made
+            # again): Pyro keeps naming those, and they would be listed beside their
+            # successors as the base optimizer's.
+            if p not in names and name is not None and store._params.get(name) is p:
                 names[p] = name
         return names
 
