@@ -214,3 +214,30 @@ def test_damped_solve_over_many_logits_covers_the_null_direction(family, coords)
     if coords == "unconstrained":
         nat = natural_gradient(d, {"logits": v}, coords=coords, damping=damping)["logits"]
         torch.testing.assert_close(nat, expected, rtol=1e-8, atol=1e-8 * expected.abs().max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("a,b", [(0.5, 1e4), (0.5, 1e5), (1e-5, 1.0), (3.0, 2e6)])
+def test_beta_with_one_concentration_far_larger(dtype, a, b):
+    """``F_u`` of a Beta in log coordinates, ``[[a^2 (psi'(a) - psi'(c)), -a b psi'(c)],
+    [., b^2 (psi'(b) - psi'(c))]]``, ``c = a + b``, against mpmath at 50 digits. Its
+    corner for the larger concentration is about the smaller one, the difference of two
+    terms of about the larger: in float32 it was 3% off at b/a = 2e5 (and the natural
+    gradient 5%)."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(50):
+        A, B = mpmath.mpf(a), mpmath.mpf(b)
+        tc = mpmath.psi(1, A + B)
+        expected = torch.tensor(
+            [[float(A * A * (mpmath.psi(1, A) - tc)), float(-A * B * tc)],
+             [float(-A * B * tc), float(B * B * (mpmath.psi(1, B) - tc))]], dtype=F64)
+    d = dist.Beta(torch.tensor(a, dtype=dtype), torch.tensor(b, dtype=dtype))
+    F = fisher_information(d, coords="unconstrained")
+    assert F.dtype == dtype
+    rtol = 2e-6 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(F.double(), expected, rtol=rtol, atol=0.0)
+    # torch's trigamma is good to about 5e-10 (near 1), which the solve amplifies
+    g = torch.ones(2, dtype=F64)
+    torch.testing.assert_close(fisher_solve(d, g.to(dtype), coords="unconstrained").double(),
+                               torch.linalg.solve(expected, g),
+                               rtol=1e-5 if dtype == torch.float32 else 1e-8, atol=0.0)
