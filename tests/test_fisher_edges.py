@@ -241,3 +241,27 @@ def test_beta_with_one_concentration_far_larger(dtype, a, b):
     torch.testing.assert_close(fisher_solve(d, g.to(dtype), coords="unconstrained").double(),
                                torch.linalg.solve(expected, g),
                                rtol=1e-5 if dtype == torch.float32 else 1e-8, atol=0.0)
+
+
+@pytest.mark.parametrize("family", ["NegativeBinomial", "Geometric"])
+@pytest.mark.parametrize("dtype,x", [(torch.float32, 30.0), (torch.float64, 40.0),
+                                     (torch.float64, -3.0)])
+def test_mean_coordinates_from_large_logits(family, dtype, x):
+    """In mean coordinates ``m = E[T]``, ``F = 1 / Var(T)``, with ``q = 1 - p =
+    sigmoid(-x)``: a negative binomial's ``Var = r p / q^2``, a geometric's (failures
+    before the first success) ``q / p^2``. The maps to and from ``m`` went through
+    ``1 - sigmoid(x)``, which rounds to 0 for large logits, and gave NaN where the answer
+    (2.9e-27 for r = 3, x = 30 in float32) is representable."""
+    xs = torch.tensor(x, dtype=F64)
+    p, q = torch.sigmoid(xs), torch.sigmoid(-xs)
+    logits = torch.tensor(x, dtype=dtype)
+    if family == "NegativeBinomial":
+        d = dist.NegativeBinomial(torch.tensor(3.0, dtype=dtype), logits=logits)
+        expected = q * q / (3 * p)
+    else:
+        d = dist.Geometric(logits=logits)
+        expected = p * p / q
+    F = fisher_information(d, coords="mean")
+    assert F.dtype == dtype
+    torch.testing.assert_close(F.double().reshape(()), expected, rtol=_rtol(dtype), atol=0.0)
+

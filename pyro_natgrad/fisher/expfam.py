@@ -294,6 +294,17 @@ def _bernoulli(d):
                       lambda m: _probs_from(name, m / n))
 
 
+def _odds(name, t):
+    """``p / (1 - p)``; from the logits as ``exp(x)``, not through ``1 - sigmoid(x)``,
+    which rounds to 0 (``x > 17`` in float32)."""
+    return t[name].exp() if name == "logits" else t[name] / (1 - t[name])
+
+
+def _from_odds(name, odds):
+    """The inverse of :func:`_odds`: ``logits = log(odds)``, never through ``p``."""
+    return {name: odds.log() if name == "logits" else odds / (1 + odds)}
+
+
 def _log_p_to_logits(log_p):
     """``logit(p) = log p - log(1 - p)`` from ``log p <= 0``."""
     return log_p - torch.log(-torch.expm1(log_p))
@@ -308,8 +319,8 @@ def _geometric(d):
     eta = torch.nn.functional.logsigmoid(-d.logits) if name == "logits" \
         else torch.log1p(-d.probs)
     return _one_param(eta, from_natural,
-                      lambda t: (1 - _probs_of(name, t)) / _probs_of(name, t),
-                      lambda m: _probs_from(name, (1 + m).reciprocal()))
+                      lambda t: _odds(name, t).reciprocal(),
+                      lambda m: _from_odds(name, m.reciprocal()))
 
 
 @register_exponential_family(NegativeBinomial)
@@ -321,8 +332,8 @@ def _negative_binomial(d):
 
     eta = torch.nn.functional.logsigmoid(d.logits) if name == "logits" else d.probs.log()
     return _one_param(eta, from_natural,
-                      lambda t: r * _probs_of(name, t) / (1 - _probs_of(name, t)),
-                      lambda m: _probs_from(name, m / (r + m)))
+                      lambda t: r * _odds(name, t),
+                      lambda m: _from_odds(name, m / r))
 
 
 def _categorical_coords(d, name, n):
