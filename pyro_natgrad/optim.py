@@ -1035,6 +1035,12 @@ class NaturalGradient(PyroOptim):
                 else:  # the running full precision: a better, still draw-independent, variate
                     correction = P @ offset
                 used = self._step_diagonal_newton(groups, grads, target, correction, rho, state)
+                # As for the hvp step: while the variances approach from afar (from an
+                # init_scale 1e4 times too small they grow 1.5-fold a step) their change S
+                # keeps its sign, and a decaying step would stall them; the clock holds.
+                self._advance_clock(state, float(_fraction_taken(used, rho).mean()),
+                                    *_agreement(state, self._last_change))
+                return True
         # A step the trust region shortened counts as the fraction taken, so the
         # decay of the step size does not start before the iterates got anywhere.
         state["t"] += float(_fraction_taken(used, rho).mean())
@@ -1142,7 +1148,7 @@ class NaturalGradient(PyroOptim):
         P0 = state.get("precision")
         if P0 is None:
             P0 = torch.diag(scale.square().reciprocal())
-        S = scale.square() * target.diagonal() - 1
+        S = self._last_change = scale.square() * target.diagonal() - 1
         P, direction, rho = self._running_newton(
             P0, target, g_loc, rho, fallback=scale.square() * g_loc,
             guide_quad=lambda v: (v / scale).square().sum(), precision_change=S)
