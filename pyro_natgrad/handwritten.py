@@ -50,7 +50,7 @@ from pyro import poutine
 from pyro.distributions import constraints
 from torch.distributions import constraints as torch_constraints
 from pyro.distributions.torch_distribution import ExpandedDistribution
-from torch.distributions import Distribution, Independent, transform_to
+from torch.distributions import Distribution, Independent, biject_to, transform_to
 
 from .expfam_step import expfam_site_step, tril_gaussian_step
 from .fisher import fisher_operator
@@ -483,8 +483,41 @@ def _read_site(site_name, node, params, by_node):
         return TrilGaussianSite(site_name, leaves, transforms, cons), None
     if family == "LowRankMultivariateNormal":
         return _lowrank_site(site_name, base, fed, leaves, transforms, cons, count)
+    narrower = _narrower(base, fed, params)
+    if narrower is not None:
+        return None, f"site {site_name!r}: {narrower}"
     mirror = not fixed and exponential_family_coords(rebuilt) is not None
     return ExpFamSite(site_name, leaves, transforms, cons, make, family, count, mirror), None
+
+
+def _unconstrained_size(constraint, shape) -> Optional[int]:
+    """The dimension of the set ``constraint`` of tensors of ``shape``: the inverse shape
+    of its bijection (``transform_to(simplex)``, a softmax, has one coordinate too many)."""
+    for registry in (biject_to, transform_to):
+        try:
+            return torch.Size(registry(constraint).inverse_shape(shape)).numel()
+        except Exception:  # noqa: BLE001 - none registered, or no inverse_shape
+            continue
+    return None
+
+
+def _narrower(base, fed, params) -> Optional[str]:
+    """Why a parameter's constraint confines it to a set of fewer dimensions than its
+    argument's own (``corr_cholesky`` for a ``scale_tril``, ``simplex`` for a Dirichlet's
+    concentration), or None: the Fisher step moves in all the argument's directions and
+    leaves such a set, and backtracking then halves nearly every step (it froze)."""
+    for role, name in fed.items():
+        own = base.arg_constraints.get(role)
+        if own is None or constraints.is_dependent(own):
+            continue
+        value, _, constraint = params[name]
+        mine = _unconstrained_size(constraint, value.shape)
+        theirs = _unconstrained_size(own, value.shape)
+        if mine is not None and theirs is not None and mine < theirs:
+            return (f"{name!r} is constrained {constraint}, a set of fewer dimensions than "
+                    f"{type(base).__name__}'s {role!r} ({own}), which the Fisher step "
+                    f"would leave")
+    return None
 
 
 def _lowrank_site(site_name, base, fed, leaves, transforms, cons, count):

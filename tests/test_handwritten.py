@@ -628,6 +628,35 @@ def test_a_second_use_through_a_delta_or_a_scale_factor_is_seen(use):
     assert f"a parameter ('{twice}') is shared" in routes[other], routes
 
 
+@pytest.mark.parametrize("case", ["corr_cholesky scale_tril", "simplex concentration",
+                                  "simplex probs", "lower_cholesky scale_tril"])
+def test_a_constraint_narrower_than_the_argument_goes_to_the_base_optimizer(case):
+    """A parameter confined to a set of fewer dimensions than its argument (a correlation
+    Cholesky factor as a MultivariateNormal's ``scale_tril``; a simplex as a Dirichlet's
+    concentration) took Fisher steps off that set, nearly all halved by backtracking (300
+    steps advanced the clock by 2.6). Such sites go to the base optimizer, saying why;
+    a categorical's simplex ``probs`` and a ``lower_cholesky`` ``scale_tril`` (their
+    arguments' own sets) keep their natural-gradient steps."""
+    def guide():
+        if case.endswith("scale_tril"):
+            c = constraints.corr_cholesky if case.startswith("corr") else \
+                constraints.lower_cholesky
+            m = pyro.param("m", torch.zeros(3, dtype=F64))
+            x = pyro.param("x", torch.eye(3, dtype=F64), constraint=c)
+            pyro.sample("z", dist.MultivariateNormal(m, scale_tril=x))
+        else:
+            x = pyro.param("x", torch.full((3,), 1 / 3, dtype=F64), constraint=constraints.simplex)
+            pyro.sample("z", dist.Dirichlet(x) if "concentration" in case
+                        else dist.Categorical(x))
+
+    routes = NaturalGradient(guide).read_guide()
+    if case in ("simplex probs", "lower_cholesky scale_tril"):
+        assert routes["x"].startswith("natural gradient"), routes
+    else:
+        assert routes["x"].startswith("base optimizer"), routes
+        assert "a set of fewer dimensions" in routes["x"], routes
+
+
 def test_fallback_params_take_exact_adam_steps():
     """Rejected parameters get exactly the base optimizer's steps."""
     opt = NaturalGradient(mixed_guide, base_optimizer=pyro.optim.Adam({"lr": 0.05}))
