@@ -60,6 +60,13 @@ HVP_MAX_PRODUCTS = 50
 #: gradients agree by more than this cosine (see ``NaturalGradient._advance_clock``).
 HOLD_COSINE = 0.1
 
+#: A mean-field step with the model's Hessian holds the clock on the variances' changes
+#: ``S`` only while their root mean square exceeds this (a variance 10% from its target):
+#: at the optimum of a Gaussian model ``S`` is rounding, whose pattern repeats from step
+#: to step, and held the step at 1 where single-draw mean steps without the control
+#: variate (under JIT with other randomness between steps) needed the decay.
+HOLD_MIN_CHANGE = 0.1
+
 #: Mean-field groups smaller than this keep the control variate's coefficient at 1: the
 #: estimate of :func:`~pyro_natgrad.gaussian.leave_one_out_cv` from one draw of a few
 #: elements is a ratio of small sums, too noisy to help.
@@ -1038,8 +1045,13 @@ class NaturalGradient(PyroOptim):
                 # As for the hvp step: while the variances approach from afar (from an
                 # init_scale 1e4 times too small they grow 1.5-fold a step) their change S
                 # keeps its sign, and a decaying step would stall them; the clock holds.
+                change = self._last_change
+                if float(change.square().mean()) < HOLD_MIN_CHANGE ** 2:
+                    # Variances close to their targets: what remains is noise (in the
+                    # mean's steps too), which the decay is there to average.
+                    change = torch.zeros_like(change)
                 self._advance_clock(state, float(_fraction_taken(used, rho).mean()),
-                                    *_agreement(state, self._last_change))
+                                    *_agreement(state, change))
                 return True
         # A step the trust region shortened counts as the fraction taken, so the
         # decay of the step size does not start before the iterates got anywhere.
