@@ -350,16 +350,17 @@ def read_handwritten(guide, args=(), kwargs=None):
         if node["type"] != "sample":
             continue
         fn = node["fn"]
+        scaling = _leaves([node["scale"]])
+        for i in scaling:
+            rejected.setdefault(i, f"scales site {site_name!r} (poutine.scale)")
         try:
             # The value and a poutine.scale factor too: a Delta's log_prob ((x == v).log())
             # carries no gradient, so Delta(m) was no second use of m.
-            deps = _leaves([fn.log_prob(node["value"].detach()), node["value"], node["scale"]])
+            deps = _leaves([fn.log_prob(node["value"].detach()), node["value"]]) | scaling
         except Exception:  # noqa: BLE001 - anything unusual: assume it uses everything
             deps = set(names)
         for i in deps:
             uses[i] = uses.get(i, 0) + 1
-        for i in _leaves([node["scale"]]):
-            rejected.setdefault(i, f"scales site {site_name!r} (poutine.scale)")
         if node["is_observed"] or not deps:
             for i in deps:
                 rejected.setdefault(i, f"used in observed site {site_name!r} of the guide")

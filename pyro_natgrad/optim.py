@@ -1041,11 +1041,11 @@ class NaturalGradient(PyroOptim):
                     correction = offset / scale.square()
                 else:  # the running full precision: a better, still draw-independent, variate
                     correction = P @ offset
-                used = self._step_diagonal_newton(groups, grads, target, correction, rho, state)
+                used, change = self._step_diagonal_newton(groups, grads, target, correction,
+                                                          rho, state)
                 # As for the hvp step: while the variances approach from afar (from an
                 # init_scale 1e4 times too small they grow 1.5-fold a step) their change S
                 # keeps its sign, and a decaying step would stall them; the clock holds.
-                change = self._last_change
                 if float(change.square().mean()) < HOLD_MIN_CHANGE ** 2:
                     # Variances close to their targets: what remains is noise (in the
                     # mean's steps too), which the decay is there to average.
@@ -1151,7 +1151,9 @@ class NaturalGradient(PyroOptim):
     def _step_diagonal_newton(self, groups, grads, target, correction, rho, state):
         """Mean-field variances move towards ``diag(target)``; the mean steps with a
         running average ``P`` of the full ``target`` as in the full-rank case (see the
-        ``curvature`` option), ``P' = (1 - rho) P + rho target``, ``mu' = mu - rho P'^{-1} g``."""
+        ``curvature`` option), ``P' = (1 - rho) P + rho target``, ``mu' = mu - rho P'^{-1} g``.
+        Returns the step size taken and the variances' whitened change
+        ``S = scale^2 diag(target) - 1``, shape ``(D,)``."""
         loc = torch.cat([g.params["loc"].detach().reshape(-1) for g in groups])
         scales, dscales = zip(*(g.scale() for g in groups))
         scale = torch.cat([s.reshape(-1) for s in scales])
@@ -1160,7 +1162,7 @@ class NaturalGradient(PyroOptim):
         P0 = state.get("precision")
         if P0 is None:
             P0 = torch.diag(scale.square().reciprocal())
-        S = self._last_change = scale.square() * target.diagonal() - 1
+        S = scale.square() * target.diagonal() - 1
         P, direction, rho = self._running_newton(
             P0, target, g_loc, rho, fallback=scale.square() * g_loc,
             guide_quad=lambda v: (v / scale).square().sum(), precision_change=S)
@@ -1176,7 +1178,7 @@ class NaturalGradient(PyroOptim):
             self._write(g.params["scale"],
                         g.transforms["scale"].inv(step.scale_tril[pos:pos + n].reshape(shape)))
             pos += n
-        return torch.as_tensor(rho)
+        return torch.as_tensor(rho), S
 
     def _step_blocks_newton(self, groups, grads, target, offset, rho, state):
         """The groups of an ``AutoGuideList`` with full-rank parts: a block-diagonal
