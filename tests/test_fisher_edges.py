@@ -265,3 +265,90 @@ def test_mean_coordinates_from_large_logits(family, dtype, x):
     assert F.dtype == dtype
     torch.testing.assert_close(F.double().reshape(()), expected, rtol=_rtol(dtype), atol=0.0)
 
+
+
+ZERO_TRIALS = {  # total_count (0, 4), or 0 for torch's Multinomial (one int count)
+    "Binomial probs": lambda: dist.Binomial(torch.tensor([0., 4.], dtype=F64),
+                                            torch.tensor([0.3, 0.6], dtype=F64)),
+    "Binomial logits": lambda: dist.Binomial(torch.tensor([0., 4.], dtype=F64),
+                                             logits=torch.tensor([0.4, -1.], dtype=F64)),
+    "Multinomial probs": lambda: dist.Multinomial(
+        0, torch.tensor([[0.2, 0.5, 0.3], [0.1, 0.1, 0.8]], dtype=F64)),
+    "Multinomial logits": lambda: dist.Multinomial(
+        0, logits=torch.tensor([[0.2, 0.5, -0.3], [1., 0.1, 0.8]], dtype=F64)),
+}
+
+
+@pytest.mark.parametrize("coords", ["standard", "unconstrained"])
+@pytest.mark.parametrize("name", list(ZERO_TRIALS))
+def test_zero_trials_undamped_solve(name, coords):
+    """No trials (``total_count`` 0) carry no information: ``F = 0`` for that element. An
+    undamped solve of a vector nonzero there has no solution and must raise (it gave inf
+    or NaN); a vector zero there solves to 0 there, and an element with trials must still
+    satisfy ``F x = v`` for the dense F written out from ``mv``."""
+    from pyro_natgrad.fisher import SingularFisherError, fisher_operator
+    op = fisher_operator(ZERO_TRIALS[name](), coords=coords)
+    F = op.dense()
+    assert float(F[0].abs().max()) == 0.0
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(2, op.dim, generator=g, dtype=F64)
+    if op.singular:  # the gradient of a function of the distribution: in F's range
+        v = torch.einsum("bij,bj->bi", F, v)
+    v[0] = torch.randn(op.dim, generator=g, dtype=F64)
+    with pytest.raises(SingularFisherError, match="total_count 0"):
+        op.solve(v)
+    v[0] = 0
+    x = op.solve(v)
+    assert bool((x[0] == 0).all())
+    torch.testing.assert_close(F[1] @ x[1], v[1], rtol=1e-10, atol=1e-10)
+    # Damped, F = 0 gives v / lambda there.
+    torch.testing.assert_close(op.solve(v + 1, damping=0.5)[0], (v[0] + 1) / 0.5)
+
+
+def _empty_batch_cases():
+    from tests.fisher_cases import CASES
+    out = []
+    for case in CASES:
+        if case.batch_shape:
+            out += [(case, c) for c in ("standard", "unconstrained")
+                    + (("natural", "mean") if case.ef else ())]
+    return out
+
+
+@pytest.mark.parametrize("case, coords", _empty_batch_cases(),
+                         ids=lambda x: getattr(x, "id", x))
+def test_empty_batch(case, coords):
+    """A batch of 0 elements (a plate of size 0) gives empty answers of the right shapes,
+    ``batch_shape + (k, k)`` and ``v``'s, like any other batch size (it raised torch's
+    bare reshape errors). ``k`` must equal that of the case's own, nonempty batch."""
+    from pyro_natgrad.fisher import fisher_operator
+    from torch.distributions import Distribution
+    p = case.params()
+    nb = len(case.batch_shape)
+    empty = {n: t[:0] if tuple(t.shape[:nb]) == tuple(case.batch_shape) else t
+             for n, t in p.items() if torch.is_tensor(t)}
+    params = case.params_arg if coords in ("standard", "unconstrained") else None
+    k = fisher_operator(case.make(p), coords=coords, params=params).dim
+    before = Distribution._validate_args
+    Distribution.set_default_validate_args(False)  # torch's own checks fail on empty sizes
+    try:
+        op = fisher_operator(case.make({**p, **empty}), coords=coords, params=params)
+    finally:
+        Distribution.set_default_validate_args(before)
+    rest = tuple(case.batch_shape[1:])
+    assert op.dim == k
+    assert op.dense().shape == (0,) + rest + (k, k)
+    v = torch.zeros((3, 0) + rest + (k,), dtype=F64)
+    assert op.mv(v).shape == v.shape
+    assert op.solve(v, damping=0.1).shape == v.shape
+
+
+@pytest.mark.parametrize("family", [dist.Categorical, dist.OneHotCategorical])
+@pytest.mark.parametrize("coords", ["natural", "mean"])
+def test_one_category_has_no_natural_coordinates(family, coords):
+    """A one-category distribution is a point mass: its minimal natural (and mean)
+    coordinates are ``k - 1 = 0`` numbers, so its Fisher is 0 x 0 (it raised a bare
+    reshape error in natural coordinates)."""
+    d = family(torch.tensor([[1.0], [1.0]], dtype=F64))
+    assert fisher_information(d, coords=coords).shape == (2, 0, 0)
+    assert fisher_solve(d, torch.zeros(2, 0, dtype=F64), coords=coords).shape == (2, 0)

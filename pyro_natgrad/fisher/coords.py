@@ -101,8 +101,10 @@ def _per_parameter(op, transforms: Dict[str, Transform]):
         if t is None:
             specs.append(s)
             continue
-        ok = t.codomain.check(s.value.detach())
-        if not bool(ok.all()):
+        # An empty batch has nothing outside (and torch's checks of some constraints fail
+        # on it).
+        ok = t.codomain.check(s.value.detach()) if s.value.numel() else None
+        if ok is not None and not bool(ok.all()):
             raise ValueError(
                 f"coords[{s.name!r}] = {t} maps onto {t.codomain}, which does not contain the "
                 f"current value of {s.name!r} ({int((~ok).sum())} of {ok.numel()} entries "

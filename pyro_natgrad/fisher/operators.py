@@ -132,6 +132,8 @@ class FisherOperator:
     def mv(self, v: torch.Tensor) -> torch.Tensor:
         """``F v``; ``v`` has shape ``extra + batch_shape + (k,)``."""
         self.check_vector(v)
+        if v.numel() == 0:  # an empty batch, or no coordinates (a one-category Categorical)
+            return v.clone()
         return self.flatten(self._mv(self.unflatten(v)))
 
     def solve(self, v: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
@@ -139,6 +141,8 @@ class FisherOperator:
         if damping < 0 or not math.isfinite(damping):
             raise ValueError(f"damping must be a finite number >= 0, got {damping}")
         self.check_vector(v)
+        if v.numel() == 0:
+            return v.clone()
         exact = self._solve(self.unflatten(v), damping)
         if exact is not None:
             return self.flatten(exact)
@@ -166,7 +170,9 @@ class FisherOperator:
                 f"here; pass damping > 0")
         # v: extra + batch + (k,) -> batch + (k, m) with the extra dims as columns.
         extra = v.dim() - 1 - len(self.batch_shape)
-        rhs = v.reshape((-1,) + self.batch_shape + (self.dim,)).movedim(0, -1)
+        # The extra dims' size spelled out: -1 is ambiguous for an empty batch.
+        count = v.shape[:extra].numel()
+        rhs = v.reshape((count,) + self.batch_shape + (self.dim,)).movedim(0, -1)
         sol = torch.cholesky_solve(rhs, chol).movedim(-1, 0)
         return sol.reshape(v.shape[:extra] + self.batch_shape + (self.dim,))
 
@@ -250,6 +256,12 @@ class DiagonalFisher(FisherOperator):
         return {k: self.diag[k] * x for k, x in v.items()}
 
     def _solve(self, v, damping):
+        if damping == 0:
+            for k, x in v.items():
+                _refuse_zero_information(x, self.diag[k] == 0, f"{self.names}")
+            # A zero entry (with v zero there, else refused) solves to 0, not 0/0.
+            return {k: torch.where(self.diag[k] == 0, torch.zeros_like(x), x / self.diag[k])
+                    for k, x in v.items()}
         return {k: x / (self.diag[k] + damping) for k, x in v.items()}
 
     def dense(self):
@@ -309,6 +321,19 @@ class ElementBlockFisher(FisherOperator):
         x = self._stack(v).unsqueeze(-1)
         chol = chol.expand(x.shape[:-2] + chol.shape[-2:])
         return self._unstack(torch.cholesky_solve(x, chol).squeeze(-1))
+
+
+def _refuse_zero_information(x, zero, what):
+    """A :class:`SingularFisherError` where ``x`` is nonzero along a direction in which
+    the Fisher information is 0 (``zero``, broadcast against ``x``): ``F y = x`` has no
+    solution there."""
+    bad = (x != 0) & zero.expand(x.shape)
+    if bool(bad.any()):
+        raise SingularFisherError(
+            f"the Fisher information of {what} is 0 along {int(bad.sum())} entries of the "
+            f"vector, which are not 0 (for example a Binomial or Multinomial with "
+            f"total_count 0, whose draws carry no information), so F x = v has no solution; "
+            f"pass damping > 0")
 
 
 class DiagPlusRankOneFisher(FisherOperator):
@@ -390,7 +415,8 @@ class LogitsFisher(DiagPlusRankOneFisher):
 
     def _solve(self, v, damping):
         if damping == 0:
-            return self._min_norm(v[self.name])
+            return _over_trials(self._min_norm, v[self.name], -self.c.unsqueeze(-1),
+                                self.family, self.name)
         g, p = v[self.name], self.u
         a = self.a + damping  # n p + lambda
         ainv_g, ainv_p = g / a, p / a
@@ -415,6 +441,18 @@ class LogitsFisher(DiagPlusRankOneFisher):
         weight = on.to(g.dtype)
         mean = (x * weight).sum(-1, keepdim=True) / weight.sum(-1, keepdim=True)
         return {self.name: (x - mean) * weight}
+
+
+def _over_trials(solve, g, n, family, name):
+    """``solve(g)`` (undamped, ``F = n F_1``) where the total count ``n`` (shaped
+    ``batch_shape + (1,)``) is positive, 0 where it is 0 and ``g`` is too: no trials carry
+    no information, ``F = 0``. A nonzero ``g`` there raises a :class:`SingularFisherError`."""
+    none = n == 0
+    if not bool(none.any()):
+        return solve(g)
+    _refuse_zero_information(g, none, f"{family} {name!r}")
+    (x,) = solve(torch.where(none, torch.ones_like(g), g)).values()  # finite at n = 0
+    return {name: torch.where(none, torch.zeros_like(x), x)}
 
 
 def _refuse_off_support(x, on, family, name, why):
@@ -473,9 +511,11 @@ class ProbsFisher(DiagPlusRankOneFisher):
     def _solve(self, v, damping):
         g, p, n = v[self.name], self.probs, self.n
         if damping == 0:
-            x = p * g / n
-            coef = (p * x).sum(-1, keepdim=True) / (p * p).sum(-1, keepdim=True)
-            return {self.name: x - coef * p}
+            def min_norm(g):
+                x = p * g
+                coef = (p * x).sum(-1, keepdim=True) / (p * p).sum(-1, keepdim=True)
+                return {self.name: (x - coef * p) / n}
+            return _over_trials(min_norm, g, n, self.family, self.name)
         ainv = p / (n + damping * p)
         denom = (damping * p * ainv).sum(-1, keepdim=True)  # 1 - n 1^T a^{-1} 1, sum p = 1
         return {self.name: ainv * g + n * ainv * (ainv * g).sum(-1, keepdim=True) / denom}
@@ -725,7 +765,7 @@ class ReparamFisher(FisherOperator):
         if extra == 0:
             return fn(v)
         lead = v[ref].shape[:extra]
-        flat = {k: x.reshape((-1,) + x.shape[extra:]) for k, x in v.items()}
+        flat = {k: x.reshape((lead.numel(),) + x.shape[extra:]) for k, x in v.items()}
         out = torch.func.vmap(fn)(flat)
         return {k: x.reshape(lead + x.shape[1:]) for k, x in out.items()}
 
