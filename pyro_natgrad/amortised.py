@@ -90,6 +90,43 @@ def _base(d):
             return d
 
 
+def _reaching(terms, params) -> set:
+    """The ``params`` on which some of the scalar ``terms`` depend."""
+    if not terms:
+        return set()
+    grads = torch.autograd.grad(torch.stack(terms).sum(), params, allow_unused=True,
+                                retain_graph=True)
+    return {p for p, g in zip(params, grads) if g is not None}
+
+
+def _transform_outputs(d, value) -> Optional[List[torch.Tensor]]:
+    """For each ``TransformedDistribution`` layer of ``d`` that :func:`_peel` drops,
+    ``T(z)`` with ``z = T^{-1}(x)`` held fixed (``x`` the site's ``value`` at that layer):
+    differentiable in whatever the transforms hold (tensors, a flow's module), and in
+    nothing else. None where a transform has no inverse."""
+    out = []
+    while True:
+        if isinstance(d, (Independent, MaskedDistribution)):
+            d = d.base_dist
+        elif isinstance(d, TransformedDistribution) and lookup_fisher(type(d)) is None:
+            try:
+                # Without caches: a cached transform would hand back x itself, no graph.
+                transforms = [t.with_cache(0) for t in d.transforms]
+                with torch.no_grad():
+                    z = value
+                    for t in reversed(transforms):
+                        z = t.inv(z)
+            except NotImplementedError:
+                return None
+            y = z
+            for t in transforms:
+                y = t(y)
+            out.append(y)
+            d, value = d.base_dist, z
+        else:
+            return out
+
+
 class _Substitute(Messenger):
     """Replace the value of the named ``pyro.param`` statements (constrained values)."""
 
@@ -212,6 +249,17 @@ class _GuideRunner:
 # -------------------------------------------------------------------------------------
 
 
+def _arguments(draw, default):
+    """``(args, kwargs)`` of the guide call that made ``draw`` (a recorded trace), else
+    ``default``: a pair, or an :class:`AmortisedNaturalGradient` (its latest call's)."""
+    recorded = getattr(draw, "arguments", None)
+    if recorded is not None:
+        return recorded
+    if isinstance(default, tuple):
+        return default
+    return default._args, default._kwargs
+
+
 class GuideGGN(GGNOperator):
     """The Fisher information of a guide with respect to (some of) its parameters,
     ``G = sum_sites scale * J^T F_R J``, as a matrix-free operator.
@@ -227,7 +275,8 @@ class GuideGGN(GGNOperator):
         are the draw's where it has them (as recorded, with the handlers around the
         call), else the replay's. One draw is exact for guides whose
         distribution parameters do not depend on earlier draws.
-    :param tuple args, kwargs: the guide's arguments.
+    :param tuple args, kwargs: the guide's arguments, for draws that do not carry their
+        own call's (a recorded draw's ``arguments``).
 
     The sample sites counted are the unobserved, non-subsample sites with a
     closed-form Fisher (``Delta`` sites carry no information and are skipped;
@@ -257,10 +306,11 @@ class GuideGGN(GGNOperator):
         heads, sites = {}, []
         #: latent elements the guide's sites hold (each times its scale, averaged over draws)
         self.num_elements = 0.0
+        calls = [_arguments(draw, (args, kwargs)) for draw in draws]
         with torch.no_grad():
             mv0, sv0 = substitutions(theta)
             for k, draw in enumerate(draws):
-                tr = runner.trace(draw, mv0, sv0, args, kwargs)
+                tr = runner.trace(draw, mv0, sv0, *calls[k])
                 for name, node in tr.nodes.items():
                     if node["type"] != "sample" or node["is_observed"] or \
                             site_is_subsample(node):
@@ -287,7 +337,7 @@ class GuideGGN(GGNOperator):
 
         def coordinates(flat):
             mv, sv = substitutions(flat)
-            traces = [runner.trace(draw, mv, sv, args, kwargs) for draw in draws]
+            traces = [runner.trace(draw, mv, sv, *call) for draw, call in zip(draws, calls)]
             return {key: {n: getattr(_base(traces[k].nodes[name]["fn"]), n)
                           for n in heads[key].names}
                     for key, k, name in sites}
@@ -485,6 +535,7 @@ class AmortisedNaturalGradient(PyroOptim):
         if not torch.is_grad_enabled():
             return  # Predictive and other no-grad calls are not the ELBO's draws
         self._tracer = poutine.trace()
+        self._tracer.arguments = (self._args, self._kwargs)
         self._tracer.__enter__()
 
     def _post(self, module, args, *rest):
@@ -499,6 +550,9 @@ class AmortisedNaturalGradient(PyroOptim):
                 "replayed guide would count each particle's Fisher once per particle); use "
                 "Trace_ELBO(num_particles=n) without vectorize_particles")
         draw = _detached_trace(tracer.trace)
+        # The call's own arguments: G replays the draw with them, whatever calls came
+        # after it (a validation loss on other data between backward() and the step).
+        draw.arguments = tracer.arguments
         # A backward pass through the draw marks it: calls whose loss is not
         # differentiated (a validation loss, inspecting the guide on other data) must
         # not be replayed as this step's draws.
@@ -534,9 +588,9 @@ class AmortisedNaturalGradient(PyroOptim):
 
     def _find_routes(self, params) -> Dict[torch.Tensor, tuple]:
         module_names = self._runner.module_names()
+        draw = self._draws[-1] if self._draws else None
         with torch.no_grad():
-            tr = self._runner.trace(self._draws[-1] if self._draws else None, None, None,
-                                    self._args, self._kwargs)
+            tr = self._runner.trace(draw, None, None, *_arguments(draw, self))
         store = pyro.get_param_store()
         by_tensor = {}
         for name, node in tr.nodes.items():
@@ -557,27 +611,35 @@ class AmortisedNaturalGradient(PyroOptim):
         return {p: r for p, r in routes.items() if p in informative}
 
     def _informative(self, params) -> set:
-        """The parameters that reach some sample site with a Fisher of its own: the
-        others (those of ``Delta`` sites only, MAP parts of a guide) have no curvature in
-        ``G``, and the damped solve would give them ``g / lambda``, a step the trust
-        region does not see. They go to ``other_optimizer``."""
+        """The parameters that reach some sample site with a Fisher of its own, and no
+        ``TransformedDistribution``'s transforms. The others have no curvature in ``G``
+        along some of their directions, and the damped solve would give them
+        ``g / lambda`` there, a step the trust region does not see: those of ``Delta``
+        sites only (MAP parts of a guide), and those a transform holds, which ``G``
+        takes as fixed (even where they also feed the base distribution: a layer whose
+        output sets both the base's scale and an affine transform's shift). They go to
+        ``other_optimizer``."""
         if not params:
             return set()
+        draw = self._draws[-1] if self._draws else None
         with torch.enable_grad():
-            tr = self._runner.trace(self._draws[-1] if self._draws else None, None, None,
-                                    self._args, self._kwargs)
-        terms = []
+            tr = self._runner.trace(draw, None, None, *_arguments(draw, self))
+        terms, fixed = [], []
         for node in tr.nodes.values():
             if node["type"] != "sample" or node["is_observed"] or site_is_subsample(node):
                 continue
             d = _peel(node["fn"])
-            if d is not None:
-                terms += [v.sum() for v in vars(_base(d)).values()
-                          if torch.is_tensor(v) and v.requires_grad]
-        if not terms:
-            return set()
-        grads = torch.autograd.grad(torch.stack(terms).sum(), params, allow_unused=True)
-        return {p for p, g in zip(params, grads) if g is not None}
+            if d is None:
+                continue
+            base = [v.sum() for v in vars(_base(d)).values()
+                    if torch.is_tensor(v) and v.requires_grad]
+            terms += base
+            outputs = _transform_outputs(node["fn"], node["value"].detach())
+            # A transform without an inverse: its parameters cannot be told apart from
+            # the base's, so none of this site's go to G.
+            fixed += base if outputs is None else [y.sum() for y in outputs if y.requires_grad]
+        reached = _reaching(terms, params)
+        return reached - _reaching(fixed, params)
 
     def routing(self, params=None) -> Dict[str, str]:
         """``{parameter name: "natural gradient (GGN)" or the other optimizer}`` for

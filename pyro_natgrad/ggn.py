@@ -368,7 +368,10 @@ class GGNOperator:
         B = self._as_rows(b)
         if tol is None:
             tol = 1e-10 if B.dtype == torch.float64 else 1e-5
-        max_iter = max_iter or 10 * self.dim
+        if max_iter is None:
+            max_iter = 10 * self.dim
+        elif not (isinstance(max_iter, int) and max_iter >= 1):
+            raise ValueError(f"max_iter must be an int >= 1 (or None: 10 P), got {max_iter!r}")
         count = [0]
 
         def matvec(x):

@@ -47,6 +47,9 @@ class DrawRecorder:
     SCALES = ("scales",)
     #: Key of a record's :class:`BackwardFlag`.
     BACKWARD = ("backward",)
+    #: Key of a record's ``(args, kwargs)``, those of the guide call that made it: the
+    #: model's Hessian at its draws is of the model with these arguments.
+    ARGUMENTS = ("arguments",)
 
     def __init__(self, module: torch.nn.Module, sites, owner=None):
         self.sites = set(sites)
@@ -56,7 +59,7 @@ class DrawRecorder:
         # With several recorders on one module (a new optimizer for the same guide), the
         # traces must close in the reverse order of opening: post-hooks are prepended.
         self._handles = [
-            module.register_forward_pre_hook(self._pre),
+            module.register_forward_pre_hook(self._pre, with_kwargs=True),
             module.register_forward_hook(self._post, always_call=True, prepend=True),
         ]
         # The hooks go away with the optimizer that placed them (a weak reference, so
@@ -67,7 +70,7 @@ class DrawRecorder:
     #: (e.g. in a custom loop) keeps only its latest draws.
     MAX_RECORDS = 64
 
-    def _pre(self, module, args):
+    def _pre(self, module, args, kwargs):
         if self._owner is not None and self._owner() is None:
             self.remove()
             return
@@ -76,6 +79,7 @@ class DrawRecorder:
         if not torch.is_grad_enabled():
             return
         self._tracer = poutine.trace()
+        self._tracer.arguments = (tuple(args), dict(kwargs or {}))
         self._tracer.__enter__()
 
     def _post(self, module, args, output):
@@ -109,6 +113,7 @@ class DrawRecorder:
         if scales:
             record[self.SCALES] = scales
         record[self.BACKWARD] = BackwardFlag(drawn)
+        record[self.ARGUMENTS] = tracer.arguments
         self.records.append(record)
         del self.records[:-self.MAX_RECORDS]
 
@@ -169,6 +174,26 @@ class BackwardFlag:
 
     def _reached(self, grad):
         self.used = True
+
+
+def same_arguments(a, b) -> bool:
+    """Whether two guide calls' arguments are the same: the same objects, or equal
+    values (tensors of one shape, dtype and device with equal entries), recursively
+    through tuples, lists and dicts."""
+    if a is b:
+        return True
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b)))
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same_arguments, a, b))
+    if isinstance(a, dict):
+        return (isinstance(b, dict) and a.keys() == b.keys()
+                and all(same_arguments(a[k], b[k]) for k in a))
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. objects whose == is elementwise or undefined
+        return False
 
 
 def differentiated(items, flag_of):

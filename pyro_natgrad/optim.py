@@ -32,7 +32,7 @@ from .gaussian import (StepError, chunk_size, diagonal_gaussian_step, full_step,
                        hold_stride, leave_one_out_cv, norm, softplus_diagonal_step)
 from .guides import (
     DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide, reads_as_autonormal,
-    unsupported_parts, unsupported_reason,
+    same_arguments, unsupported_parts, unsupported_reason,
 )
 from .handwritten import describe_rejected, find_svi, find_svi_args, read_handwritten
 from .linalg import conjugate_gradient
@@ -289,6 +289,7 @@ class NaturalGradient(PyroOptim):
         self._warned_gradient_only = False
         self._use_curvature = False
         self._minibatch_curvature = False
+        self._warned_mixed_arguments = False
         # Hand-written guides: the guide's arguments (to trace it), the names of its
         # parameters and why any of them take base-optimizer steps.
         self._guide_args = None
@@ -681,7 +682,26 @@ class NaturalGradient(PyroOptim):
         """``step(records)``, or None where the model's Hessian cannot be computed at the
         guide's draws (:class:`~pyro_natgrad.curvature.ModelCurvatureError`, raised
         before anything changed): under ``curvature="auto"`` this and later steps are
-        then those of ``"none"``, after one warning; otherwise a ValueError."""
+        then those of ``"none"``, after one warning; otherwise a ValueError.
+
+        The model's arguments are those of the guide calls that made ``records`` (not of
+        a later call, e.g. a validation loss on other data before the step). Records of
+        calls with different arguments (gradients accumulated over several batches) give
+        this step from gradients alone, after one warning: the model's Hessian at a draw
+        is of one call's data."""
+        calls = [r[DrawRecorder.ARGUMENTS] for r in records if DrawRecorder.ARGUMENTS in r]
+        if calls:
+            if not all(same_arguments(calls[0], c) for c in calls[1:]):
+                if not self._warned_mixed_arguments:
+                    self._warned_mixed_arguments = True
+                    warnings.warn(
+                        "NaturalGradient: this step's gradients come from guide calls with "
+                        "different arguments (e.g. accumulated over several batches before "
+                        "one step), and the model's Hessian is that of one call's; such steps "
+                        "are taken from gradients alone. Step after each batch to keep the "
+                        "model's curvature", NaturalGradientWarning)
+                return None
+            self._curvature.args, self._curvature.kwargs = calls[0]
         try:
             return step(records)
         except ModelCurvatureError as e:

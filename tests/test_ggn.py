@@ -393,6 +393,8 @@ def test_cg_reports_failure():
     assert info.residual_norm > 1e-10 * b.norm()
     with pytest.raises(ValueError, match="damping"):
         G.solve(b, damping=-1.0)
+    with pytest.raises(ValueError, match="max_iter"):  # 0 silently meant the default
+        G.solve(b, damping=1e-3, max_iter=0)
 
 
 # ---- scaling --------------------------------------------------------------------------

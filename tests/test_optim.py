@@ -1292,6 +1292,61 @@ def test_module_local_params_manual_loop(float64, rng, guide_cls):
         assert_reached(guide, X, y, rtol=1e-6)
 
 
+@pytest.mark.parametrize("guide_cls", [AutoMultivariateNormal, AutoNormal])
+def test_a_validation_loss_before_the_step_does_not_change_its_curvature(float64, rng,
+                                                                         guide_cls):
+    """A custom loop: ``backward()``, a validation loss on other data, then the step. The
+    model's Hessian is evaluated at the step's own draws, and must be of the model with
+    the step's own arguments: it took those of the last guide call (the validation
+    loss's), and the full-rank guide ended with its covariance 23-fold off the exact
+    posterior's (no warning)."""
+    X, y = diabetes()
+    X_val, y_val = X[:40] * 2, y[:40]
+    guide = fresh(guide_cls)
+    opt = NaturalGradient(guide)
+    elbo = Trace_ELBO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NaturalGradientWarning)
+        for _ in range(30):
+            with poutine.trace(param_only=True) as tr:
+                elbo.differentiable_loss(blr_model, guide, X, y).backward()
+            elbo.loss(blr_model, guide, X_val, y_val)
+            params = {site["value"].unconstrained() for site in tr.trace.nodes.values()}
+            opt(params)
+            pyro.infer.util.zero_grads(params)
+    assert_reached(guide, X, y, rtol=1e-6)
+
+
+def test_gradients_accumulated_over_batches_step_without_the_hessian(float64, rng):
+    """Gradients accumulated over two batches before one step: each batch's draw has its
+    own data, and one Hessian of one batch's model would be wrong for the other, so the
+    step is taken from gradients alone, with one warning. Two calls with the same data
+    (sequential particles) keep the Hessian, silently."""
+    X, y = diabetes()
+    halves = [(X[:221], y[:221]), (X[221:], y[221:])]
+    guide = fresh(AutoMultivariateNormal)
+    opt = NaturalGradient(guide)
+
+    def step(batches, elbo=Trace_ELBO()):
+        with poutine.trace(param_only=True) as tr:
+            for Xb, yb in batches:
+                elbo.differentiable_loss(blr_model, guide, Xb, yb).backward()
+        params = {site["value"].unconstrained() for site in tr.trace.nodes.values()}
+        opt(params)
+        pyro.infer.util.zero_grads(params)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NaturalGradientWarning)
+        for _ in range(30):  # two guide calls with the same data: the Hessian's exact steps
+            step([(X, y)], Trace_ELBO(num_particles=2))
+    assert_reached(guide, X, y, rtol=1e-6)
+    with pytest.warns(NaturalGradientWarning, match="different arguments"):
+        step(halves)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NaturalGradientWarning)  # warned once
+        step(halves)
+
+
 # ---- minibatch SVI with local latents ---------------------------------------------------
 N_LOCAL, BATCH, TAU_Z, SIGMA_Z, TAU_MU = 20, 5, 1.0, 0.5, 10.0
 

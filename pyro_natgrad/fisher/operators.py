@@ -182,7 +182,7 @@ class FisherOperator:
         undamped structured inverse where one exists."""
         if tol is None:
             tol = 1e-10 if v.dtype == torch.float64 else 1e-5
-        max_iter = max_iter or 10 * self.dim
+        max_iter = 10 * self.dim if max_iter is None else max_iter
 
         def matvec(x):
             return self.mv(x) + damping * x
