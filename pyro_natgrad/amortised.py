@@ -419,7 +419,7 @@ class AmortisedNaturalGradient(PyroOptim):
         modules it uses as ``modules=torch.nn.ModuleDict(...)`` and give
         :attr:`guide` (a recording wrapper) to ``SVI``.
     :param step_size: a float (constant ``rho``) or a :class:`~pyro_natgrad.StepSize`.
-        Default ``StepSize()``: ``rho = 1`` for 10 steps, then decaying like ``2/t`` so
+        Default ``StepSize()``: ``rho = 1`` for 11 steps (``t <= 10``), then decaying like ``2/t`` so
         that the iterates average out the noise of single-sample ELBO gradients (with
         exact gradients, pass ``1.0``: Gauss-Newton on the distribution parameters).
         ``t`` counts a step that the trust region shortened as the fraction taken.

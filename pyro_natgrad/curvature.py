@@ -342,6 +342,9 @@ class ModelCurvature:
             raise ModelCurvatureError(
                 f"the generalized Gauss-Newton matrix (curvature='ggn') does not sum out the "
                 f"enumerated {enumerated}", "use curvature='hessian', which does, or 'none'")
+        # First: it checks that the log joint is not random at a given draw (torch.randn in
+        # the model), which under ModelGGN's vmap is torch's bare RuntimeError instead.
+        prior = self.hessian(z, prior_only=True)
         # Subsampling plates draw their indices as ModelGGN traces the model: from the
         # current state, which is restored, as for the Hessian (see _structure).
         state = _RandomState(z.device)
@@ -355,4 +358,4 @@ class ModelCurvature:
                 "use curvature='hessian' (the model's exact Hessian), or 'none'") from e
         finally:
             state.restore()
-        return G - self.hessian(z, prior_only=True)
+        return G - prior

@@ -175,8 +175,8 @@ class NaturalGradient(PyroOptim):
         with a loss that is not the KL ELBO, is refused with a ValueError at its first
         step).
     :param step_size: a :class:`~pyro_natgrad.schedule.StepSize`, or a float for a
-        constant ``rho``. Default: ``StepSize()``, which starts at 1 (10 steps) and decays like
-        ``2/t`` so that late iterates average out gradient noise. The clock ``t`` counts
+        constant ``rho``. Default: ``StepSize()``, which is 1 for 11 steps (``t <= 10``)
+        and decays like ``2/t`` so that late iterates average out gradient noise. The clock ``t`` counts
         the fraction of each step the trust region allowed; a mean-field group stepping
         from gradients alone holds it while successive whitened mean gradients agree
         (cosine above :data:`~pyro_natgrad.optim.HOLD_COSINE`).
@@ -916,6 +916,21 @@ class NaturalGradient(PyroOptim):
                             agreement, norm2, before)
         return True
 
+    def _hold_or_advance(self, state, used, rho, change):
+        """After a step with the model's Hessian: advance the clock by the fraction of
+        ``rho`` taken (``used``), unless the variances' changes ``change`` (the whitened
+        precision target less 1, ``S``) agree with the last step's and are not small.
+
+        As for the hvp step: while the variances approach from afar (from an init_scale
+        1e4 times too small they grow 1.5-fold a step) ``S`` keeps its sign, and a
+        decaying step would stall them; the clock holds. Below an rms of
+        :data:`HOLD_MIN_CHANGE` the variances are close to their targets: what remains
+        is noise (in the mean's steps too), which the decay is there to average."""
+        if float(change.square().mean()) < HOLD_MIN_CHANGE ** 2:
+            change = torch.zeros_like(change)
+        self._advance_clock(state, float(_fraction_taken(used, rho).mean()),
+                            *_agreement(state, change))
+
     def _advance_clock(self, state, advance, agreement, norm2, before):
         """Advance a mean-field group's step-size clock by ``advance``, unless (after the
         warm-up) this step's whitened mean gradient ``w`` still agrees with the previous
@@ -1063,15 +1078,7 @@ class NaturalGradient(PyroOptim):
                     correction = P @ offset
                 used, change = self._step_diagonal_newton(groups, grads, target, correction,
                                                           rho, state)
-                # As for the hvp step: while the variances approach from afar (from an
-                # init_scale 1e4 times too small they grow 1.5-fold a step) their change S
-                # keeps its sign, and a decaying step would stall them; the clock holds.
-                if float(change.square().mean()) < HOLD_MIN_CHANGE ** 2:
-                    # Variances close to their targets: what remains is noise (in the
-                    # mean's steps too), which the decay is there to average.
-                    change = torch.zeros_like(change)
-                self._advance_clock(state, float(_fraction_taken(used, rho).mean()),
-                                    *_agreement(state, change))
+                self._hold_or_advance(state, used, rho, change)
                 return True
         # A step the trust region shortened counts as the fraction taken, so the
         # decay of the step size does not start before the iterates got anywhere.

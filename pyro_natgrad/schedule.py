@@ -13,12 +13,14 @@ import torch
 
 class StepSize:
     """``rho_t = clamp(c / (max(t - warmup, 0) + c / initial), floor, initial)`` with
-    ``c = decay``: ``initial`` for the first ``warmup`` steps, then decaying like ``c / t``.
+    ``c = decay``: ``initial`` for ``t <= warmup`` (the first ``warmup + 1`` steps, ``t``
+    0-based), then decaying like ``c / t``.
 
     :param float initial: step size of the first steps (1 is exact for a Gaussian
         posterior with exact gradients).
     :param float decay: the ``c`` of ``c/t``; 0 for a constant step.
-    :param int warmup: steps taken at ``initial`` before the decay starts.
+    :param int warmup: the last ``t`` taken at ``initial`` (``warmup + 1`` steps) before
+        the decay starts.
     :param float floor: smallest step size.
     """
 

@@ -218,16 +218,21 @@ def test_a_random_log_joint_falls_back_to_gradient_steps_with_one_warning(float6
         assert torch.equal(auto[k], none[k]), k
 
 
-@pytest.mark.parametrize("curvature", ["hessian", "hvp"])
+@pytest.mark.parametrize("model, why", [(_coin_model, r"samples \['c'\]"),
+                                        (_noisy_model, "draws random numbers")])
+@pytest.mark.parametrize("curvature", ["hessian", "hvp", "ggn"])
 def test_a_random_log_joint_refuses_an_explicit_curvature_and_changes_nothing(float64,
-                                                                              curvature):
+                                                                              curvature,
+                                                                              model, why):
+    """(``"ggn"`` on ``torch.randn`` in the model raised torch's bare vmap
+    RuntimeError.)"""
     pyro.set_rng_seed(1)
     y = torch.linspace(-1, 2, 8, dtype=F64)
-    guide = AutoNormal(poutine.block(_coin_model, hide=["c"]))
-    svi = SVI(_coin_model, guide, NaturalGradient(guide, curvature=curvature), Trace_ELBO())
+    guide = AutoNormal(poutine.block(model, hide=["c"]))
+    svi = SVI(model, guide, NaturalGradient(guide, curvature=curvature), Trace_ELBO())
     guide(y)
     before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
-    with pytest.raises(ValueError, match=r"samples \['c'\].*curvature='none'"):
+    with pytest.raises(ValueError, match=why + ".*curvature='none'"):
         svi.step(y)
     for k, v in pyro.get_param_store().items():
         assert torch.equal(v.detach(), before[k]), k
