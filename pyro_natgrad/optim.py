@@ -60,7 +60,7 @@ HVP_MAX_PRODUCTS = 50
 #: gradients agree by more than this cosine (see ``NaturalGradient._advance_clock``).
 HOLD_COSINE = 0.1
 
-#: A mean-field step with the model's Hessian holds the clock on the variances' changes
+#: A step with the model's Hessian holds the clock on the variances' changes
 #: ``S`` only while their root mean square exceeds this (a variance 10% from its target):
 #: at the optimum of a Gaussian model ``S`` is rounding, whose pattern repeats from step
 #: to step, and held the step at 1 where single-draw mean steps without the control
@@ -176,10 +176,12 @@ class NaturalGradient(PyroOptim):
         step).
     :param step_size: a :class:`~pyro_natgrad.schedule.StepSize`, or a float for a
         constant ``rho``. Default: ``StepSize()``, which is 1 for 11 steps (``t <= 10``)
-        and decays like ``2/t`` so that late iterates average out gradient noise. The clock ``t`` counts
-        the fraction of each step the trust region allowed; a mean-field group stepping
-        from gradients alone holds it while successive whitened mean gradients agree
-        (cosine above :data:`~pyro_natgrad.optim.HOLD_COSINE`).
+        and decays like ``2/t`` so that late iterates average out gradient noise. The
+        clock ``t`` counts the fraction of each step the trust region allowed; a
+        mean-field group stepping from gradients alone holds it while successive
+        whitened mean gradients agree (cosine above
+        :data:`~pyro_natgrad.optim.HOLD_COSINE`), and steps with the model's Hessian
+        while the variances' successive changes agree and are not small.
     :param max_kl: trust region: each step's quadratic estimate of ``KL(q' || q)`` is
         at most this (per element for diagonal Gaussians without model curvature,
         half for the mean and half for the precision:
@@ -1067,8 +1069,12 @@ class NaturalGradient(PyroOptim):
                     # new covariance) cannot outgrow the curvature it has seen. In a
                     # funnel's neck (slope ~1, curvature ~0) the move doubled each step.
                     step_rho = _halving_limit(None, target, rho, cov_factor=L)
+                # The whitened precision's change diag(L^T T L) - 1, the full-rank S.
+                change = ((target @ L) * L).sum(-2) - 1
                 used = self._step_full(groups[0], grads[0], [], state, target, correction,
                                        step_rho)
+                self._hold_or_advance(state, used, rho, change)
+                return True
             else:
                 P = self._state["curvature"].get("precision")
                 if P is None:

@@ -107,7 +107,7 @@ def cases(tmp):
          ["--initial-step", "(0, 1]"]),
         ("hierarchical-plot", ex + "hierarchical.py", ["--plot", missing], ["--plot"]),
         ("amortised-steps", ex + "amortised.py", ["--steps", "0"], ["--steps", at_least]),
-        ("eight-schools-seeds", bm + "eight_schools_meanfield.py", ["--seeds", "0"],
+        ("eight-schools-seeds", bm + "eight_schools_seeds.py", ["--seeds", "0"],
          ["--seeds", at_least]),
         ("amortised-compare-steps", ex + "amortised.py", ["--plot", str(tmp / "a.png"),
                                                           "--compare-steps", "0"],
@@ -204,8 +204,8 @@ def test_good_options_reach_the_fit(tmp_path):
         ("examples/amortised.py", ["--latent", "60", "--steps", "1"]),
         ("examples/quickstart.py", ["--steps", "1", "--adam-steps", "1", "--threads", "1"]),
         ("benchmarks/jit_elbo.py", ["--seeds", "1", "--steps", "1"]),
-        ("benchmarks/eight_schools_meanfield.py", ["--seeds", "1", "--steps", "1",
-                                                   "--draws", "1", "--threads", "1"]),
+        ("benchmarks/eight_schools_seeds.py", ["--seeds", "1", "--steps", "1",
+                                               "--draws", "1", "--threads", "1"]),
     ]
     for (script, argv), r in zip(items, run_driver(items)):
         assert r["code"] == "work started", (script, argv, r)

@@ -1,13 +1,15 @@
-"""A mean-field ``AutoNormal`` on the non-centred eight schools, over many seeds.
+"""Gaussian guides on the non-centred eight schools, over many seeds.
 
 The funnel's neck (``docs/examples/hierarchical.rst``) sent one full-rank seed of 72 into
-a runaway before the full-rank step had the precision-halving limit; this checks that the
-mean-field guide, with the optimizer's defaults (the model's Hessian, 10 latents), has
-none. For each seed: ``--steps`` SVI steps (``Trace_ELBO``, one particle), then the ELBO
-estimated from ``--draws`` guide draws (its own seed, ``1000 + seed``) and the guide's
-median of ``tau``. A runaway ends with an ELBO below -36.
+a runaway before the full-rank step had the precision-halving limit; this counts the
+runaways of a guide (``AutoNormal``, or ``--guide AutoMultivariateNormal``) with the
+optimizer's defaults (the model's Hessian, 10 latents). For each seed: ``--steps`` SVI
+steps (``Trace_ELBO``, one particle), then the ELBO estimated from ``--draws`` guide draws
+(its own seed, ``1000 + seed``) and the guide's median of ``tau``. A runaway ends with an
+ELBO below -36.
 
-    python benchmarks/eight_schools_meanfield.py [--seeds 72] [--steps 100] [--draws 200]
+    python benchmarks/eight_schools_seeds.py [--guide AutoNormal] [--seeds 72]
+        [--steps 100] [--draws 200]
 """
 
 import argparse
@@ -18,7 +20,7 @@ import warnings
 
 import pyro
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import check_at_least, environment_line, set_threads  # noqa: E402
@@ -27,13 +29,14 @@ from pyro_natgrad import NaturalGradient  # noqa: E402
 from pyro_natgrad.datasets import load_reference  # noqa: E402
 
 RUNAWAY_ELBO = -36.0
+GUIDES = {"AutoNormal": AutoNormal, "AutoMultivariateNormal": AutoMultivariateNormal}
 
 
-def fit(model, seed, steps, draws):
+def fit(model, guide_cls, seed, steps, draws):
     """``(ELBO from draws, guide median of tau)`` after ``steps`` default steps."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    guide = AutoNormal(model)
+    guide = guide_cls(model)
     svi = SVI(model, guide, NaturalGradient(guide), Trace_ELBO())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -46,6 +49,8 @@ def fit(model, seed, steps, draws):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--guide", choices=sorted(GUIDES), default="AutoNormal",
+                        help="the guide (AutoNormal)")
     parser.add_argument("--seeds", type=int, default=72, help="seeds 0 .. N-1 (72)")
     parser.add_argument("--steps", type=int, default=100, help="SVI steps per seed (100)")
     parser.add_argument("--draws", type=int, default=200, help="draws of the ELBO (200)")
@@ -56,11 +61,11 @@ def main(argv=None):
     model = load_reference("eight_schools-eight_schools_noncentered").model
     elbos, taus = [], []
     for seed in range(args.seeds):
-        elbo, tau = fit(model, seed, args.steps, args.draws)
+        elbo, tau = fit(model, GUIDES[args.guide], seed, args.steps, args.draws)
         elbos.append(elbo)
         taus.append(tau)
     runaways = [s for s, e in enumerate(elbos) if e < RUNAWAY_ELBO]
-    print(f"eight schools (non-centred), AutoNormal, NaturalGradient defaults, "
+    print(f"eight schools (non-centred), {args.guide}, NaturalGradient defaults, "
           f"{args.steps} steps, seeds 0-{args.seeds - 1}:")
     print(f"  ELBO ({args.draws} draws): {min(elbos):.2f} to {max(elbos):.2f}, median "
           f"{statistics.median(elbos):.2f} (worst seed {elbos.index(min(elbos))})")
