@@ -251,13 +251,9 @@ class _GuideRunner:
 
 def _arguments(draw, default):
     """``(args, kwargs)`` of the guide call that made ``draw`` (a recorded trace), else
-    ``default``: a pair, or an :class:`AmortisedNaturalGradient` (its latest call's)."""
+    the pair ``default``."""
     recorded = getattr(draw, "arguments", None)
-    if recorded is not None:
-        return recorded
-    if isinstance(default, tuple):
-        return default
-    return default._args, default._kwargs
+    return default if recorded is None else recorded
 
 
 class GuideGGN(GGNOperator):
@@ -419,9 +415,9 @@ class AmortisedNaturalGradient(PyroOptim):
         modules it uses as ``modules=torch.nn.ModuleDict(...)`` and give
         :attr:`guide` (a recording wrapper) to ``SVI``.
     :param step_size: a float (constant ``rho``) or a :class:`~pyro_natgrad.StepSize`.
-        Default ``StepSize()``: ``rho = 1`` for 11 steps (``t <= 10``), then decaying like ``2/t`` so
-        that the iterates average out the noise of single-sample ELBO gradients (with
-        exact gradients, pass ``1.0``: Gauss-Newton on the distribution parameters).
+        Default ``StepSize()``: ``rho = 1`` for 11 steps (``t <= 10``), then decaying like
+        ``2/t`` so that the iterates average out the noise of single-sample ELBO gradients
+        (with exact gradients, pass ``1.0``: Gauss-Newton on the distribution parameters).
         ``t`` counts a step that the trust region shortened as the fraction taken.
     :param float damping: ``lambda = damping * g^T G g / g^T g`` (relative to the
         curvature along the gradient, so that it does not depend on the size of the
@@ -590,7 +586,8 @@ class AmortisedNaturalGradient(PyroOptim):
         module_names = self._runner.module_names()
         draw = self._draws[-1] if self._draws else None
         with torch.no_grad():
-            tr = self._runner.trace(draw, None, None, *_arguments(draw, self))
+            tr = self._runner.trace(draw, None, None,
+                                    *_arguments(draw, (self._args, self._kwargs)))
         store = pyro.get_param_store()
         by_tensor = {}
         for name, node in tr.nodes.items():
@@ -623,7 +620,8 @@ class AmortisedNaturalGradient(PyroOptim):
             return set()
         draw = self._draws[-1] if self._draws else None
         with torch.enable_grad():
-            tr = self._runner.trace(draw, None, None, *_arguments(draw, self))
+            tr = self._runner.trace(draw, None, None,
+                                    *_arguments(draw, (self._args, self._kwargs)))
         terms, fixed = [], []
         for node in tr.nodes.values():
             if node["type"] != "sample" or node["is_observed"] or site_is_subsample(node):

@@ -305,6 +305,17 @@ def test_zero_trials_undamped_solve(name, coords):
     torch.testing.assert_close(op.solve(v + 1, damping=0.5)[0], (v[0] + 1) / 0.5)
 
 
+@pytest.mark.parametrize("coords", ["standard", "unconstrained"])
+def test_zero_trials_beside_a_zero_probability(coords):
+    """No trials and a zero probability at once: a vector that is 0 there solves to 0.
+    (The no-trials route once fed the solve ones in its place, which the zero
+    probability then refused as a vector nonzero off the support.)"""
+    from pyro_natgrad.fisher import fisher_operator
+    d = dist.Multinomial(0, torch.tensor([[0.5, 0.0, 0.5]], dtype=F64), validate_args=False)
+    x = fisher_operator(d, coords=coords).solve(torch.zeros(1, 3, dtype=F64))
+    assert bool((x == 0).all())
+
+
 def _empty_batch_cases():
     from tests.fisher_cases import CASES
     out = []

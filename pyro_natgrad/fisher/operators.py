@@ -258,7 +258,7 @@ class DiagonalFisher(FisherOperator):
     def _solve(self, v, damping):
         if damping == 0:
             for k, x in v.items():
-                _refuse_zero_information(x, self.diag[k] == 0, f"{self.names}")
+                _refuse_zero_information(x, self.diag[k] == 0, self.names)
             # A zero entry (with v zero there, else refused) solves to 0, not 0/0.
             return {k: torch.where(self.diag[k] == 0, torch.zeros_like(x), x / self.diag[k])
                     for k, x in v.items()}
@@ -451,7 +451,7 @@ def _over_trials(solve, g, n, family, name):
     if not bool(none.any()):
         return solve(g)
     _refuse_zero_information(g, none, f"{family} {name!r}")
-    (x,) = solve(torch.where(none, torch.ones_like(g), g)).values()  # finite at n = 0
+    (x,) = solve(g).values()  # 0/0 where n = 0, replaced below
     return {name: torch.where(none, torch.zeros_like(x), x)}
 
 
