@@ -363,3 +363,41 @@ def test_one_category_has_no_natural_coordinates(family, coords):
     d = family(torch.tensor([[1.0], [1.0]], dtype=F64))
     assert fisher_information(d, coords=coords).shape == (2, 0, 0)
     assert fisher_solve(d, torch.zeros(2, 0, dtype=F64), coords=coords).shape == (2, 0)
+
+
+BOUNDARY = {  # (distribution at (boundary, interior), F_theta, F_u at the interior value)
+    "Poisson": (lambda x: dist.Poisson(x), lambda r: 1 / r, lambda r: r),
+    "Bernoulli": (lambda x: dist.Bernoulli(probs=x), lambda p: 1 / (p * (1 - p)),
+                  lambda p: p * (1 - p)),
+    "Binomial": (lambda x: dist.Binomial(3, probs=x), lambda p: 3 / (p * (1 - p)),
+                 lambda p: 3 * p * (1 - p)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(BOUNDARY))
+def test_a_parameter_at_zero_on_the_boundary_of_its_support(name, dtype):
+    """A Poisson rate or a probability of 0 is in the support. There ``F_theta`` is inf
+    (the limit of ``1/rate``, ``1/(p(1-p))``, written out here) and its inverse 0, and in
+    the unconstrained coordinate (log rate, logit) ``F_u`` is 0 (the limit of ``rate``,
+    ``p(1-p)``): draws there carry no information. It was NaN in both (0 * inf)."""
+    from pyro_natgrad.fisher import SingularFisherError, fisher_operator
+    build, f_theta, f_u = BOUNDARY[name]
+    theta = torch.tensor([0.0, 0.3], dtype=dtype)
+    d = build(theta)
+    v = torch.tensor([[1.5], [2.0]], dtype=dtype)
+    standard = fisher_operator(d)
+    assert float(standard.dense()[0, 0, 0]) == math.inf
+    _close(standard.dense()[1, 0, 0], f_theta(0.3), dtype)
+    x = standard.solve(v)
+    assert float(x[0, 0]) == 0.0
+    _close(x[1, 0], 2.0 / f_theta(0.3), dtype)
+    unconstrained = fisher_operator(d, coords="unconstrained")
+    F = unconstrained.dense()
+    assert float(F[0, 0, 0]) == 0.0
+    _close(F[1, 0, 0], f_u(0.3), dtype)
+    with pytest.raises(SingularFisherError, match="is 0 along 1 entries"):
+        unconstrained.solve(v)
+    x = unconstrained.solve(v * torch.tensor([[0.0], [1.0]], dtype=dtype))
+    assert float(x[0, 0]) == 0.0
+    _close(x[1, 0], 2.0 / f_u(0.3), dtype)

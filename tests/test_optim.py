@@ -2055,7 +2055,7 @@ def test_mean_field_control_variate_scales_with_the_curvature(float64, monkeypat
     as it is now. Measured: "narrow" after 20 steps, sd errors 0.24% (median) and 2.2%
     (90% quantile); "wide" after 10 steps, 9.1% and 24%, means 0.13 sds off (median;
     4.7%, 20% and 0.06 while a precision could grow more than 2-fold in a step, 1.4%
-    and 4.2% after 30 steps now). With the previous step's coefficient, as before: 1.3%
+    and 6.9% after 30 steps now). With the previous step's coefficient, as before: 1.3%
     and 7.3%; 80% and 93%, means
     4.5 sds off (after the first step a coefficient of 100 met a guide already narrowed,
     and the noise collapsed variances). Checked on the fused path and the general one;

@@ -110,7 +110,11 @@ def _exponential(d):
 @register_fisher(Poisson)
 def _poisson(d):
     """``rate``: ``1/lambda``."""
-    return _elementwise(d, ("rate",), (d.rate,), (d.rate.reciprocal(),))
+    # As 1 between scales lambda^(-1/2), not lambda between scales 1/lambda: at a rate of
+    # 0 (in the support) that gave inf * 0 * inf = NaN, where F is inf, and in log-rate
+    # coordinates (scales lambda * lambda^(-1/2)) its 0.
+    r = d.rate.rsqrt()
+    return _elementwise(d, ("rate",), (torch.ones_like(r),), (r,))
 
 
 def _complement(d, name):

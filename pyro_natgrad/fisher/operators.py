@@ -224,12 +224,19 @@ class ZeroFisher(FisherOperator):
 def _scaled(x, s):
     """``s x s``, the scale applied first to the inner factor: ``1/rate^2`` of a rate of
     1e23 underflows float32, ``(j/rate) 1 (j/rate)`` with ``j = rate`` does not."""
-    return x if s is None else s * x * s
+    if s is None:
+        return x
+    # s = 0 is a coordinate that does not move its parameter (j = 0 at a boundary of the
+    # support: a Poisson rate or a Bernoulli probability of 0); x may be inf there.
+    return torch.where(s == 0, torch.zeros_like(x), s * x * s)
 
 
 def _rescale(scale, names, jac):
-    """The scales after the change of coordinates ``J = diag(jac)``: ``jac * scale``."""
-    return {n: jac[n] if scale is None else jac[n] * scale[n] for n in names}
+    """The scales after the change of coordinates ``J = diag(jac)``: ``jac * scale``, 0
+    where ``jac`` is 0 (a parameter on the boundary, whose scale may be inf there)."""
+    return {n: jac[n] if scale is None else
+            torch.where(jac[n] == 0, torch.zeros_like(jac[n]), jac[n] * scale[n])
+            for n in names}
 
 
 class DiagonalFisher(FisherOperator):
@@ -718,7 +725,8 @@ class ReparamFisher(FisherOperator):
         if elementwise:
             ones = {k: torch.ones_like(x) for k, x in self._u.items()}
             _, jac = torch.func.jvp(self.phi, (self._u,), (ones,))
-            self.jac = self._own_dtypes(jac)
+            self.jac = self._own_dtypes(_zero_at_the_ends(self.phi, self._u, base.values(),
+                                                          jac))
             # J F J in the base's own structure, J applied to its scales before its
             # entries: F of a float32 rate of 1e23 (1e-46) underflows, F_u (1) does not.
             if type(base) in _CONGRUENT and [s.size for s in specs] == \
@@ -784,6 +792,33 @@ class ReparamFisher(FisherOperator):
         if inner is None:
             inner = self.base.solve_dict(scaled)
         return {k: x / self.jac[k] for k, x in inner.items()}
+
+
+def _zero_at_the_ends(phi, u, theta, jac):
+    """``jac``, 0 where ``theta`` is on the boundary of its support (a rate or a
+    probability of 0, a probability of 1): the limit of ``phi`` at an infinite coordinate,
+    where ``phi' = 0``. Torch's inverse transforms clamp such a ``theta`` to a finite
+    ``u`` (``phi(u) != theta``), whose ``phi'`` is not 0, and ``F_u = j^2 F_theta`` was
+    then inf (``F_theta`` is inf there) where it is 0; ``log 0`` gave ``-inf * 0``.
+
+    On the boundary means at or beyond ``phi(-inf)`` or ``phi(inf)`` (the ends of the
+    range of an entrywise monotone ``phi``; torch's sigmoid clamps them to ``tiny`` and
+    ``1 - eps``) and not reproduced by ``phi(u)``."""
+    with torch.no_grad():
+        lo, hi = (phi({k: torch.full_like(x, end) for k, x in u.items()})
+                  for end in (-math.inf, math.inf))
+        back = phi(u)
+    out = {}
+    for k, j in jac.items():
+        if k not in theta:
+            out[k] = j
+            continue
+        t = theta[k]
+        below, above = torch.minimum(lo[k], hi[k]), torch.maximum(lo[k], hi[k])
+        end = (below < above) & ((t <= below) | (t >= above))
+        off = end & ((back[k] != t) | ~torch.isfinite(u[k]))
+        out[k] = torch.where(off, torch.zeros_like(j), j)
+    return out
 
 
 #: Structures whose ``congruent(jac)`` gives ``J F J`` for a diagonal ``J``.
