@@ -105,6 +105,8 @@ class LowRankSite(LowRankGaussianGroup):
     def __init__(self, site, loc, cov_factor, cov_diag, diag_transform, covariance_params):
         super().__init__(site, site, loc, cov_factor, cov_diag, diag_transform)
         self.covariance_params = covariance_params
+        # a W or D that is no parameter is held as read, and may come from the arguments
+        self.reads_arguments = len(covariance_params) < 2
 
     def own_covariance(self):
         pass  # the projection step that would own it needs the model, unknown here
@@ -130,9 +132,13 @@ class ExpFamSite(_Site):
         unconstrained coordinates.
     """
 
-    def __init__(self, key, params, transforms, constraints_, make, family, count, mirror):
+    def __init__(self, key, params, transforms, constraints_, make, family, count, mirror,
+                 reads_arguments=False):
         super().__init__(key, params, transforms, constraints_)
         self.make, self.family, self.count, self.mirror = make, family, count, mirror
+        #: ``make`` holds values that are not parameters (fixed arguments, counts, the
+        #: number of copies), which the guide's arguments may change
+        self.reads_arguments = reads_arguments
         how = "mirror descent" if mirror else "Fisher step"
         self.kind = f"{family}, {how}"
 
@@ -215,20 +221,27 @@ def _same(a, b) -> bool:
 
 
 def _select_of_stack(node):
-    """For ``torch.stack(xs, dim)[..., i]`` (select along the stacked dim): the node of
-    ``xs[i]``, else None."""
-    inner = node.next_functions[0][0]
-    if inner is None or type(inner).__name__ != "StackBackward0":
-        return None
+    """For ``torch.stack(xs, dim)[..., i]`` (select along the stacked dim), possibly
+    broadcast (``expand``: a Beta in a plate or under ``.expand()``) in between: the node
+    of ``xs[i]``, else None."""
     try:
         ndim = len(node._saved_self_sym_sizes)
+        inner, stacked_ndim = node.next_functions[0][0], ndim
+        while inner is not None and type(inner).__name__ in _TRANSPARENT:
+            if type(inner).__name__ == "ExpandBackward0":  # adds leading dims only
+                stacked_ndim = len(inner._saved_self_sym_sizes)
+            inner = inner.next_functions[0][0]
+        if inner is None or type(inner).__name__ != "StackBackward0":
+            return None
         sel, stacked = int(node._saved_dim), int(inner._saved_dim)
         if stacked >= 2 ** 63:
             stacked -= 2 ** 64
         index = int(node._saved_index)
     except (AttributeError, TypeError, ValueError):
         return None
-    if sel % ndim != stacked % ndim or not 0 <= index < len(inner.next_functions):
+    # Both dims counted from the end, where broadcasting leaves them in place.
+    if sel % ndim - ndim != stacked % stacked_ndim - stacked_ndim \
+            or not 0 <= index < len(inner.next_functions):
         return None
     return inner.next_functions[index][0]
 
@@ -470,6 +483,12 @@ def _read_site(site_name, node, params, by_node):
             return None, f"site {site_name!r}: cannot rebuild {family}"
     except Exception as e:  # noqa: BLE001
         return None, f"site {site_name!r}: cannot rebuild {family} ({e})"
+    mask = node["mask"]
+    if count > 1 and mask is not None and not bool(torch.as_tensor(mask).all()):
+        # The step divides the gradient by the number of copies, which a mask changes
+        # copy by copy (the masked ones carry no entropy term).
+        return None, (f"site {site_name!r} is masked (poutine.mask) and its parameters are "
+                      f"broadcast over {count} copies of {family}")
 
     roles = set(fed)
     loc_real = "loc" in cons and type(cons["loc"]).__name__ == "_Real"
@@ -484,11 +503,12 @@ def _read_site(site_name, node, params, by_node):
         return TrilGaussianSite(site_name, leaves, transforms, cons), None
     if family == "LowRankMultivariateNormal":
         return _lowrank_site(site_name, base, fed, leaves, transforms, cons, count)
-    narrower = _narrower(base, fed, params)
+    narrower = _narrower(base, fed, params) or _coupling(base, fed, params)
     if narrower is not None:
         return None, f"site {site_name!r}: {narrower}"
     mirror = not fixed and exponential_family_coords(rebuilt) is not None
-    return ExpFamSite(site_name, leaves, transforms, cons, make, family, count, mirror), None
+    return ExpFamSite(site_name, leaves, transforms, cons, make, family, count, mirror,
+                      reads_arguments=bool(fixed or extra) or count > 1), None
 
 
 def _unconstrained_size(constraint, shape) -> Optional[int]:
@@ -518,6 +538,20 @@ def _narrower(base, fed, params) -> Optional[str]:
             return (f"{name!r} is constrained {constraint}, a set of fewer dimensions than "
                     f"{type(base).__name__}'s {role!r} ({own}), which the Fisher step "
                     f"would leave")
+    return None
+
+
+def _coupling(base, fed, params) -> Optional[str]:
+    """Why a parameter's constraint ties entries that its argument takes as separate batch
+    elements (``ordered_vector`` for a ``Normal``'s ``loc``), or None: the Fisher is built
+    element by element, and its unconstrained coordinates would mix elements."""
+    for role, name in fed.items():
+        own = base.arg_constraints.get(role)
+        own_dim = 0 if own is None or constraints.is_dependent(own) else own.event_dim
+        constraint = params[name][2]
+        if constraint.event_dim > own_dim:
+            return (f"{name!r} is constrained {constraint}, which ties entries that "
+                    f"{type(base).__name__}'s {role!r} takes as separate elements")
     return None
 
 

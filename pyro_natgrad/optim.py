@@ -355,6 +355,7 @@ class NaturalGradient(PyroOptim):
             for name, part in unsupported_parts(self.guide):
                 reason = unsupported_reason(name, part)
                 self._rejected.update((id(p), reason) for p in part.parameters())
+            parts = {}  # id(parameter) -> the hand-written parts that use it
             for i, part in self._callable_parts():
                 found, names, rejected = read_handwritten(part._guide, *self._guide_args)
                 for g in found:
@@ -362,6 +363,23 @@ class NaturalGradient(PyroOptim):
                 groups += found
                 self._param_names.update(names)
                 self._rejected.update(rejected)
+                for p in names:
+                    parts.setdefault(p, []).append(i)
+            # Each part is read alone, so it cannot see another part's use of a parameter:
+            # both would step it, each from the whole gradient and its own site's Fisher.
+            for p, used in parts.items():
+                if len(used) > 1:
+                    self._rejected[p] = (f"used by parts {used} of the AutoGuideList (a "
+                                         f"parameter shared between sites)")
+            kept = []
+            for g in groups:
+                if not any(len(parts.get(id(t), ())) > 1 for t in g.tensors()):
+                    kept.append(g)
+                    continue
+                for t in g.tensors():
+                    self._rejected.setdefault(id(t), f"site {g.key!r} shares a parameter "
+                                                     f"with another part of the AutoGuideList")
+            groups = kept
         if self._handwritten():
             groups = self._with_earlier_reads(groups, *earlier)
         self._groups = {g.key: g for g in groups}
@@ -543,8 +561,10 @@ class NaturalGradient(PyroOptim):
         """Read a hand-written guide by running it once with these arguments (under
         ``poutine.trace`` and ``poutine.block``, the random state restored). ``SVI.step``
         does this itself on its first call (the optimizer finds the step's arguments on
-        the call stack); call it in a custom loop that calls the optimizer directly, or
-        to see :meth:`routing` before the first step. Returns :meth:`routing`."""
+        the call stack), and again when they change while a site holds values that are
+        not parameters (a scale passed to the guide, a ``total_count``); call it in a
+        custom loop that calls the optimizer directly (again when such values change),
+        or to see :meth:`routing` before the first step. Returns :meth:`routing`."""
         self._guide_args = (args, kwargs)
         self._discover()
         return self.routing()
@@ -555,9 +575,11 @@ class NaturalGradient(PyroOptim):
         self._check_svi()
         if self._groups is None or self._guide_changed(params):
             self._discover()
-        elif self._handwritten() and any(id(p) not in self._seen_params for p in params):
-            # New parameter tensors (created late, or a param store loaded): read again,
-            # with this step's arguments when SVI.step is the caller.
+        elif self._handwritten() and (any(id(p) not in self._seen_params for p in params)
+                                      or self._read_with_other_arguments()):
+            # New parameter tensors (created late, or a param store loaded), or sites that
+            # hold values of the guide's arguments, which changed: read again, with this
+            # step's arguments when SVI.step is the caller.
             self._guide_args = find_svi_args(self) or self._guide_args
             self._discover()
         self._seen_params.update((id(p), p) for p in params)
@@ -605,6 +627,17 @@ class NaturalGradient(PyroOptim):
             # Where the next step's compiled ELBO (if it is one) starts drawing.
             device = next(iter(self._groups.values())).tensors()[0].device
             self._random_state = TorchRandomState(device)
+
+    def _read_with_other_arguments(self) -> bool:
+        """Whether a site was read holding values other than parameters (a fixed argument
+        such as a scale passed to the guide, a ``total_count``, the number of broadcast
+        copies) from a call with other arguments than this ``SVI.step``'s. Its step would
+        use the old values: a scale read as 1 and now 0.01 gave a step 10^4 times too
+        long."""
+        if not any(getattr(g, "reads_arguments", False) for g in self._groups.values()):
+            return False
+        found = find_svi_args(self)
+        return found is not None and not same_arguments(found, self._guide_args)
 
     def _check_svi(self):
         """A ValueError, before anything changes, if the ``SVI`` running this step

@@ -413,6 +413,44 @@ def test_tied_expand_one_exact_step():
     assert max(float(g.abs().max()) for g in grads) < 1e-9
 
 
+# ---- Beta in a plate: torch keeps a Beta's arguments stacked, then broadcast ------------
+BETA_HEADS = torch.tensor([3., 0., 7.], dtype=F64)  # heads of 8 tosses per group
+BETA_TOSSES = 8.0
+
+
+def beta_plate_guide(tied):
+    shape = () if tied else (3,)
+    a = pyro.param("a", torch.full(shape, 0.7, dtype=F64), constraint=constraints.positive)
+    b = pyro.param("b", torch.full(shape, 15.0, dtype=F64), constraint=constraints.positive)
+    with pyro.plate("groups", 3):
+        pyro.sample("p", dist.Beta(a, b).expand([3]) if tied else dist.Beta(a, b))
+
+
+def beta_plate_neg_elbo():
+    """p_j ~ Beta(A0, B0), BETA_HEADS_j heads in BETA_TOSSES tosses, q(p_j) = Beta(a, b)
+    (a, b per group or tied), the expectations in closed form."""
+    a, b = (pyro.param(n).expand(3) for n in ("a", "b"))
+    elog_p = torch.digamma(a) - torch.digamma(a + b)
+    elog_1mp = torch.digamma(b) - torch.digamma(a + b)
+    prior = dist.Beta(torch.tensor(A0, dtype=F64), torch.tensor(B0, dtype=F64))
+    loglik = BETA_HEADS * elog_p + (BETA_TOSSES - BETA_HEADS) * elog_1mp
+    return -(loglik.sum() - kl_divergence(dist.Beta(a, b), prior).sum())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_beta_in_a_plate_one_exact_step(tied):
+    """A Beta in a plate (or tied by ``.expand()``) reads its arguments through a select of
+    their broadcast stack; it went to the base optimizer ("computed from parameters").
+    Per group the step lands on each group's posterior; tied, on the average of their
+    natural parameters (a = A0 + mean(heads), b = B0 + mean(tails))."""
+    _, routes = exact_step(lambda: beta_plate_guide(tied), beta_plate_neg_elbo)
+    assert routes == {"a": "natural gradient (Beta, mirror descent, p)",
+                      "b": "natural gradient (Beta, mirror descent, p)"}
+    heads = BETA_HEADS.mean() if tied else BETA_HEADS
+    torch.testing.assert_close(value("a"), A0 + heads, rtol=1e-9, atol=0)
+    torch.testing.assert_close(value("b"), B0 + BETA_TOSSES - heads, rtol=1e-9, atol=0)
+
+
 # ----------------------------------------------------------------------------------------
 # 2. SVI with single-particle Trace_ELBO and the default settings
 # ----------------------------------------------------------------------------------------
@@ -655,6 +693,37 @@ def test_a_constraint_narrower_than_the_argument_goes_to_the_base_optimizer(case
     else:
         assert routes["x"].startswith("base optimizer"), routes
         assert "a set of fewer dimensions" in routes["x"], routes
+
+
+@pytest.mark.parametrize("case", ["ordered loc", "masked tied copies"])
+def test_a_site_whose_elements_the_step_cannot_separate_goes_to_the_base_optimizer(case):
+    """``ordered_vector`` ties a Normal's loc entries through one transform, which the
+    element-by-element Fisher took as separate (one step moved them 4-fold too little,
+    written out by hand: ``-(J^T F J)^-1 g``). A mask over tied copies changes how many
+    carry the entropy term, where the step divided by all of them (a step to the optimum
+    went 2/5 of the way). Both go to the base optimizer, saying why; unmasked tied copies
+    and a mask of all-true keep their natural-gradient steps."""
+    def guide(mask):
+        if case == "ordered loc":
+            loc = pyro.param("x", torch.tensor([-1.0, 0.0, 1.0], dtype=F64),
+                             constraint=constraints.ordered_vector)
+            with pyro.plate("k", 3):
+                pyro.sample("z", dist.Normal(loc, 1.0))
+        else:
+            a = pyro.param("x", torch.tensor(2.0, dtype=F64), constraint=constraints.positive)
+            b = pyro.param("y", torch.tensor(1.0, dtype=F64), constraint=constraints.positive)
+            with pyro.plate("groups", 5), pyro.poutine.mask(mask=mask):
+                pyro.sample("z", dist.Gamma(a, b).expand([5]))
+
+    some = torch.tensor([True, False, True, False, False])
+    routes = NaturalGradient(guide).read_guide(some)
+    assert routes["x"].startswith("base optimizer"), routes
+    why = "ties entries" if case == "ordered loc" else "masked (poutine.mask)"
+    assert why in routes["x"], routes
+    if case != "ordered loc":
+        pyro.clear_param_store()
+        routes = NaturalGradient(guide).read_guide(torch.ones(5, dtype=torch.bool))
+        assert routes["x"].startswith("natural gradient"), routes
 
 
 def test_fallback_params_take_exact_adam_steps():
@@ -942,3 +1011,63 @@ def test_guide_list_with_hand_written_lognormal_part():
         assert opt.routing()["s_loc"].startswith("natural gradient (diagonal Gaussian")
         _posterior_check(dist.Normal(value("s_loc"), value("s_scale")), post,
                          mean_tol=0.1, sd_tol=0.1)
+
+
+def test_a_parameter_shared_by_two_parts_of_a_guide_list_goes_to_the_base_optimizer():
+    """Two hand-written parts of an ``AutoGuideList`` using one scale ``s``: each part is
+    read alone, and both stepped ``s`` (1 -> 0.79 -> 0.56 in one step, each from the whole
+    gradient and its own site's Fisher), as a single guide would refuse. ``s`` and the
+    parts' sites go to the base optimizer, saying why; a third part of its own keeps its
+    natural-gradient step."""
+    from pyro.infer.autoguide import AutoGuideList
+
+    def model():
+        for name in ("x", "y", "w"):
+            pyro.sample(name, dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+
+    def part(name, shared):
+        def guide():
+            s = pyro.param("s" if shared else f"s{name}", torch.tensor(1.0, dtype=F64),
+                           constraint=constraints.positive)
+            pyro.sample(name, dist.Normal(pyro.param(f"m{name}", torch.tensor(0.0, dtype=F64)),
+                                          s))
+        return guide
+
+    guide = AutoGuideList(model)
+    for name, shared in (("x", True), ("y", True), ("w", False)):
+        guide.append(part(name, shared))
+    guide()
+    routes = NaturalGradient(guide).read_guide()
+    assert "used by parts [0, 1]" in routes["s"], routes
+    assert all("shares a parameter" in routes[k] for k in ("mx", "my")), routes
+    assert routes["mw"] == routes["sw"] == "natural gradient (diagonal Gaussian, 2.w)", routes
+
+
+def test_a_guide_argument_held_by_a_site_is_read_again_when_it_changes():
+    """``Normal(loc, s)`` with ``s`` an argument of the guide, under ``SVI.step`` with the
+    exact negative ELBO as its loss (z ~ N(0, 1), x ~ N(z, 1), q = N(m, s^2): gradient
+    ``2m - x`` in m). A Fisher step at rho = 1 is ``m - s^2 (2m - x)``, written out here.
+    The site held the ``s`` of the call it was read with: after s went from 1 to 0.1 the
+    step stayed 100 times too long (and 10^4 times, with s = 0.01, 2,500 nats of KL)."""
+    from pyro.infer import SVI
+
+    x = 1.5
+
+    def model(s):
+        z = pyro.sample("z", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(x, dtype=F64))
+
+    def guide(s):
+        pyro.sample("z", dist.Normal(pyro.param("m", torch.tensor(0.0, dtype=F64)), s))
+
+    def neg_elbo(model, guide, s):
+        m = pyro.param("m", torch.tensor(0.0, dtype=F64))  # E_q[-log p] - H[q] + const
+        return 0.5 * (m ** 2 + s ** 2) + 0.5 * ((x - m) ** 2 + s ** 2) - torch.log(s)
+
+    opt = NaturalGradient(guide, step_size=1.0, max_kl=None)
+    svi = SVI(model, guide, opt, neg_elbo)
+    m = 0.0
+    for s in (1.0, 0.1, 0.1, 0.01):
+        svi.step(torch.tensor(s, dtype=F64))
+        m = m - s ** 2 * (2 * m - x)
+        torch.testing.assert_close(value("m"), torch.tensor(m, dtype=F64), rtol=1e-12, atol=0)
