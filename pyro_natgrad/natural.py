@@ -10,8 +10,10 @@
         alpha -= lr * nat["concentration"]         # (a positive parameter is better
         beta -= lr * nat["rate"]                   # stepped in coords="unconstrained")
 
-Like any function of ``q``'s parameters, the natural gradient is differentiable with
-respect to them: compute it under ``torch.no_grad()`` for a plain step.
+In ``coords="standard"`` the natural gradient is differentiable with respect to ``q``'s
+parameters, like any function of them. In the other coordinates it is not (the change of
+coordinates is taken at the current values, outside the graph, so autograd's derivative
+misses its dependence on them): compute it under ``torch.no_grad()`` for a plain step.
 """
 
 from typing import Dict, Sequence

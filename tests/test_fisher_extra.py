@@ -544,7 +544,10 @@ def test_families_with_parameters_held_as_properties_use_the_fallback(family):
      r"cannot rebuild ZeroInflatedNegativeBinomial.*register_fisher"),
     (lambda: dist.AffineBeta(T(2.0), T(3.0), T(0.5), T(2.0)),
      r"support .* depends on the parameters \['loc', 'scale'\]"),
-], ids=["folded", "transformed", "zinb", "affine-beta"])
+    # no KL and no sample(): torch's bare NotImplementedError escaped the Monte Carlo route
+    (lambda: dist.LogNormalNegativeBinomial(T(5.0), T(0.3), T(0.5)),
+     r"sample\(\) and log_prob\(\).*register_fisher\(LogNormalNegativeBinomial\)"),
+], ids=["folded", "transformed", "zinb", "affine-beta", "no-sample"])
 def test_unsupported_families_say_why_and_what_to_do(make, match):
     """Each used to say 'has no continuous parameters' (ZeroInflatedNegativeBinomial would
     have failed inside the rebuild)."""
@@ -750,3 +753,69 @@ def _concentration_only_gamma(d):
 def test_clear_errors_for_requests_without_an_answer(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+class _CoinAndNoise(dist.TorchDistribution):
+    """A coin ``Bernoulli(probs)`` and an independent ``Normal(0, scale)``, drawn as a pair:
+    a user family with no closed form, ``probs`` before another parameter."""
+
+    arg_constraints = {"probs": constraints.unit_interval, "scale": constraints.positive}
+    support = constraints.real_vector
+
+    def __init__(self, probs, scale, validate_args=None):
+        self.probs, self.scale = torch.broadcast_tensors(torch.as_tensor(probs),
+                                                         torch.as_tensor(scale))
+        super().__init__(self.probs.shape, torch.Size([2]), validate_args=validate_args)
+
+    def parts(self):
+        return dist.Bernoulli(self.probs), dist.Normal(torch.zeros_like(self.scale), self.scale)
+
+    def log_prob(self, x):
+        coin, noise = self.parts()
+        return coin.log_prob(x[..., 0]) + noise.log_prob(x[..., 1])
+
+
+@torch.distributions.kl.register_kl(_CoinAndNoise, _CoinAndNoise)
+def _kl_coin_and_noise(p, q):
+    return sum(kl_divergence(a, b) for a, b in zip(p.parts(), q.parts()))
+
+
+def test_fallback_keeps_the_parameters_after_probs():
+    """The fallback took no parameter after ``probs`` or ``logits`` in the constructor (its
+    test of the alternative's group was always true): ``scale`` was silently no coordinate.
+    The Fisher (the KL's Hessian) is ``diag(1/(p(1-p)), 2/scale^2)``, written out here."""
+    p, s = 0.3, 0.8
+    d = _CoinAndNoise(torch.tensor(p, dtype=torch.float64), torch.tensor(s, dtype=torch.float64))
+    op = _fallback(fisher_operator, d)
+    assert op.names == ("probs", "scale")
+    expected = torch.diag(torch.tensor([1 / (p * (1 - p)), 2 / s ** 2], dtype=torch.float64))
+    torch.testing.assert_close(op.dense(), expected, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("when", ["fresh", "after log_prob"])
+def test_params_naming_an_alternative_torch_has_not_computed_yet(when):
+    """``params=("logits",)`` of a probs-built Bernoulli: refused until torch had cached
+    ``logits`` (a ``log_prob``), then accepted. Now always the Fisher over the logit,
+    ``p(1 - p)``, and ``natural_gradient`` is ``g / (p(1 - p))``."""
+    d = dist.Bernoulli(probs=torch.tensor(0.3, dtype=torch.float64))
+    if when == "after log_prob":
+        d.log_prob(torch.tensor(1.0, dtype=torch.float64))
+    F = fisher_information(d, params=("logits",))
+    torch.testing.assert_close(F, torch.tensor([[0.21]], dtype=torch.float64))
+    nat = natural_gradient(d, {"logits": torch.tensor(0.5, dtype=torch.float64)})
+    torch.testing.assert_close(nat["logits"], torch.tensor(0.5 / 0.21, dtype=torch.float64))
+    if when == "fresh":
+        assert "logits" not in vars(d)  # computed on a copy: d is left as it was
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chi2_mean_coordinates_of_a_scalar(dtype):
+    """A 0-d Chi2 in mean coordinates (``E[log x] = psi(df/2) + log 2``) raised in float32
+    (forward mode promoted the Jacobian to float64). Its Fisher there is ``1 / Var(log x)
+    = 1 / psi'(df/2)``, written out here."""
+    d = dist.Chi2(torch.tensor(3.0, dtype=dtype))
+    F = fisher_information(d, coords="mean")
+    assert F.dtype == dtype
+    expected = 1 / torch.polygamma(1, torch.tensor(1.5, dtype=torch.float64))
+    torch.testing.assert_close(F.double(), expected.reshape(1, 1),
+                               rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=0)

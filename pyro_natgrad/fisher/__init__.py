@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Union
 import torch
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from torch.distributions import Distribution, Independent, constraints
+from torch.distributions.utils import lazy_property
 
 from .coords import COORDS, check_coords, reparameterize
 from .fallback import ALTERNATIVES, MC_SAMPLES, FisherFallbackWarning, fallback_operator
@@ -191,6 +192,13 @@ def _one_alternative(d, params):
             d._categorical = inner
     for group in ALTERNATIVES:
         stored = [name for name in vars(d) if name in group]
+        wanted = [n for n in group if params is not None and n in params and n not in stored]
+        if stored and wanted and isinstance(getattr(type(d), wanted[0], None), lazy_property):
+            # Named but not yet computed (logits of a probs-built Bernoulli before any
+            # log_prob): computing it makes the answer independent of torch's cache.
+            d = copy.copy(d)
+            getattr(d, wanted[0])
+            stored = [name for name in vars(d) if name in group]
         if len(stored) < 2:
             continue
         named = [name for name in stored if params is not None and name in params]

@@ -185,7 +185,9 @@ def _linearized_inverse(op, forward, values):
     k = x0.shape[-1]
     eye = torch.eye(k, dtype=x0.dtype, device=x0.device).expand(x0.shape[:-1] + (k, k))
     cols = [torch.func.jvp(flat_forward, (x0,), (eye[..., j],))[1] for j in range(k)]
-    jac = torch.stack(cols, -1)  # batch + (k_m, k_theta)
+    # In theta's dtype: forward mode promotes a 0-d float32 tensor met by a Python float
+    # (Chi2's 0.5 * df) to float64 tangents.
+    jac = torch.stack(cols, -1).to(x0.dtype)  # batch + (k_m, k_theta)
     m0 = flat_forward(x0)
 
     def phi(m):

@@ -75,8 +75,7 @@ def _param_specs(d):
         if not (torch.is_tensor(value) and value.is_floating_point()):
             continue
         # Alternatives such as probs/logits: the constructor's comes first in vars(d).
-        if {name, "probs", "logits"} >= {"probs", "logits"} and any(
-                s.name in ("probs", "logits") for s in specs):
+        if name in ("probs", "logits") and any(s.name in ("probs", "logits") for s in specs):
             continue
         symmetric = c is constraints.positive_definite
         packing = "tril" if symmetric or c is constraints.lower_cholesky else "full"
@@ -265,11 +264,19 @@ def _kl_hessian(d, specs, make, x0):
 
 
 def _mc_fisher(d, specs, make, x0, n):
-    with torch.no_grad():
-        sample = make(_params(specs, x0)).sample((n,))
-    with torch.enable_grad():
-        # A copy of the parameters per sample gives per-sample scores in one backward.
-        x = x0.detach().expand((n,) + x0.shape).clone().requires_grad_()
-        logp = make(_params(specs, x)).log_prob(sample)
-        (score,) = torch.autograd.grad(logp.sum(), x)
+    try:
+        with torch.no_grad():
+            sample = make(_params(specs, x0)).sample((n,))
+        with torch.enable_grad():
+            # A copy of the parameters per sample gives per-sample scores in one backward.
+            x = x0.detach().expand((n,) + x0.shape).clone().requires_grad_()
+            logp = make(_params(specs, x)).log_prob(sample)
+            (score,) = torch.autograd.grad(logp.sum(), x)
+    except NotImplementedError as e:
+        raise ValueError(
+            f"{type(d).__name__} has no registered closed-form Fisher information and no "
+            f"KL divergence, and the Monte Carlo estimate needs its sample() and log_prob(), "
+            f"which raised NotImplementedError{f' ({e})' if str(e) else ''}. Register its "
+            f"Fisher information with @pyro_natgrad.register_fisher({type(d).__name__}).") \
+            from e
     return torch.einsum("n...i,n...j->...ij", score, score) / n
