@@ -159,18 +159,21 @@ def lowrank_mean_step(group, grads, rho, max_kl, records=()):
         g = g - score_at(group, z)
     with torch.no_grad():
         loc, q = group.posterior()
-        direction = (q.covariance_matrix @ g.unsqueeze(-1)).squeeze(-1)
-        r = torch.as_tensor(float(rho), dtype=loc.dtype)
+        # In units of the largest gradient element: Sigma g (and g^T Sigma g) of a huge but
+        # finite float32 gradient overflow, which made the step 0, then NaN.
+        tiny = torch.finfo(loc.dtype).tiny
+        top = g.abs().amax().clamp_min(tiny)
+        unit = (q.covariance_matrix @ (g / top).unsqueeze(-1)).squeeze(-1)  # Sigma g / top
+        move = torch.as_tensor(float(rho), dtype=loc.dtype) * top  # r top, for r = rho
         if max_kl is not None:
-            # sqrt(g^T Sigma g / 2) = sqrt(top) sqrt((g / top)^T Sigma g / 2): the quadratic
-            # form of a huge but finite float32 gradient overflows, and made the step 0.
-            tiny = torch.finfo(loc.dtype).tiny
-            top = g.abs().amax().clamp_min(tiny)
-            root = top.sqrt() * (0.5 * (g / top * direction).sum()).clamp_min(0).sqrt()
-            root = root.clamp_min(tiny)
-            r = torch.minimum(r, math.sqrt(max_kl) / root)
-        write_param(group.params["loc"], loc - r * direction)
-    return r
+            # r <= sqrt(max_kl) / sqrt(g^T Sigma g / 2), so r top <= that bound:
+            root = (0.5 * (g / top * unit).sum()).clamp_min(0).sqrt().clamp_min(tiny)
+            move = torch.minimum(move, math.sqrt(max_kl) / root)
+        new_loc = loc - move * unit
+        if not bool(torch.isfinite(new_loc).all()):
+            return None  # an overflow without a trust region: no step
+        write_param(group.params["loc"], new_loc)
+    return move / top
 
 
 def project_lowrank(P, rank, scale=None, tol=1e-6, max_iter=500):

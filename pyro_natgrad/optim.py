@@ -280,7 +280,8 @@ class NaturalGradient(PyroOptim):
         self._owner: Dict[torch.Tensor, object] = {}
         self._state: Dict[str, Dict] = {}
         self._waiting_state: Dict[str, Dict] = {}
-        self._waiting_layout = None  # (layout, state, base state) of a checkpoint to check
+        # (layout, state, base state, base shapes) of a checkpoint to check
+        self._waiting_layout = None
         self._recorders = []
         self._skipped = 0
         self._skip_sources = set()  # what has warned of a skipped step (see warn_skip)
@@ -382,6 +383,18 @@ class NaturalGradient(PyroOptim):
             groups = kept
         if self._handwritten():
             groups = self._with_earlier_reads(groups, *earlier)
+        waiting_base = None
+        if self._waiting_layout is not None:
+            # Before the groups are committed: a refused checkpoint leaves the optimizer
+            # as if it had never been given one, and the next step reads the guide afresh.
+            (layout, ng, waiting_base, shapes), self._waiting_layout = \
+                self._waiting_layout, None
+            try:
+                _check_layout(layout, _layout({g.key: g for g in groups}), ng)
+                _check_base_shapes(shapes)
+            except ValueError:
+                self._waiting_state = {}
+                raise
         self._groups = {g.key: g for g in groups}
         self._owner = {p: g for g in groups for p in g.tensors()}
         sites = [g.site for g in groups]
@@ -390,14 +403,8 @@ class NaturalGradient(PyroOptim):
         for r in self._recorders:
             r.sites = set(sites)
             r.scale_params = scale_params
-        if self._waiting_layout is not None:
-            (layout, ng, base), self._waiting_layout = self._waiting_layout, None
-            try:
-                _check_layout(layout, _layout(self._groups), ng)
-            except ValueError:
-                self._waiting_state = {}
-                raise
-            self.base_optimizer.set_state(base)
+        if waiting_base is not None:
+            _replace_base_state(self.base_optimizer, waiting_base)
         for key in list(self._groups) + ["curvature"]:
             if key in self._waiting_state:  # a loaded state wins over the live one
                 self._state[key] = self._waiting_state.pop(key)
@@ -574,7 +581,16 @@ class NaturalGradient(PyroOptim):
         params = list(params)
         self._check_svi()
         if self._groups is None or self._guide_changed(params):
-            self._discover()
+            try:
+                self._discover()
+            except ValueError:
+                # A refused checkpoint: drop this step's gradients (as SVI would after the
+                # step) and its draws, or the next step counts them with its own.
+                for p in params:
+                    p.grad = None
+                for r in self._recorders:
+                    r.take()
+                raise
         elif self._handwritten() and (any(id(p) not in self._seen_params for p in params)
                                       or self._read_with_other_arguments()):
             # New parameter tensors (created late, or a param store loaded), or sites that
@@ -814,7 +830,7 @@ class NaturalGradient(PyroOptim):
                     used = group.natural_step(grads, rho, self.max_kl)
                 if used is None:
                     self._skipped += 1
-                    warn_skip(f"singular Fisher for {group.key}: step skipped",
+                    warn_skip(f"singular Fisher or an overflow for {group.key}: step skipped",
                               self._skipped, "the parameters are unchanged", group.key,
                               self._skip_sources)
                 else:
@@ -935,11 +951,15 @@ class NaturalGradient(PyroOptim):
         rho = float(self.step_size(state["t"]))
         previous = _previous_gradient(state, len(range(0, n, hold_stride(n))), loc)
         wide = previous.to(torch.float64)  # its square may overflow the dtype
-        before = wide @ wide  # the kernel overwrites it
+        before = wide @ wide
+        # The kernel writes this step's sample over its argument: a copy, kept only if the
+        # step is. (In place, a declined step left the general route comparing this step's
+        # gradient with itself, which held the clock for good, or a skipped one NaN.)
+        sample = previous.clone()
         sums = softplus_diagonal_step(
             flat[0], flat[1], flat[2], flat[3], draw, rho, self.max_kl, new_loc, new_raw, work,
             scale=scale.reshape(-1),
-            cv=None if n >= CV_MIN_ELEMENTS else 1.0, previous=previous)
+            cv=None if n >= CV_MIN_ELEMENTS else 1.0, previous=sample)
         taken, check, agreement, norm2, before = torch.stack(
             [t.to(torch.float64) for t in (*sums, before)]).tolist()
         if not (math.isfinite(taken) and math.isfinite(check)):
@@ -947,6 +967,7 @@ class NaturalGradient(PyroOptim):
         with torch.no_grad():
             loc.view(-1).copy_(new_loc)
             raw.view(-1).copy_(new_raw)
+            previous.copy_(sample)
         self._advance_clock(state, min(1.0, max(0.0, taken / (n * max(rho, 1e-300)))),
                             agreement, norm2, before)
         return True
@@ -1087,6 +1108,8 @@ class NaturalGradient(PyroOptim):
             if isinstance(groups[0], LowRankGaussianGroup):
                 used = self._step_lowrank_newton(groups[0], grads[0], target, offset, rho,
                                                  state)
+                if used is None:
+                    return False  # not finite (an overflow): gradient-only steps instead
             elif len(groups) > 1 and any(isinstance(g, FullGaussianGroup) for g in groups):
                 used = self._step_blocks_newton(groups, grads, target, offset, rho, state)
                 if used is None:
@@ -1117,6 +1140,8 @@ class NaturalGradient(PyroOptim):
                     correction = P @ offset
                 used, change = self._step_diagonal_newton(groups, grads, target, correction,
                                                           rho, state)
+                if used is None:
+                    return False  # not finite (an overflow): gradient-only steps instead
                 self._hold_or_advance(state, used, rho, change)
                 return True
         # A step the trust region shortened counts as the fraction taken, so the
@@ -1232,18 +1257,22 @@ class NaturalGradient(PyroOptim):
         P, direction, rho = self._running_newton(
             P0, target, g_loc, rho, fallback=scale.square() * g_loc,
             guide_quad=lambda v: (v / scale).square().sum(), precision_change=S)
-        state["precision"] = P
         step = diagonal_gaussian_step(loc, scale, g_loc, g_scale, rho, None, None,
                                       precision_target=target.diagonal(), loc_step=direction,
                                       floor=self.max_kl is not None)
-        pos = 0
+        new, pos = [], 0
         for g in groups:
             n = g.params["loc"].numel()
             shape = g.params["loc"].shape
-            self._write(g.params["loc"], step.loc[pos:pos + n].reshape(shape))
-            self._write(g.params["scale"],
-                        g.transforms["scale"].inv(step.scale_tril[pos:pos + n].reshape(shape)))
+            new.append((step.loc[pos:pos + n].reshape(shape), g.transforms["scale"].inv(
+                step.scale_tril[pos:pos + n].reshape(shape))))
             pos += n
+        if not _all_finite([t for pair in new for t in pair]):
+            return None, None  # an overflow (a huge float32 gradient): nothing changed
+        state["precision"] = P
+        for g, (new_loc, new_raw) in zip(groups, new):
+            self._write(g.params["loc"], new_loc)
+            self._write(g.params["scale"], new_raw)
         return torch.as_tensor(rho), S
 
     def _step_blocks_newton(self, groups, grads, target, offset, rho, state):
@@ -1406,7 +1435,10 @@ class NaturalGradient(PyroOptim):
                                                  precision_change=X,
                                                  whitened_change=X)
         C_new, s_new = project_lowrank(P, C.shape[-1], scale=s)
-        self._write(group.params["loc"], loc - rho * direction)
+        new_loc = loc - rho * direction
+        if not _all_finite([new_loc, C_new, s_new]):
+            return None  # an overflow: nothing changed
+        self._write(group.params["loc"], new_loc)
         group.write_covariance(C_new, s_new)
         state["precision"] = P
         return torch.as_tensor(rho)
@@ -1423,29 +1455,62 @@ class NaturalGradient(PyroOptim):
         """Everything a resumed run needs to continue bit for bit on CPU: per group the
         step clock and what the step carries between steps (running precisions, the
         curvature's weights, per-element clocks of subsampled latents, the hold test's
-        previous sample), the base optimizer's state, and the count of skipped steps.
-        The parameters themselves live in the param store: save it too
-        (``pyro.get_param_store().save``)."""
+        previous sample), the base optimizer's state (and its parameters' shapes), and the
+        count of skipped steps. A checkpoint set but not yet used (before the first step
+        after :meth:`set_state`) is part of it. The parameters themselves live in the
+        param store: save it too (``pyro.get_param_store().save``).
+
+        :raises ValueError: if a parameter that takes base-optimizer steps has no name in
+            the param store (a ``PyroModule``'s own parameter under
+            ``pyro.settings.set(module_local_params=True)``): its state could not be
+            restored to it, and Pyro keys every such state ``None``."""
+        store = pyro.get_param_store()
+        unnamed = [tuple(p.shape) for p in getattr(self.base_optimizer, "optim_objs", {})
+                   if store.param_name(p) is None]
+        if unnamed:
+            raise ValueError(
+                f"get_state: {len(unnamed)} parameter(s) taking "
+                f"{optimizer_name(self.base_optimizer)} steps (shapes {unnamed[:4]}) have no "
+                f"name in the param store (PyroModule parameters under "
+                f"module_local_params=True), so their optimizer state cannot be saved under a "
+                f"name and restored to them (Pyro's own optimizers save it under None). "
+                f"Checkpoint with module_local_params=False, or give those parameters to "
+                f"another optimizer")
+        merged = {**self._state, **self._waiting_state}  # a waiting state wins, as it will
         state = {k: {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
-                 for k, v in self._state.items()}
+                 for k, v in merged.items()}
+        if self._waiting_layout is not None:
+            layout, _, base, shapes = self._waiting_layout
+        else:
+            layout = None if self._groups is None else _layout(self._groups)
+            waiting = getattr(self.base_optimizer, "_state_waiting_to_be_consumed", {})
+            base = {**waiting, **self.base_optimizer.get_state()}
+            shapes = {store.param_name(p): tuple(p.shape)
+                      for p in getattr(self.base_optimizer, "optim_objs", {})}
         # A copy, not the base optimizer's live tensors, which later steps change in place.
-        out = {"natural_gradient": state, "base": copy.deepcopy(self.base_optimizer.get_state()),
-               "skipped": self._skipped}
-        if self._groups is not None:
-            out["layout"] = _layout(self._groups)
+        out = {"natural_gradient": state, "base": copy.deepcopy(base),
+               "base_shapes": dict(shapes), "skipped": self._skipped}
+        if layout is not None:
+            out["layout"] = layout
         return out
 
     def set_state(self, state: Dict) -> None:
-        """Restore :meth:`get_state`'s result (copied: ``state`` is not changed by later
-        steps). Groups not yet read (before the first step) receive theirs when they are.
+        """Restore :meth:`get_state`'s result, in place of the current state (copied:
+        ``state`` is not changed by later steps). Groups not yet read (before the first
+        step) receive theirs when they are; groups the checkpoint has no state for start
+        afresh, as they had at its time.
 
         :raises ValueError: if the checkpoint is of another guide (its groups' parameter
-            shapes differ, or it has groups this guide lacks): here, or, if the guide has
-            not been read yet, at the first step, before any of the checkpoint is used."""
+            shapes differ, it has groups this guide lacks, or its base optimizer's state is
+            for parameters of other shapes): here, or, if the guide has not been read yet,
+            at the first step, before any of the checkpoint is used."""
         ng = state.get("natural_gradient", {})
         layout = state.get("layout")
+        shapes = state.get("base_shapes", {})
         if layout is not None and self._groups is not None:
             _check_layout(layout, _layout(self._groups), ng)
+        _check_base_shapes(shapes)
+        self._state, self._waiting_state = {}, {}
         for key, value in ng.items():
             # Copies: steps change some of these tensors in place (the hold test's
             # sample), and the caller's checkpoint must stay as it was.
@@ -1455,14 +1520,17 @@ class NaturalGradient(PyroOptim):
                 self._state[key] = value
             else:
                 self._waiting_state[key] = value
+        if self._groups is not None:
+            for key in list(self._groups) + ["curvature"]:
+                self._state.setdefault(key, {"t": 0})
         # torch's load_state_dict keeps the given moments' tensors and steps them in place
         base = copy.deepcopy(state.get("base", {}))
         if layout is not None and self._groups is None:
             # Checked when the guide is read, before the base optimizer makes its optimizers.
-            self._waiting_layout = (layout, ng, base)
+            self._waiting_layout = (layout, ng, base, shapes)
         else:
             self._waiting_layout = None
-            self.base_optimizer.set_state(base)
+            _replace_base_state(self.base_optimizer, base)
         self._skipped = state.get("skipped", 0)
 
     def save(self, filename: str) -> None:
@@ -1472,6 +1540,32 @@ class NaturalGradient(PyroOptim):
     def load(self, filename: str, map_location=None) -> None:
         """:meth:`set_state` from a file written by :meth:`save`."""
         self.set_state(torch.load(filename, map_location=map_location, weights_only=False))
+
+
+def _replace_base_state(optim: PyroOptim, state: Dict) -> None:
+    """``optim.set_state(state)`` in place of its current state. ``PyroOptim.set_state``
+    alone reaches only parameters it has not stepped yet (and merges with pending state):
+    a rollback kept the live moments of every parameter already stepped."""
+    for attr in ("optim_objs", "grad_clip", "_state_waiting_to_be_consumed"):
+        objs = getattr(optim, attr, None)
+        if isinstance(objs, dict):
+            objs.clear()  # rebuilt at the parameter's next step, from the waiting state
+    optim.set_state(state)
+
+
+def _check_base_shapes(shapes) -> None:
+    """A ValueError unless each parameter a checkpoint's base-optimizer state was made for
+    has that shape in the param store, where it is there already (it steps last: a wrong
+    shape raised only after the natural-gradient groups had been written)."""
+    store = pyro.get_param_store()._params
+    problems = [f"{name!r} has shape {tuple(shape)} there and {tuple(store[name].shape)} here"
+                for name, shape in shapes.items()
+                if name in store and tuple(store[name].shape) != tuple(shape)]
+    if problems:
+        raise ValueError(
+            f"set_state: the checkpoint's base-optimizer state was made for other parameters "
+            f"({'; '.join(problems[:4])}); nothing was restored. Load a checkpoint of this "
+            f"model and guide, or start this optimizer afresh")
 
 
 def _layout(groups) -> Dict[str, Dict[str, tuple]]:

@@ -260,3 +260,44 @@ def test_batched_full_step_huge_gradient():
     torch.testing.assert_close(step32.scale_tril.to(F64), step64.scale_tril, rtol=1e-3,
                                atol=1e-6)
     torch.testing.assert_close(step32.rho.to(F64), step64.rho, rtol=1e-4, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::pyro_natgrad.NaturalGradientWarning")
+@pytest.mark.parametrize("name", ["AutoNormal", "AutoLowRankMultivariateNormal"])
+def test_a_newton_step_that_overflows_changes_nothing_and_steps_from_gradients(name):
+    """float32, the model's Hessian (the default), then one gradient of 3e38 on the means
+    (finite): the Newton step's output overflows. It raised FloatingPointError ("this is
+    a bug") after storing its running precision. Now nothing of it is kept (the running
+    precision is bit for bit the one before) and the step is the gradient-only one,
+    whose trust region keeps every parameter finite. (The low-rank guide's mean step
+    from gradients alone overflowed too, in Sigma g: it now moves the mean.)"""
+    from pyro.infer.autoguide import AutoLowRankMultivariateNormal as LowRank
+
+    g = generator(3)
+    with default_dtype(F32):
+        X = torch.randn(3, 3, generator=g)
+        y = X @ torch.tensor([1.0, -2.0, 0.5]) + 0.5 * torch.randn(3, generator=g)
+
+        def model():
+            w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+            with pyro.plate("data", 3):
+                pyro.sample("y", dist.Normal(X @ w, 0.5), obs=y)
+
+        pyro.set_rng_seed(0)
+        guide = AutoNormal(model, init_scale=10.0) if name == "AutoNormal" else \
+            LowRank(model, init_scale=10.0, rank=1)
+        opt = NaturalGradient(guide)
+        svi = SVI(model, guide, opt, Trace_ELBO())
+        svi.step()
+        precision = opt.get_state()["natural_gradient"]["curvature"]["precision"]
+        loc = guide.locs.w_unconstrained if name == "AutoNormal" else guide.loc
+        hook = loc.register_hook(lambda grad: torch.full_like(grad, 3e38))
+        before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+        svi.step()
+        hook.remove()
+        after = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    assert torch.equal(opt.get_state()["natural_gradient"]["curvature"]["precision"], precision)
+    assert all(bool(torch.isfinite(v).all()) for v in after.values())
+    if name != "AutoNormal":  # (its whitened gradient, scale * 3e38, is inf: no step)
+        key = next(k for k in before if k.endswith(".loc"))
+        assert not torch.equal(before[key], after[key])
