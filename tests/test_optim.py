@@ -1148,6 +1148,21 @@ def test_set_state_in_place_restores_running_precision(float64, rng):
         assert torch.equal(got[k], expected[k]), k
 
 
+def _checkpointed_run(before, after, X, y):
+    """An AutoNormal run of ``ckpt_model``: ``before`` steps, a checkpoint, ``after``
+    more. Returns ``(svi, param state, optimizer state, RNG state, parameters at the
+    end)``."""
+    guide = fresh(AutoNormal, ckpt_model)
+    opt = NaturalGradient(guide)
+    svi = SVI(ckpt_model, guide, opt, Trace_ELBO())
+    _run(svi, before, X, y)
+    param_state = copy.deepcopy(pyro.get_param_store().get_state())
+    optim_state = copy.deepcopy(opt.get_state())
+    rng_state = rng_state_now()
+    _run(svi, after, X, y)
+    return svi, param_state, optim_state, rng_state, store_snapshot()
+
+
 @pytest.mark.parametrize("at", [0, 3])
 def test_set_state_in_place_replaces_the_whole_state(float64, rng, at):
     """Roll back in place to a checkpoint of step ``at`` (0: before any step, when the
@@ -1185,15 +1200,7 @@ def test_a_checkpoint_saved_before_its_first_use_is_the_same_checkpoint(float64,
     (the state waiting for the guide to be read was left out), and a run resumed from it
     differed. Now it resumes bit for bit, like the first."""
     X, y = _small_data()
-    guide = fresh(AutoNormal, ckpt_model)
-    opt = NaturalGradient(guide)
-    svi = SVI(ckpt_model, guide, opt, Trace_ELBO())
-    _run(svi, 4, X, y)
-    param_state = copy.deepcopy(pyro.get_param_store().get_state())
-    optim_state = copy.deepcopy(opt.get_state())
-    rng_state = rng_state_now()
-    _run(svi, 3, X, y)
-    expected = store_snapshot()
+    _, param_state, optim_state, rng_state, expected = _checkpointed_run(4, 3, X, y)
 
     _, svi = _resume(AutoNormal, X, y, param_state, optim_state, rng_state)
     again = copy.deepcopy(svi.optim.get_state())  # before the first step
@@ -1310,17 +1317,9 @@ def test_rollback_param_store_in_same_process(float64, rng):
     equal the first continuation from the checkpoint. (It once did not: the running
     precision of the curvature state was not restored into a live optimizer.)"""
     X, y = _small_data()
-    guide = fresh(AutoNormal, ckpt_model)
-    opt = NaturalGradient(guide)
-    svi = SVI(ckpt_model, guide, opt, Trace_ELBO())
-    _run(svi, 5, X, y)
-    param_state = copy.deepcopy(pyro.get_param_store().get_state())
-    optim_state = copy.deepcopy(opt.get_state())
-    rng_state = rng_state_now()
-    _run(svi, 5, X, y)
-    expected = store_snapshot()
+    svi, param_state, optim_state, rng_state, expected = _checkpointed_run(5, 5, X, y)
     pyro.get_param_store().set_state(copy.deepcopy(param_state))
-    opt.set_state(copy.deepcopy(optim_state))
+    svi.optim.set_state(copy.deepcopy(optim_state))
     set_rng_state(rng_state)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always", NaturalGradientWarning)
