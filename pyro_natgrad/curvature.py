@@ -19,11 +19,22 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from pyro import poutine
-from pyro.distributions.util import sum_rightmost
+from pyro.distributions.util import is_identically_one, sum_rightmost
 from pyro.infer.autoguide import AutoContinuous, AutoGuideList, AutoNormal
 from pyro.infer.mcmc.util import TraceEinsumEvaluator
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
+
+
+def _plate_scale(node) -> float:
+    """``full_size / size`` over a site's subsampled plates: the scale that a guide's
+    site in the same plates carries (and no ``poutine.scale`` of the model's)."""
+    scale = 1.0
+    for frame in node["cond_indep_stack"]:
+        if frame.full_size is not None and frame.size not in (None, -1) \
+                and frame.full_size != frame.size:
+            scale = scale * frame.full_size / frame.size
+    return scale
 
 
 class ModelCurvatureError(ValueError):
@@ -213,7 +224,8 @@ class ModelCurvature:
         which is not the ELBO's (it scales the sum): refuse a scale on any site that
         depends on an enumerated value (its log density has an enumerated dim)."""
         for name, node in tr.nodes.items():
-            if node["type"] != "sample" or site_is_subsample(node) or node["scale"] == 1:
+            if node["type"] != "sample" or site_is_subsample(node) \
+                    or is_identically_one(node["scale"]):
                 continue
             lp = node["unscaled_log_prob"]
             if any(size > 1 for size in lp.shape[:max(0, lp.dim() - nesting)]):
@@ -253,9 +265,14 @@ class ModelCurvature:
                 "hidden by a poutine.block inside the model, or torch.rand... or numpy.random "
                 "in it): its log joint at the guide's draw is random, so its Hessian is no "
                 "precision target")
-        # The Jacobian term is part of the site's log density, so it takes the site's
-        # scale (full_size / size in a subsampled plate) like the ELBO does.
-        logdet = sum(tr.nodes[name]["scale"] * ladj for name, ladj in ladjs.items())
+        # The Jacobian term comes from the guide's log density (-log q of a transformed
+        # draw), so it takes the guide site's scale, full_size / size over its subsampled
+        # plates, not the model's (a poutine.scale there, for KL annealing, scaled it too:
+        # a Beta latent's fit came out 20% too narrow). A site this call's model does not
+        # sample still has it: from the guide's prototype plates.
+        sites = {name: site for name, site, _ in self._sites()}
+        logdet = sum(_plate_scale(tr.nodes.get(name, sites[name])) * ladj
+                     for name, ladj in ladjs.items())
         if prior_only:
             # condition() marks the latents observed too, so select them by name.
             return tr.log_prob_sum(lambda name, site: name in values) + logdet

@@ -580,24 +580,30 @@ class NaturalGradient(PyroOptim):
     def __call__(self, params, *args, **kwargs):
         params = list(params)
         self._check_svi()
-        if self._groups is None or self._guide_changed(params):
-            try:
-                self._discover()
-            except ValueError:
-                # A refused checkpoint: drop this step's gradients (as SVI would after the
-                # step) and its draws, or the next step counts them with its own.
-                for p in params:
-                    p.grad = None
-                for r in self._recorders:
-                    r.take()
-                raise
-        elif self._handwritten() and (any(id(p) not in self._seen_params for p in params)
-                                      or self._read_with_other_arguments()):
+        refresh = self._groups is None or self._guide_changed(params)
+        if not refresh and self._handwritten() and (
+                any(id(p) not in self._seen_params for p in params)
+                or self._read_with_other_arguments()):
             # New parameter tensors (created late, or a param store loaded), or sites that
             # hold values of the guide's arguments, which changed: read again, with this
             # step's arguments when SVI.step is the caller.
             self._guide_args = find_svi_args(self) or self._guide_args
-            self._discover()
+            refresh = True
+        if refresh:
+            try:
+                self._discover()
+            except ValueError:
+                # Refused (a checkpoint of another guide, a curvature this guide cannot
+                # take): drop this step's gradients (as SVI would after the step) and its
+                # draws, or the next step counts them with its own; and read the guide
+                # again at the next step, which a refused curvature then refuses again
+                # (the groups were kept, and later steps went on without it, silently).
+                for p in params:
+                    p.grad = None
+                for r in self._recorders:
+                    r.take()
+                self._groups = None
+                raise
         self._seen_params.update((id(p), p) for p in params)
         if self._rejected:
             new = [p for p in params if p not in self._owner and p not in self._warned_params]

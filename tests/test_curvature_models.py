@@ -414,3 +414,123 @@ def test_a_model_without_a_ggn_is_refused_with_a_fix_that_applies(float64, model
         assert torch.equal(v.detach(), before[k]), k
     svi = SVI(model, guide, NaturalGradient(guide, curvature="hessian"), Trace_ELBO())
     assert math.isfinite(svi.step(X, y))
+
+
+@pytest.mark.parametrize("scale", ["number", "per item"])
+def test_a_scaled_constrained_latent_takes_the_guides_jacobian(float64, scale):
+    """Beta latents under ``poutine.scale`` (KL annealing, per-item weights): Trace_ELBO's
+    objective in the unconstrained ``u`` is ``s log p(sigmoid(u)) + ladj(u)``, the Jacobian
+    term from the guide's density, which carries no model scale; it is written out here and
+    differentiated by autograd. The model's scale multiplied the Jacobian too (the fit was
+    20% too narrow), and a per-item scale made the log joint a vector (an error)."""
+    s = torch.tensor(10.0, dtype=F64) if scale == "number" else \
+        torch.tensor([1.0, 2.0, 0.5], dtype=F64)
+    obs = torch.tensor([0.2, 0.9, 0.4], dtype=F64)
+
+    def model():
+        with pyro.plate("n", 3), poutine.scale(scale=s):
+            p = pyro.sample("p", dist.Beta(torch.tensor(2.0, dtype=F64), 3.0))
+            pyro.sample("y", dist.Normal(p, 0.5), obs=obs)
+
+    guide = AutoNormal(model)
+    curv = ModelCurvature(guide)
+    guide()
+    u = torch.tensor([0.4, -1.1, 2.0], dtype=F64)
+
+    def objective(u):
+        sigmoid = torch.distributions.transforms.SigmoidTransform()
+        p = sigmoid(u)
+        joint = dist.Beta(torch.tensor(2.0, dtype=F64), 3.0).log_prob(p) \
+            + dist.Normal(p, 0.5).log_prob(obs)
+        return (s * joint).sum() + sigmoid.log_abs_det_jacobian(u, p).sum()
+
+    torch.testing.assert_close(curv.hessian(u), torch.autograd.functional.hessian(objective, u),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_a_tensor_scale_apart_from_the_enumeration_is_fine(float64):
+    """Per-item weights on an observed site that does not depend on the enumerated
+    assignment: the check of scales compared a tensor with 1 (an error). The Hessian is
+    that of the log joint, the mixture summed out, written out here."""
+    data = _mixture_data()
+    weights = torch.linspace(0.5, 2.0, len(data), dtype=F64)
+    other = torch.linspace(-1.0, 1.0, len(data), dtype=F64)
+
+    def model(data):
+        locs = pyro.sample("locs", dist.Normal(torch.zeros(2, dtype=F64), PRIOR_SD).to_event(1))
+        with pyro.plate("data", len(data)):
+            a = pyro.sample("a", dist.Categorical(torch.tensor(WEIGHTS, dtype=F64)),
+                            infer={"enumerate": "parallel"})
+            pyro.sample("obs", dist.Normal(locs[a], 1.0), obs=data)
+            with poutine.scale(scale=weights):
+                pyro.sample("other", dist.Normal(locs[0], 1.0), obs=other)
+
+    guide = AutoNormal(poutine.block(model, hide=["a"]))
+    curv = ModelCurvature(guide)
+    guide(data)
+    z = torch.tensor([-1.0, 0.5], dtype=F64)
+
+    def log_joint(v):
+        return _mixture_log_joint(v, data) \
+            + (weights * torch.distributions.Normal(v[0], 1.0).log_prob(other)).sum()
+
+    torch.testing.assert_close(curv.hessian(z), torch.autograd.functional.hessian(log_joint, z),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_a_latent_this_call_does_not_sample_keeps_its_jacobian(float64):
+    """A latent sampled only when an argument is given; the guide, set up with it, always
+    samples it. Without it the model's trace has no such site (a KeyError): the ELBO's
+    objective there is its Jacobian term alone, ``log sigmoid'(u)``, beside the rest,
+    written out here."""
+    y = torch.tensor([0.3, -0.2, 1.1], dtype=F64)
+
+    def model(extra=None):
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+        if extra is not None:
+            s = pyro.sample("s", dist.Beta(torch.tensor(2.0, dtype=F64), 2.0))
+            pyro.sample("e", dist.Normal(s, 1.0), obs=extra)
+        with pyro.plate("n", 3):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    guide = AutoNormal(model)
+    curv = ModelCurvature(guide)
+    guide(torch.tensor(0.3, dtype=F64))
+    guide()
+    z = torch.tensor([0.2, 0.7], dtype=F64)  # (mu, u_s), the guide's order
+
+    def objective(v):
+        sigmoid = torch.distributions.transforms.SigmoidTransform()
+        prior = dist.Normal(torch.tensor(0.0, dtype=F64), 1.0).log_prob(v[0])
+        return prior + dist.Normal(v[0], 1.0).log_prob(y).sum() \
+            + sigmoid.log_abs_det_jacobian(v[1], sigmoid(v[1]))
+
+    torch.testing.assert_close(curv.hessian(z), torch.autograd.functional.hessian(objective, z),
+                               rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["ggn with a subsampled plate", "hvp with a full-rank guide"])
+def test_a_refused_curvature_is_refused_at_every_step(float64, case):
+    """A curvature the guide cannot take raises a ValueError at the first step. The
+    groups were kept, so the next steps went on without it, silently: each step is
+    refused now, and nothing changes."""
+    from pyro.infer.autoguide import AutoMultivariateNormal as Full
+
+    data = torch.linspace(-1.0, 1.0, 10, dtype=F64)
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+        with pyro.plate("n", 10, subsample_size=5 if case.startswith("ggn") else None) as i:
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+            pyro.sample("y", dist.Normal(z, 1.0), obs=data[i])
+
+    guide = AutoNormal(model) if case.startswith("ggn") else Full(model)
+    curvature = "ggn" if case.startswith("ggn") else "hvp"
+    svi = SVI(model, guide, NaturalGradient(guide, curvature=curvature), Trace_ELBO())
+    guide()
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    for _ in range(3):
+        with pytest.raises(ValueError, match=f"curvature='{curvature}'"):
+            svi.step()
+    for k, v in pyro.get_param_store().items():
+        assert torch.equal(v.detach(), before[k]), k
