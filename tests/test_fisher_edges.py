@@ -401,3 +401,22 @@ def test_a_parameter_at_zero_on_the_boundary_of_its_support(name, dtype):
     x = unconstrained.solve(v * torch.tensor([[0.0], [1.0]], dtype=dtype))
     assert float(x[0, 0]) == 0.0
     _close(x[1, 0], 2.0 / f_u(0.3), dtype)
+
+
+class _FiniteOnlyExp(torch.distributions.transforms.ExpTransform):
+    """``exp``, refusing non-finite input, as a user's transform may."""
+
+    def _call(self, x):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("finite input only")
+        return super()._call(x)
+
+
+def test_a_transform_undefined_at_infinity_still_gives_the_fisher():
+    """The boundary check evaluates the coordinates' map at -inf and inf; a transform that
+    refuses them keeps its Jacobian as it is: Gamma's rate in log coordinates, ``a``
+    (``rate^2 * a / rate^2``), written out here."""
+    from pyro_natgrad.fisher import fisher_operator
+    d = dist.Gamma(torch.tensor(2.5, dtype=F64), torch.tensor(0.7, dtype=F64))
+    F = fisher_operator(d, coords={"rate": _FiniteOnlyExp()}, params=("rate",)).dense()
+    torch.testing.assert_close(F, torch.tensor([[2.5]], dtype=F64), rtol=1e-12, atol=0)

@@ -804,16 +804,19 @@ def _zero_at_the_ends(phi, u, theta, jac):
     On the boundary means at or beyond ``phi(-inf)`` or ``phi(inf)`` (the ends of the
     range of an entrywise monotone ``phi``; torch's sigmoid clamps them to ``tiny`` and
     ``1 - eps``) and not reproduced by ``phi(u)``."""
-    with torch.no_grad():
-        lo, hi = (phi({k: torch.full_like(x, end) for k, x in u.items()})
-                  for end in (-math.inf, math.inf))
-        back = phi(u)
+    try:
+        with torch.no_grad():
+            lo, hi = (phi({k: torch.full_like(x, end) for k, x in u.items()})
+                      for end in (-math.inf, math.inf))
+            back = phi(u)
+    except Exception:  # noqa: BLE001 - a user's transform undefined at infinity: no ends
+        return jac
     out = {}
     for k, j in jac.items():
-        if k not in theta:
+        t = theta.get(k)
+        if t is None or not (t.shape == j.shape == lo[k].shape == back[k].shape):
             out[k] = j
             continue
-        t = theta[k]
         below, above = torch.minimum(lo[k], hi[k]), torch.maximum(lo[k], hi[k])
         end = (below < above) & ((t <= below) | (t >= above))
         off = end & ((back[k] != t) | ~torch.isfinite(u[k]))
