@@ -413,6 +413,27 @@ def read_handwritten(guide, args=(), kwargs=None):
     return groups, names, {i: r for i, r in rejected.items() if i not in owned}
 
 
+def refuse_shared_across_parts(groups, parts, rejected):
+    """The ``groups`` of an ``AutoGuideList``'s hand-written parts less those holding a
+    parameter that several parts use (``parts``: ``{id(parameter): [part indices]}``),
+    with the reasons added to ``rejected``. Each part is read alone and cannot see another
+    part's use of a parameter: both would step it, each from the whole gradient and its
+    own site's Fisher."""
+    for i, used in parts.items():
+        if len(used) > 1:
+            rejected[i] = (f"used by parts {used} of the AutoGuideList (a parameter shared "
+                           f"between sites)")
+    kept = []
+    for g in groups:
+        if not any(len(parts.get(id(t), ())) > 1 for t in g.tensors()):
+            kept.append(g)
+            continue
+        for t in g.tensors():
+            rejected.setdefault(id(t), f"site {g.key!r} shares a parameter with another "
+                                       f"part of the AutoGuideList")
+    return kept
+
+
 def _read_site(site_name, node, params, by_node):
     """One site's group, or ``(None, reason)``."""
     scale = node["scale"]

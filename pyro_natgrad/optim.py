@@ -34,7 +34,9 @@ from .guides import (
     DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide, reads_as_autonormal,
     same_arguments, unsupported_parts, unsupported_reason,
 )
-from .handwritten import describe_rejected, find_svi, find_svi_args, read_handwritten
+from .handwritten import (
+    describe_rejected, find_svi, find_svi_args, read_handwritten, refuse_shared_across_parts,
+)
 from .linalg import conjugate_gradient
 from .lowrank import COVARIANCE_REASON, LowRankGaussianGroup, project_lowrank, read_lowrank
 from .minibatch import minibatch_targets, plate_scale, subsampled
@@ -366,21 +368,7 @@ class NaturalGradient(PyroOptim):
                 self._rejected.update(rejected)
                 for p in names:
                     parts.setdefault(p, []).append(i)
-            # Each part is read alone, so it cannot see another part's use of a parameter:
-            # both would step it, each from the whole gradient and its own site's Fisher.
-            for p, used in parts.items():
-                if len(used) > 1:
-                    self._rejected[p] = (f"used by parts {used} of the AutoGuideList (a "
-                                         f"parameter shared between sites)")
-            kept = []
-            for g in groups:
-                if not any(len(parts.get(id(t), ())) > 1 for t in g.tensors()):
-                    kept.append(g)
-                    continue
-                for t in g.tensors():
-                    self._rejected.setdefault(id(t), f"site {g.key!r} shares a parameter "
-                                                     f"with another part of the AutoGuideList")
-            groups = kept
+            groups = refuse_shared_across_parts(groups, parts, self._rejected)
         if self._handwritten():
             groups = self._with_earlier_reads(groups, *earlier)
         waiting_base = None
