@@ -47,6 +47,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import pyro
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
 from pyro.distributions import constraints
 from torch.distributions import constraints as torch_constraints
 from pyro.distributions.torch_distribution import ExpandedDistribution
@@ -271,6 +272,18 @@ def _select_of_broadcast(node):
     return inner.next_functions[0][0] if added == sel else None
 
 
+class _ParamCalls(Messenger):
+    """Records the value of every ``pyro.param`` call, as ``(name, value)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.values = []
+
+    def _postprocess_message(self, msg):
+        if msg["type"] == "param" and torch.is_tensor(msg["value"]):
+            self.values.append((msg["name"], msg["value"]))
+
+
 def _node_of(t: torch.Tensor):
     """The graph node standing for ``t``: its ``grad_fn``, or for a leaf the leaf itself."""
     return t.grad_fn if t.grad_fn is not None else t
@@ -329,9 +342,11 @@ def read_handwritten(guide, args=(), kwargs=None):
     # pyro's RNG state is the CPU generator's: fork the CUDA ones too, so that reading a
     # guide on a GPU leaves the draws of the run unchanged.
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    calls = _ParamCalls()
     try:
         with torch.random.fork_rng(devices=cuda), torch.enable_grad(), poutine.block():
-            trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            with calls:
+                trace = poutine.trace(guide).get_trace(*args, **kwargs)
     finally:
         pyro.util.set_rng_state(rng)
 
@@ -351,37 +366,46 @@ def read_handwritten(guide, args=(), kwargs=None):
             constraint = store._constraints.get(name, constraints.real)
         params[name] = (value, leaf, constraint)
     names = {id(leaf): (leaf, name) for name, (_, leaf, _) in params.items()}
-    by_node = {}  # id(node) -> name; ``nodes`` keeps the wrappers (and so the ids) alive
-    nodes = [_node_of(value) for value, _, _ in params.values()]
-    for name, node in zip(params, nodes):
+    # id(node) -> name, for every pyro.param call: a trace keeps only a name's last value.
+    # ``nodes`` keeps the wrappers (and so the ids) alive.
+    by_node = {}
+    nodes = [_node_of(value) for _, value in calls.values]
+    for (name, _), node in zip(calls.values, nodes):
         by_node[id(node)] = name
 
     rejected: Dict[int, str] = {}
     uses: Dict[int, int] = {}
-    candidates = []
+    sites = []  # (name, node, deps, scaling)
     for site_name, node in trace.nodes.items():
         if node["type"] != "sample":
             continue
-        fn = node["fn"]
         scaling = _leaves([node["scale"]])
-        for i in scaling:
-            rejected.setdefault(i, f"scales site {site_name!r} (poutine.scale)")
         try:
             # The value and a poutine.scale factor too: a Delta's log_prob ((x == v).log())
             # carries no gradient, so Delta(m) was no second use of m.
-            deps = _leaves([fn.log_prob(node["value"].detach()), node["value"]]) | scaling
+            deps = _leaves([node["fn"].log_prob(node["value"].detach()), node["value"]])
+            deps |= scaling
         except Exception:  # noqa: BLE001 - anything unusual: assume it uses everything
             deps = set(names)
         for i in deps:
             uses[i] = uses.get(i, 0) + 1
+        sites.append((site_name, node, deps, scaling))
+
+    candidates = []
+    for site_name, node, deps, scaling in sites:
+        for i in scaling:
+            rejected.setdefault(i, f"scales site {site_name!r} (poutine.scale)")
         if node["is_observed"] or not deps:
             for i in deps:
                 rejected.setdefault(i, f"used in observed site {site_name!r} of the guide")
             continue
         site, reason = _read_site(site_name, node, params, by_node)
         if site is None:
+            # Sharing comes first: a parameter fetched by a second pyro.param call reaches
+            # its site as a fresh tensor, which read as "computed from parameters".
+            shared = _shared_reason(site_name, deps, uses, names)
             for i in deps:
-                rejected.setdefault(i, reason)
+                rejected.setdefault(i, shared or reason)
         else:
             candidates.append((site, deps))
 
@@ -392,9 +416,7 @@ def read_handwritten(guide, args=(), kwargs=None):
         shared = [i for i in mine if uses.get(i, 0) > 1]
         extra = deps - mine
         if shared or extra or len(mine) != len(tensors):
-            culprits = ", ".join(repr(names[i][1]) for i in shared if i in names)
-            reason = (f"site {site.key!r}: a parameter{' (' + culprits + ')' if culprits else ''}"
-                      f" is shared with another site or used twice"
+            reason = (_shared_reason(site.key, mine, uses, names, always=True)
                       if shared or len(mine) != len(tensors)
                       else f"site {site.key!r}: its distribution depends on parameters "
                            f"through something other than its own arguments")
@@ -411,6 +433,17 @@ def read_handwritten(guide, args=(), kwargs=None):
         if i not in owned:
             rejected.setdefault(i, "feeds no sample site of the guide directly")
     return groups, names, {i: r for i, r in rejected.items() if i not in owned}
+
+
+def _shared_reason(site_name, deps, uses, names, always=False) -> Optional[str]:
+    """The reason for a site whose parameters (``deps``) include one that another site
+    or a second argument also uses, or None if none is (and not ``always``)."""
+    shared = [i for i in deps if uses.get(i, 0) > 1]
+    if not (shared or always):
+        return None
+    culprits = ", ".join(repr(names[i][1]) for i in shared if i in names)
+    return (f"site {site_name!r}: a parameter{' (' + culprits + ')' if culprits else ''} is "
+            f"shared with another site or used twice")
 
 
 def refuse_shared_across_parts(groups, parts, rejected):

@@ -634,6 +634,49 @@ def test_routing_and_one_warning():
             svi.step()
 
 
+@pytest.mark.parametrize("fetch", ["again after the site", "again for the site"])
+def test_a_parameter_fetched_twice_still_takes_the_exact_step(fetch):
+    """A second ``pyro.param("scale")`` call returns a fresh constrained tensor, and a
+    trace keeps only the last: the site's argument, from the other call, read as
+    "computed from parameters" and went to Adam. One exact step at rho = 1 lands on the
+    conjugate posterior, as for :func:`normal_guide`."""
+    def guide(x):
+        loc = pyro.param("loc", torch.tensor(-3.0, dtype=F64))
+        scale = pyro.param("scale", torch.tensor(2.5, dtype=F64),
+                           constraint=constraints.positive)
+        if fetch == "again for the site":
+            scale = pyro.param("scale")
+        pyro.sample("mu", dist.Normal(loc, scale))
+        if fetch == "again after the site":
+            pyro.param("scale")
+
+    _, routes = exact_step(guide, normal_neg_elbo, OBS)
+    assert routes == {"loc": "natural gradient (diagonal Gaussian, mu)",
+                      "scale": "natural gradient (diagonal Gaussian, mu)"}, routes
+    mean, sd = normal_posterior()
+    torch.testing.assert_close(value("loc"), torch.tensor(mean, dtype=F64), rtol=1e-9, atol=0)
+    torch.testing.assert_close(value("scale"), torch.tensor(sd, dtype=F64), rtol=1e-9, atol=0)
+
+
+def test_a_parameter_fetched_once_per_site_reads_as_shared():
+    """Two sites, each fed by its own ``pyro.param("s")`` call of one parameter: the
+    reason given is the sharing, not "computed from parameters"."""
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("z2", dist.Normal(0.0, 1.0))
+
+    def guide():
+        pyro.sample("z", dist.Normal(0.0, pyro.param("s", torch.tensor(1.0),
+                                                     constraint=constraints.positive)))
+        pyro.sample("z2", dist.Normal(0.0, pyro.param("s")))
+
+    opt = NaturalGradient(guide)
+    with pytest.warns(NaturalGradientWarning, match="s"):
+        SVI(model, guide, opt, Trace_ELBO()).step()
+    assert opt.routing()["s"].startswith("base optimizer"), opt.routing()
+    assert "a parameter ('s') is shared" in opt.routing()["s"], opt.routing()
+
+
 @pytest.mark.parametrize("use", ["Delta(m)", "Delta(2 m)", "poutine.scale(s)"])
 def test_a_second_use_through_a_delta_or_a_scale_factor_is_seen(use):
     """``m`` and ``s`` feed ``z ~ Normal(m, s)``, and one of them also a second site: as
