@@ -25,6 +25,7 @@ import copy
 import math
 import time
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional
 
@@ -38,13 +39,15 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, TransformedDistribution, transform_to
 
+from .fisher import fisher_operator
 from .fisher.registry import lookup_fisher
 from .ggn import GGNOperator, _Head
 from .guides import BackwardFlag, differentiated
+from .handwritten import find_svi, find_svi_args
 from .linalg import conjugate_gradient
 from .optim import (
-    NaturalGradientWarning, _fraction_taken, optimizer_name, param_labels, skip_non_finite,
-    warn_skip,
+    NaturalGradientWarning, _fraction_taken, check_base_shapes, named_shapes, optimizer_name,
+    param_labels, refuse_unnamed_state, replace_base_state, skip_non_finite, warn_skip,
 )
 from .schedule import StepSize
 
@@ -88,6 +91,22 @@ def _base(d):
             d = d.base_dist
         else:
             return d
+
+
+def _leaf_terms(d) -> List[torch.Tensor]:
+    """Scalars that depend on every tensor (requiring grad) that ``d`` or any of its
+    layers holds: its ``rsample`` where it has one, else the sums of its attributes."""
+    out, stack = [], [d]
+    while stack:
+        d = stack.pop()
+        for v in vars(d).values():
+            if torch.is_tensor(v) and v.requires_grad:
+                out.append(v.sum())
+            elif isinstance(v, torch.distributions.Distribution):
+                stack.append(v)
+            elif isinstance(v, (list, tuple)):
+                out += [x.sum() for x in v if torch.is_tensor(x) and x.requires_grad]
+    return out
 
 
 def _reaching(terms, params) -> set:
@@ -165,6 +184,22 @@ def _hooks_off(root: Optional[torch.nn.Module]):
     finally:
         for m, pre, post in saved:
             m._forward_pre_hooks, m._forward_hooks = pre, post
+
+
+def _refuse_running_statistics(root: Optional[torch.nn.Module]) -> None:
+    """A RuntimeError, before anything changes, if a module of the guide updates running
+    statistics (batch normalisation in training mode): every replay of the guide would
+    update them again, and ``torch.func`` refuses the in-place update."""
+    if root is None:
+        return
+    for name, m in root.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.training and \
+                m.track_running_stats:
+            raise RuntimeError(
+                f"AmortisedNaturalGradient: the guide's module {name or type(m).__name__!r} "
+                f"({type(m).__name__}) updates its running statistics in training mode, "
+                f"and each replay of the guide would update them again; put it in eval() "
+                f"mode, or build it with track_running_stats=False")
 
 
 def _detached_trace(tr):
@@ -312,7 +347,7 @@ class GuideGGN(GGNOperator):
                             site_is_subsample(node):
                         continue
                     d = _peel(node["fn"])
-                    if d is None:
+                    if d is None or lookup_fisher(type(_base(d))) is None:
                         continue
                     # The scale and mask the call saw, where the draw kept them (the
                     # replay misses handlers around the guide), else the replay's.
@@ -372,6 +407,10 @@ class StepInfo:
 
     def __repr__(self):
         return "StepInfo(" + ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items()) + ")"
+
+
+#: ``{guide module: weakref to the AmortisedNaturalGradient whose hooks record it}``
+_RECORDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class AmortisedNaturalGradient(PyroOptim):
@@ -449,10 +488,18 @@ class AmortisedNaturalGradient(PyroOptim):
     optimum of the same data (``c`` up to 0.89) to three digits in 120 steps: where the
     local latents are few enough to have guide parameters of their own, prefer it.
 
+    **Which parameters**: those that reach a guide site with a registered Fisher. Those
+    of ``Delta`` sites, of sites with no registered Fisher, inside a distribution's
+    transforms, and guide parameters the model reads too (seen once a step under
+    ``SVI`` has run the model) take ``other_optimizer``'s steps, with one warning:
+    ``G`` has no curvature for them along some directions. :meth:`routing` lists them.
+
     A step is skipped with a :class:`~pyro_natgrad.NaturalGradientWarning` (the
     guide parameters unchanged) when the gradient, a product or the solution is not
     finite. Dropout or other randomness inside the guide breaks the replay; put such
-    modules in ``eval()`` mode. Vectorised particles (``vectorize_particles=True``) are
+    modules in ``eval()`` mode. Batch normalisation in training mode is refused (each
+    replay would update its running statistics): ``eval()`` mode, or
+    ``track_running_stats=False``. Vectorised particles (``vectorize_particles=True``) are
     not supported; ``num_particles > 1`` averages ``G`` over the particles' draws.
     """
 
@@ -506,6 +553,17 @@ class AmortisedNaturalGradient(PyroOptim):
         self._handles = []
         if isinstance(guide, torch.nn.Module):
             self.guide = guide
+            earlier = _RECORDING.get(guide)
+            earlier = earlier() if earlier is not None else None
+            if earlier is not None and earlier._handles:
+                # Two recorders' tracers would nest and leave in the wrong order (Pyro:
+                # "This Messenger is not on the bottom of the stack").
+                earlier.detach()
+                warnings.warn("AmortisedNaturalGradient: a new optimizer for this guide "
+                              "takes over recording its calls; the earlier one's hooks were "
+                              "removed (it now replays fresh draws of the guide)",
+                              NaturalGradientWarning)
+            _RECORDING[guide] = weakref.ref(self)
             self._handles = [guide.register_forward_pre_hook(self._pre, with_kwargs=True),
                              guide.register_forward_hook(self._post, always_call=True)]
         else:
@@ -523,6 +581,9 @@ class AmortisedNaturalGradient(PyroOptim):
         self._warned = set()
         self._skip_sources = set()  # what has warned of a skipped step (see warn_skip)
         self._route_cache = None
+        self._model = None  # SVI's, once a step has seen it (see _read_by_model)
+        self._waiting_shapes = {}  # of a checkpoint's other-optimizer state (set_state)
+        self._before_checkpoint = (0.0, 0)
         self.optim_objs, self.grad_clip, self._state_waiting_to_be_consumed = {}, {}, {}
 
     # ---- recording the guide's calls -----------------------------------------------
@@ -566,14 +627,14 @@ class AmortisedNaturalGradient(PyroOptim):
     def __getstate__(self):
         state = self.__dict__.copy()
         state.update(_args=(), _kwargs={}, _draws=[], _tracer=None, _handles=[],
-                     _route_cache=None)
+                     _route_cache=None, _model=None)
         return state
 
     # ---- which parameters -------------------------------------------------------------
     def _routes(self, params) -> Dict[torch.Tensor, tuple]:
         """``{tensor: route}`` for the given parameters that the guide reads (cached
         while the same tensors come back)."""
-        key = tuple(params)
+        key = (self._model,) + tuple(params)  # the routes change once the model is known
         cached = self._route_cache
         if cached is not None and len(cached[0]) == len(key) and \
                 all(a is b for a, b in zip(cached[0], key)):
@@ -604,8 +665,39 @@ class AmortisedNaturalGradient(PyroOptim):
                 routes[p] = ("module", module_names[p])
             elif p in by_tensor:
                 routes[p] = ("store",) + by_tensor[p]
-        informative = self._informative(list(routes))
+        informative = self._informative(list(routes)) - self._read_by_model(tr, list(routes))
         return {p: r for p, r in routes.items() if p in informative}
+
+    def _read_by_model(self, guide_trace, params) -> set:
+        """The ``params`` that the model's log density (at the guide's draw) also depends
+        on. ``G`` sees only their part in the guide, and where that is small the damped
+        solve gives them ``g / lambda``: a parameter the guide read as ``loc + 1e-3 a``
+        and the model as an offset went 0.08, 0.93, 7.4, -158. They go to
+        ``other_optimizer``. The model is the one of the ``SVI`` that last ran this
+        optimizer; before that, or in a custom loop, it is unknown and this check is not
+        made."""
+        model = self._model
+        if model is None or not params:
+            return set()
+        args, kwargs = _arguments(guide_trace, (self._args, self._kwargs))
+        rng = pyro.util.get_rng_state()
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        try:
+            with torch.random.fork_rng(devices=cuda), torch.enable_grad(), poutine.block():
+                tr = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                    *args, **kwargs)
+                log_density = tr.log_prob_sum()
+                return _reaching([log_density], params) if log_density.requires_grad else set()
+        except Exception as e:  # noqa: BLE001 - the check must not stop a run the ELBO ran
+            if "model" not in self._warned:
+                self._warned.add("model")
+                warnings.warn(f"AmortisedNaturalGradient: could not run the model to see "
+                              f"which guide parameters it also reads ({type(e).__name__}: "
+                              f"{e}); such a parameter would take a natural-gradient step "
+                              f"from the guide's curvature alone", NaturalGradientWarning)
+            return set()
+        finally:
+            pyro.util.set_rng_state(rng)
 
     def _informative(self, params) -> set:
         """The parameters that reach some sample site with a Fisher of its own, and no
@@ -629,8 +721,14 @@ class AmortisedNaturalGradient(PyroOptim):
             d = _peel(node["fn"])
             if d is None:
                 continue
-            base = [v.sum() for v in vars(_base(d)).values()
-                    if torch.is_tensor(v) and v.requires_grad]
+            base = _base(d)
+            if lookup_fisher(type(base)) is None:
+                # G leaves such a site out: every parameter it reads would take g / lambda
+                # along the directions only this site sees.
+                fixed += _leaf_terms(node["fn"])
+                continue
+            base = [t.sum() for t in _Head.coordinates(base, fisher_operator(base).names)
+                    .values() if t.requires_grad]
             terms += base
             outputs = _transform_outputs(node["fn"], node["value"].detach())
             # A transform without an inverse: its parameters cannot be told apart from
@@ -680,6 +778,15 @@ class AmortisedNaturalGradient(PyroOptim):
             raise RuntimeError("AmortisedNaturalGradient has not seen a call of the guide; "
                                "give SVI the guide this optimizer was built with (for a "
                                "function guide: optim.guide)")
+        _refuse_running_statistics(self._runner.root)
+        self._check_checkpoint()
+        svi = find_svi(self)
+        self._model = getattr(svi, "model", self._model)
+        found = find_svi_args(self)
+        if found is not None:
+            # Under JitTrace_ELBO the compiled graph runs no hooks, so the arguments the
+            # hooks saw are the first step's: a fresh draw must use this step's.
+            self._args, self._kwargs = found
         draws, self._draws = self._draws, []
         draws = differentiated(draws, lambda d: d.backward)
         draws = draws[-self.MAX_DRAWS:] or [self._fresh_draw()]
@@ -691,15 +798,15 @@ class AmortisedNaturalGradient(PyroOptim):
                       key=lambda p: routes[p][1])
         rest = [p for p in params if p not in routes]
         self._warn_rest(rest)
+        # The guide's step first: it is the part that can fail (an unusual guide), and a
+        # failure must leave every parameter as it was.
+        info = self._step(mine, routes, draws) if mine else \
+            StepInfo(reason="no guide parameter with a gradient")
         rest, self.skipped = skip_non_finite(rest, self.other_optimizer, self.skipped,
                                              prefix="AmortisedNaturalGradient: ",
                                              warned=self._skip_sources)
         if rest:
             self.other_optimizer(rest, *args, **kwargs)
-        if not mine:
-            self.last_step = StepInfo(reason="no guide parameter with a gradient")
-            return
-        info = self._step(mine, routes, draws)
         info.seconds = time.perf_counter() - start
         self.last_step = info
 
@@ -713,8 +820,10 @@ class AmortisedNaturalGradient(PyroOptim):
                       f"site with a Fisher of its own and take "
                       f"{optimizer_name(self.other_optimizer)} steps: "
                       f"{names[:8]}{' ...' if len(names) > 8 else ''} (expected for model "
-                      f"parameters, Delta sites, and parameters inside a distribution's "
-                      f"transforms)", NaturalGradientWarning)
+                      f"parameters and guide parameters the model reads too, Delta sites, "
+                      f"parameters inside a distribution's transforms, and those of sites "
+                      f"with no registered Fisher)",
+                      NaturalGradientWarning)
 
     def _skip(self, reason, info):
         self.skipped += 1
@@ -775,14 +884,45 @@ class AmortisedNaturalGradient(PyroOptim):
 
     # ---- state ----------------------------------------------------------------------
     def get_state(self) -> Dict:
-        # A copy, not the other optimizer's live tensors, which later steps change in place.
+        # A copy, not the other optimizer's live tensors, which later steps change in place;
+        # with a state loaded but not yet consumed by a step.
+        refuse_unnamed_state(self.other_optimizer)
+        waiting = getattr(self.other_optimizer, "_state_waiting_to_be_consumed", {})
         return {"t": self.t, "skipped": self.skipped,
-                "other": copy.deepcopy(self.other_optimizer.get_state())}
+                "other": copy.deepcopy({**waiting, **self.other_optimizer.get_state()}),
+                "other_shapes": {**self._waiting_shapes, **named_shapes(self.other_optimizer)}}
 
     def set_state(self, state: Dict) -> None:
-        self.t = state.get("t", 0)
-        self.skipped = state.get("skipped", 0)
-        self.other_optimizer.set_state(state.get("other", {}))
+        """Restore a :meth:`get_state` checkpoint, replacing the whole state (the other
+        optimizer's moments of parameters it has stepped included). A ValueError, with
+        nothing restored, for a checkpoint that is not this optimizer's or was made for
+        parameters of other shapes."""
+        missing = [k for k in ("t", "skipped", "other") if k not in state] \
+            if isinstance(state, dict) else ["t", "skipped", "other"]
+        if missing:
+            raise ValueError(
+                f"AmortisedNaturalGradient.set_state: the state lacks {missing}; it is not "
+                f"a checkpoint of AmortisedNaturalGradient (get_state() or save() makes one)")
+        other = copy.deepcopy(state["other"])  # later steps change it in place
+        shapes = dict(state.get("other_shapes", {}))
+        check_base_shapes(shapes)  # those in the param store now; the others at the step
+        self._before_checkpoint = (self.t, self.skipped)
+        self.t, self.skipped = state["t"], state["skipped"]
+        self._waiting_shapes = shapes
+        replace_base_state(self.other_optimizer, other)
+
+    def _check_checkpoint(self):
+        """At a step, a ValueError for a checkpoint made for parameters that now have
+        other shapes, with the checkpoint dropped (before anything changes)."""
+        if not self._waiting_shapes:
+            return
+        try:
+            check_base_shapes(self._waiting_shapes)
+        except ValueError:
+            self._waiting_shapes = {}
+            self.t, self.skipped = self._before_checkpoint
+            replace_base_state(self.other_optimizer, {})
+            raise
 
     def save(self, filename: str) -> None:
         torch.save(self.get_state(), filename)

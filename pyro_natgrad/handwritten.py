@@ -151,8 +151,9 @@ class ExpFamSite(_Site):
 # finding the guide's arguments
 # ---------------------------------------------------------------------------------
 def _svi_step_locals(optim) -> Optional[dict]:
-    """The local variables of the ``SVI.step`` call that is running ``optim`` now,
-    found by walking up the call stack; None if there is none."""
+    """The local variables of the ``SVI.step`` call that is running ``optim`` now (as
+    SVI's optimizer or as its optimizer's ``base_optimizer``), found by walking up the
+    call stack; None if there is none."""
     from pyro.infer import SVI
 
     frame = inspect.currentframe()
@@ -160,8 +161,9 @@ def _svi_step_locals(optim) -> Optional[dict]:
         while frame is not None:
             loc = frame.f_locals
             owner = loc.get("self")
-            if isinstance(owner, SVI) and getattr(owner, "optim", None) is optim \
-                    and frame.f_code.co_name == "step":
+            runs = getattr(owner, "optim", None)
+            if isinstance(owner, SVI) and frame.f_code.co_name == "step" and \
+                    (runs is optim or getattr(runs, "base_optimizer", None) is optim):
                 return loc
             frame = frame.f_back
         return None

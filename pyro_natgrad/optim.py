@@ -379,7 +379,7 @@ class NaturalGradient(PyroOptim):
                 self._waiting_layout, None
             try:
                 _check_layout(layout, _layout({g.key: g for g in groups}), ng)
-                _check_base_shapes(shapes)
+                check_base_shapes(shapes)
             except ValueError:
                 self._waiting_state = {}
                 raise
@@ -392,7 +392,7 @@ class NaturalGradient(PyroOptim):
             r.sites = set(sites)
             r.scale_params = scale_params
         if waiting_base is not None:
-            _replace_base_state(self.base_optimizer, waiting_base)
+            replace_base_state(self.base_optimizer, waiting_base)
         for key in list(self._groups) + ["curvature"]:
             if key in self._waiting_state:  # a loaded state wins over the live one
                 self._state[key] = self._waiting_state.pop(key)
@@ -1471,18 +1471,7 @@ class NaturalGradient(PyroOptim):
             the param store (a ``PyroModule``'s own parameter under
             ``pyro.settings.set(module_local_params=True)``): its state could not be
             restored to it, and Pyro keys every such state ``None``."""
-        store = pyro.get_param_store()
-        unnamed = [tuple(p.shape) for p in getattr(self.base_optimizer, "optim_objs", {})
-                   if store.param_name(p) is None]
-        if unnamed:
-            raise ValueError(
-                f"get_state: {len(unnamed)} parameter(s) taking "
-                f"{optimizer_name(self.base_optimizer)} steps (shapes {unnamed[:4]}) have no "
-                f"name in the param store (PyroModule parameters under "
-                f"module_local_params=True), so their optimizer state cannot be saved under a "
-                f"name and restored to them (Pyro's own optimizers save it under None). "
-                f"Checkpoint with module_local_params=False, or give those parameters to "
-                f"another optimizer")
+        refuse_unnamed_state(self.base_optimizer)
         merged = {**self._state, **self._waiting_state}  # a waiting state wins, as it will
         state = {k: {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
                  for k, v in merged.items()}
@@ -1492,8 +1481,7 @@ class NaturalGradient(PyroOptim):
             layout = None if self._groups is None else _layout(self._groups)
             waiting = getattr(self.base_optimizer, "_state_waiting_to_be_consumed", {})
             base = {**waiting, **self.base_optimizer.get_state()}
-            shapes = {store.param_name(p): tuple(p.shape)
-                      for p in getattr(self.base_optimizer, "optim_objs", {})}
+            shapes = named_shapes(self.base_optimizer)
         # A copy, not the base optimizer's live tensors, which later steps change in place.
         out = {"natural_gradient": state, "base": copy.deepcopy(base),
                "base_shapes": dict(shapes), "skipped": self._skipped}
@@ -1516,7 +1504,7 @@ class NaturalGradient(PyroOptim):
         shapes = state.get("base_shapes", {})
         if layout is not None and self._groups is not None:
             _check_layout(layout, _layout(self._groups), ng)
-        _check_base_shapes(shapes)
+        check_base_shapes(shapes)
         self._state, self._waiting_state = {}, {}
         for key, value in ng.items():
             # Copies: steps change some of these tensors in place (the hold test's
@@ -1537,7 +1525,7 @@ class NaturalGradient(PyroOptim):
             self._waiting_layout = (layout, ng, base, shapes)
         else:
             self._waiting_layout = None
-            _replace_base_state(self.base_optimizer, base)
+            replace_base_state(self.base_optimizer, base)
         self._skipped = state.get("skipped", 0)
 
     def save(self, filename: str) -> None:
@@ -1549,7 +1537,30 @@ class NaturalGradient(PyroOptim):
         self.set_state(torch.load(filename, map_location=map_location, weights_only=False))
 
 
-def _replace_base_state(optim: PyroOptim, state: Dict) -> None:
+def refuse_unnamed_state(optim: PyroOptim) -> None:
+    """A ValueError if a parameter that ``optim`` has stepped has no name in the param
+    store (a ``PyroModule``'s own parameter under ``module_local_params=True``): its
+    state could not be saved under a name and restored to it."""
+    store = pyro.get_param_store()
+    unnamed = [tuple(p.shape) for p in getattr(optim, "optim_objs", {})
+               if store.param_name(p) is None]
+    if unnamed:
+        raise ValueError(
+            f"get_state: {len(unnamed)} parameter(s) taking {optimizer_name(optim)} steps "
+            f"(shapes {unnamed[:4]}) have no name in the param store (PyroModule parameters "
+            f"under module_local_params=True), so their optimizer state cannot be saved "
+            f"under a name and restored to them (Pyro's own optimizers save it under "
+            f"None). Checkpoint with module_local_params=False, or give those parameters "
+            f"to another optimizer")
+
+
+def named_shapes(optim: PyroOptim) -> Dict[str, tuple]:
+    """``{param store name: shape}`` of the parameters ``optim`` has stepped."""
+    store = pyro.get_param_store()
+    return {store.param_name(p): tuple(p.shape) for p in getattr(optim, "optim_objs", {})}
+
+
+def replace_base_state(optim: PyroOptim, state: Dict) -> None:
     """``optim.set_state(state)`` in place of its current state. ``PyroOptim.set_state``
     alone reaches only parameters it has not stepped yet (and merges with pending state):
     a rollback kept the live moments of every parameter already stepped."""
@@ -1560,7 +1571,7 @@ def _replace_base_state(optim: PyroOptim, state: Dict) -> None:
     optim.set_state(state)
 
 
-def _check_base_shapes(shapes) -> None:
+def check_base_shapes(shapes) -> None:
     """A ValueError unless each parameter a checkpoint's base-optimizer state was made for
     has that shape in the param store, where it is there already (it steps last: a wrong
     shape raised only after the natural-gradient groups had been written)."""
