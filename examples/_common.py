@@ -82,8 +82,8 @@ def finish_args(parser, argv=None, step_defaults: Optional[Callable] = None):
     for name in ("steps", "compare_steps", "samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.lr <= 0:
-        parser.error("--lr must be positive")
+    if not 0 < args.lr < math.inf:  # NaN fails too, before any fitting
+        parser.error("--lr must be a positive finite number")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
     check_output(parser, args.plot, "--plot")

@@ -85,8 +85,8 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.lr <= 0:
-        parser.error("--lr must be positive")
+    if not 0 < args.lr < math.inf:  # NaN fails too, before any fitting
+        parser.error("--lr must be a positive finite number")
     C.check_output(parser, args.plot, "--plot")
     if not args.list:
         try:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .reference_models import MODEL_SPECS, ModelSpec
+from .reference_models import MODEL_SPECS, ModelSpec, gp_pois_regr
 
 __all__ = ["Reference", "list_references", "load_reference"]
 
@@ -225,11 +225,24 @@ def load_reference(name: str, dtype: torch.dtype = torch.float64) -> Reference:
 
     :param str name: reference name.
     :param torch.dtype dtype: floating dtype of the data tensors (and of
-        :attr:`Reference.to_sites` output).
+        :attr:`Reference.to_sites` output): ``torch.float64`` or ``torch.float32``
+        (``gp_pois_regr-gp_pois_regr`` needs float64).
     """
     if name not in _SPEC_OF_REFERENCE:
         raise KeyError("unknown reference %r; see list_references()" % name)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        # An integer dtype truncated the data (earnings' log incomes became 10, 11, ...),
+        # and the model then ran on it without complaint.
+        raise TypeError(f"dtype must be a real floating dtype such as torch.float64 or "
+                        f"torch.float32, got {dtype!r}")
     spec = MODEL_SPECS[_SPEC_OF_REFERENCE[name]]
+    if spec.fn is gp_pois_regr and dtype != torch.float64:
+        raise ValueError(
+            f"{name} needs float64: its kernel matrix's jitter (1e-10, as in the Stan "
+            f"model) is below {dtype}'s resolution, and the Cholesky factorisation fails "
+            f"(also in to_sites and extract). Load it with dtype=torch.float64; to fit in "
+            f"{dtype}, call pyro_natgrad.reference_models.gp_pois_regr(x, k, jitter=1e-5) "
+            f"on its data converted to {dtype}")
     meta = _read_json(name + ".json")
     raw = _raw_copy(meta["data"] if "data" in meta else _read_json(meta["data_file"]))
     data = {k: _to_torch(v, dtype) for k, v in spec.prepare(raw).items()}

@@ -23,6 +23,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.poutine.util import prune_subsample_sites
 
 from pyro_natgrad.datasets import DATA_DIR, list_references, load_reference
+from pyro_natgrad.reference_models import gp_pois_regr
 
 ALL = list_references()
 KINDS = {"linear", "logistic", "probit", "poisson", "hierarchical", "time-series"}
@@ -154,6 +155,28 @@ def test_dtype_argument():
     assert torch.isfinite(tr.log_prob_sum())
     r = load_reference("radon_contextual_effects_minnesota", dtype=torch.float32)
     assert r.data["county"].dtype == torch.long and r.data["floor"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64, "float64"])
+def test_a_dtype_that_is_not_a_real_float_is_refused(dtype):
+    """An integer dtype truncated the data (earnings' log incomes 10.82, 11.00 became 10,
+    11) and the model ran on it without complaint."""
+    with pytest.raises(TypeError, match="real floating dtype"):
+        load_reference("earnings-logearn_interaction_z", dtype=dtype)
+
+
+def test_the_gp_reference_in_float32_is_refused_with_the_way_out():
+    """In float32 the Stan model's jitter is below resolution: the model, ``to_sites`` and
+    ``extract`` raised Cholesky errors at the reference mean."""
+    with pytest.raises(ValueError, match="needs float64.*jitter=1e-5"):
+        load_reference("gp_pois_regr-gp_pois_regr", dtype=torch.float32)
+    r = load_reference("gp_pois_regr-gp_pois_regr")
+    data = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
+            for k, v in r.data.items()}
+    sites = {k: v.float() for k, v in r.to_sites(r.mean).items()}
+    model = functools.partial(gp_pois_regr, jitter=1e-5)
+    tr = poutine.trace(poutine.condition(model, sites)).get_trace(**data)
+    assert tr.log_prob_sum().dtype == torch.float32 and torch.isfinite(tr.log_prob_sum())
 
 
 def test_unknown_reference():
