@@ -132,6 +132,13 @@ class ModelCurvature:
         self.seen = False
         self._handle = guide.register_forward_pre_hook(self._capture, with_kwargs=True)
 
+    def use_model(self, model) -> None:
+        """Take the Hessian of ``model`` (see :func:`curvature_model`): the ELBO's, which
+        may differ from the one the guide was built on (``poutine.scale(model, s)``
+        given to ``SVI`` for a tempered posterior: with the guide's model every variance
+        settled at ``s`` times its optimum)."""
+        self._model = curvature_model(model)
+
     def _capture(self, module, args, kwargs):
         self.args, self.kwargs, self.seen = args, kwargs, True
 

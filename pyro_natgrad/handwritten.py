@@ -377,37 +377,30 @@ def read_handwritten(guide, args=(), kwargs=None):
 
     rejected: Dict[int, str] = {}
     uses: Dict[int, int] = {}
-    sites = []  # (name, node, deps, scaling)
+    candidates = []
     for site_name, node in trace.nodes.items():
         if node["type"] != "sample":
             continue
+        fn = node["fn"]
         scaling = _leaves([node["scale"]])
+        for i in scaling:
+            rejected.setdefault(i, f"scales site {site_name!r} (poutine.scale)")
         try:
             # The value and a poutine.scale factor too: a Delta's log_prob ((x == v).log())
             # carries no gradient, so Delta(m) was no second use of m.
-            deps = _leaves([node["fn"].log_prob(node["value"].detach()), node["value"]])
-            deps |= scaling
+            deps = _leaves([fn.log_prob(node["value"].detach()), node["value"]]) | scaling
         except Exception:  # noqa: BLE001 - anything unusual: assume it uses everything
             deps = set(names)
         for i in deps:
             uses[i] = uses.get(i, 0) + 1
-        sites.append((site_name, node, deps, scaling))
-
-    candidates = []
-    for site_name, node, deps, scaling in sites:
-        for i in scaling:
-            rejected.setdefault(i, f"scales site {site_name!r} (poutine.scale)")
         if node["is_observed"] or not deps:
             for i in deps:
                 rejected.setdefault(i, f"used in observed site {site_name!r} of the guide")
             continue
         site, reason = _read_site(site_name, node, params, by_node)
         if site is None:
-            # Sharing comes first: a parameter fetched by a second pyro.param call reaches
-            # its site as a fresh tensor, which read as "computed from parameters".
-            shared = _shared_reason(site_name, deps, uses, names)
             for i in deps:
-                rejected.setdefault(i, shared or reason)
+                rejected.setdefault(i, reason)
         else:
             candidates.append((site, deps))
 
@@ -418,7 +411,7 @@ def read_handwritten(guide, args=(), kwargs=None):
         shared = [i for i in mine if uses.get(i, 0) > 1]
         extra = deps - mine
         if shared or extra or len(mine) != len(tensors):
-            reason = (_shared_reason(site.key, mine, uses, names, always=True)
+            reason = (_shared_reason(site.key, mine, uses, names)
                       if shared or len(mine) != len(tensors)
                       else f"site {site.key!r}: its distribution depends on parameters "
                            f"through something other than its own arguments")
@@ -437,12 +430,10 @@ def read_handwritten(guide, args=(), kwargs=None):
     return groups, names, {i: r for i, r in rejected.items() if i not in owned}
 
 
-def _shared_reason(site_name, deps, uses, names, always=False) -> Optional[str]:
+def _shared_reason(site_name, deps, uses, names) -> str:
     """The reason for a site whose parameters (``deps``) include one that another site
-    or a second argument also uses, or None if none is (and not ``always``)."""
+    or a second argument also uses."""
     shared = [i for i in deps if uses.get(i, 0) > 1]
-    if not (shared or always):
-        return None
     culprits = ", ".join(repr(names[i][1]) for i in shared if i in names)
     return (f"site {site_name!r}: a parameter{' (' + culprits + ')' if culprits else ''} is "
             f"shared with another site or used twice")

@@ -8,6 +8,8 @@ like ``1/t``. ``c > 1`` weights recent targets more, so early targets (computed
 far from the optimum of a non-conjugate model) are forgotten faster.
 """
 
+import math
+
 import torch
 
 
@@ -26,11 +28,18 @@ class StepSize:
 
     def __init__(self, initial: float = 1.0, decay: float = 2.0, warmup: int = 10,
                  floor: float = 0.0):
+        for name, value in (("initial", initial), ("decay", decay), ("warmup", warmup),
+                            ("floor", floor)):
+            # decay=inf or NaN made every step 0 (a run that never moved, silently)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    not math.isfinite(value):
+                raise ValueError(f"StepSize: {name} must be a finite number, got {value!r}")
         if not 0 < initial <= 1:
             raise ValueError(f"initial step size must be in (0, 1], got {initial}")
         if decay < 0 or warmup < 0 or not 0 <= floor <= initial:
             raise ValueError("need decay >= 0, warmup >= 0 and 0 <= floor <= initial")
-        self.initial, self.decay, self.warmup, self.floor = initial, decay, warmup, floor
+        self.initial, self.decay, self.warmup, self.floor = \
+            float(initial), float(decay), warmup, float(floor)
 
     def __call__(self, t):
         """The step size of step ``t`` (0-based); ``t`` may be a tensor."""

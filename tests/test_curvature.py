@@ -194,3 +194,38 @@ def test_ggn_precision_leaves_the_random_state_as_it_was():
         Xi = X[i]
         exact = Xi.T @ Xi * (len(X) / 10) / 0.5 ** 2 + torch.eye(3, dtype=torch.float64) / 4
         torch.testing.assert_close(G, exact, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("Guide", [AutoMultivariateNormal, AutoNormal])
+@pytest.mark.parametrize("curvature", ["auto", "ggn"])
+def test_the_curvature_is_that_of_the_model_svi_runs(Guide, curvature):
+    """``SVI(poutine.scale(model, s), AutoGuide(model), ...)`` (a tempered posterior):
+    the ELBO's optimum has precision ``s * Lambda`` (mean-field: its diagonal), but the
+    optimizer took the Hessian of the guide's model, and every sd settled at ``sqrt(s)``
+    times its optimum, silently."""
+    from pyro import poutine
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro_natgrad import NaturalGradient
+
+    s = 0.3
+    X, y = _data()
+    model = _linear_model(X, y)
+    Lambda = X.T @ X / 0.5**2 + torch.eye(3, dtype=torch.float64) / 2.0**2
+    mean = torch.linalg.solve(Lambda, X.T @ y / 0.5**2)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = Guide(model)
+    svi = SVI(poutine.scale(model, scale=s), guide, NaturalGradient(guide, curvature=curvature),
+              Trace_ELBO())
+    for _ in range(60):
+        svi.step()
+    q = guide.get_posterior() if Guide is AutoMultivariateNormal else None
+    if q is None:
+        loc = guide.locs.w.detach()
+        sd = guide.scales.w.detach()
+        expected_sd = (s * Lambda.diagonal()).rsqrt()
+    else:
+        loc, sd = q.loc.detach(), q.covariance_matrix.detach().diagonal().sqrt()
+        expected_sd = torch.linalg.inv(s * Lambda).diagonal().sqrt()
+    torch.testing.assert_close(loc, mean, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(sd, expected_sd, rtol=1e-8, atol=0)
