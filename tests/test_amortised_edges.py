@@ -231,17 +231,23 @@ def _store():
     return {k: v.detach().clone() for k, v in pyro.get_param_store()._params.items()}
 
 
-def test_a_checkpoint_restored_twice_into_the_live_optimizer_repeats_the_run(float64):
-    """``set_state`` kept the checkpoint's tensors (the other optimizer's moments), which
-    the resumed run then changed in place, and Pyro's ``set_state`` does not reach
-    parameters it has already stepped: a rollback of the live optimizer did not repeat
-    the run. Both resumed runs must equal the uninterrupted one to the last bit."""
+def _three_steps():
+    """``(x, guide, optimizer, svi)`` after three steps on :func:`shifted_model`."""
     x = torch.randn(10)
     guide = Encoder()
     optim = AmortisedNaturalGradient(guide)
     svi = SVI(shifted_model, guide, optim, Trace_ELBO())
     for _ in range(3):
         quiet(svi.step, x)
+    return x, guide, optim, svi
+
+
+def test_a_checkpoint_restored_twice_into_the_live_optimizer_repeats_the_run(float64):
+    """``set_state`` kept the checkpoint's tensors (the other optimizer's moments), which
+    the resumed run then changed in place, and Pyro's ``set_state`` does not reach
+    parameters it has already stepped: a rollback of the live optimizer did not repeat
+    the run. Both resumed runs must equal the uninterrupted one to the last bit."""
+    x, guide, optim, svi = _three_steps()
     state, params = copy.deepcopy(optim.get_state()), _store()
     rng = pyro.util.get_rng_state()
     finals = []
@@ -263,12 +269,7 @@ def test_foreign_checkpoints_are_refused_and_leave_the_run_as_it_was(float64):
     """A Pyro optimizer's state was taken as a checkpoint (and reset the step count); one
     of a model whose ``w`` has 2 elements was accepted for one with 3, and every step then
     failed inside torch's Adam."""
-    x = torch.randn(10)
-    guide = Encoder()
-    optim = AmortisedNaturalGradient(guide)
-    svi = SVI(shifted_model, guide, optim, Trace_ELBO())
-    for _ in range(3):
-        quiet(svi.step, x)
+    x, guide, optim, svi = _three_steps()
     t = optim.t
     with pytest.raises(ValueError, match="not a checkpoint"):
         optim.set_state(pyro.optim.Adam({"lr": 0.1}).get_state())
