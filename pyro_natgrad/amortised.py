@@ -857,7 +857,7 @@ class AmortisedNaturalGradient(PyroOptim):
                 return G.mv(v) + lam * v
 
             x = conjugate_gradient(matvec, g, tol=tol, max_iter=self.cg_iters,
-                                   raise_on_fail=False)
+                                   raise_on_fail=False, check_residual=False)
             Gx = G.mv(x)
             quad = float(x @ Gx)
             info.products = count[0] + 2  # + the damping scale and x^T G x

@@ -7,9 +7,10 @@ data points, a batch of particles, ...), the GGN is
 .. math:: G = J^\\top F_R J, \\qquad J = \\partial \\phi / \\partial \\theta,
 
 with ``F_R`` the closed-form Fisher information of the output distribution
-(:func:`pyro_natgrad.fisher.fisher_operator`) summed over its batch. It is the
-Hessian of ``-log q_phi(y)`` with the term that involves the second derivatives
-of ``phi`` dropped, and is therefore positive semi-definite. When ``q`` is an
+(:func:`pyro_natgrad.fisher.fisher_operator`) summed over its batch: the Hessian of
+``-log q_phi(y)`` in ``theta`` with the term that involves the second derivatives of
+``phi`` dropped and the Hessian in ``phi`` replaced by its expectation over ``y``
+(``F_R``), and therefore positive semi-definite. When ``q`` is an
 exponential family in the coordinates ``phi`` (Bernoulli and binomial logits,
 Poisson log-rate, categorical logits, the mean of a normal with fixed scale),
 the loss is linear in ``phi`` up to the log-partition, so ``G`` is the Fisher
@@ -39,7 +40,7 @@ Two ways in:
 
 import math
 from collections import namedtuple
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from pyro import poutine
@@ -55,7 +56,8 @@ from .linalg import conjugate_gradient
 __all__ = ["CGInfo", "GGNOperator", "ModelGGN", "observation_ggn"]
 
 #: What :meth:`GGNOperator.solve` reports with ``return_info=True``.
-#: ``iterations``: matrix-vector products taken (one per CG iteration);
+#: ``iterations``: matrix-vector products taken (one per CG iteration, and one per check on
+#: the true residual);
 #: ``residual_norm``: ``|b - (G + damping I) x|`` recomputed at the end, per system;
 #: ``converged``: whether every system met ``|r| <= tol |b|``.
 CGInfo = namedtuple("CGInfo", ["iterations", "residual_norm", "converged"])
@@ -111,12 +113,25 @@ class _Head:
                 f"@pyro_natgrad.register_fisher({type(base).__name__}).")
         self.op = fisher_operator(base)
         self.names = self.op.names
+        self.label = label
         dtype, device = self.op.dtype, self.op.device
         w = _align(weight, reinterpreted, dtype, device)
         for m, below in masks:
             if m is not None and not (isinstance(m, bool) and m):
                 w = w * _align(m, below, dtype, device)
         w_ = torch.as_tensor(w)
+        try:
+            fits = torch.broadcast_shapes(w_.shape, base.batch_shape) == base.batch_shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            # A scale of shape (2, 4) for a batch of 4 lined its extra dim up with the
+            # columns of J: G was silently wrong.
+            batch = tuple(base.batch_shape)[:len(base.batch_shape) - reinterpreted]
+            raise ValueError(f"{label}: the scale (times the mask) has shape "
+                             f"{tuple(torch.as_tensor(weight).shape)}, which does not "
+                             f"broadcast to the distribution's batch shape {batch}; give "
+                             f"one weight per batch element, or a number")
         if not bool(((w_ >= 0) & torch.isfinite(w_)).all()):  # NaN fails both
             bad = w_[~((w_ >= 0) & torch.isfinite(w_))].flatten()[0].item()
             raise ValueError(f"{label}: the scale (times the mask) must be finite and >= 0 "
@@ -132,13 +147,60 @@ class _Head:
         return {n: getattr(base, n) for n in names}
 
     def apply(self, t: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """``weight * F_R t`` per batch element; ``t`` may carry extra leading dims."""
+        """``weight * F_R t`` per batch element; ``t`` may carry extra leading dims.
+
+        Where ``F_R`` is infinite (a probability rounded to 1, a rate to 0) and the
+        tangent there is 0 (the Jacobian vanishes with it: ``J^T F_R J`` tends to 0, e.g.
+        ``p (1 - p)`` for a Bernoulli of ``sigmoid(eta)``), or the weight is 0, the
+        product is 0, not ``0 * inf = NaN``, which made the whole ``G`` NaN."""
         out = self.op.mv_dict(t)
         w = self.weight
-        if not torch.is_tensor(w) or w.dim() == 0:
-            return {k: w * x for k, x in out.items()}
         specs = {s.name: s for s in self.op.specs}
-        return {k: w.reshape(w.shape + (1,) * specs[k].event_dim) * x for k, x in out.items()}
+        result = {}
+        for k, x in out.items():
+            wk = w.reshape(w.shape + (1,) * specs[k].event_dim) \
+                if torch.is_tensor(w) and w.dim() > 0 else torch.as_tensor(w)
+            y = wk * x
+            vanishing = (t[k] == 0) | (wk == 0)
+            result[k] = torch.where(vanishing & ~torch.isfinite(y), torch.zeros_like(y), y)
+        return result
+
+
+def _uncovered(d: Distribution, names) -> List[str]:
+    """The arguments that ``d``'s constructor stored as tensors, other than ``names``."""
+    base = _unwrap(d)[0]
+    stored = vars(base)
+    return [a for a in getattr(base, "arg_constraints", {})
+            if a not in names and torch.is_tensor(stored.get(a))]
+
+
+def _refuse_uncovered(distributions: Callable, theta: torch.Tensor, heads, at_theta) -> None:
+    """A ValueError if a tensor that a distribution's constructor stored, other than its
+    Fisher coordinates (``head.names``), depends on ``theta``: ``G`` takes it as fixed
+    and has no curvature along its direction (a negative binomial's ``total_count``, a
+    learned dispersion, read as 0 and its solve failed). ``distributions``: ``theta ->
+    {head key: distribution}``; ``at_theta``: its value at ``theta`` (without a graph),
+    which tells whether there is anything to check (most families store nothing else)."""
+    if not any(_uncovered(d, heads[k].names) for k, d in at_theta.items()):
+        return
+    with torch.enable_grad():
+        th = theta.detach().clone().requires_grad_(True)
+        for key, d in distributions(th).items():
+            base = _unwrap(d)[0]
+            stored = vars(base)
+            for arg in getattr(base, "arg_constraints", {}):
+                v = stored.get(arg)
+                if arg in heads[key].names or not torch.is_tensor(v) or not v.requires_grad:
+                    continue
+                if torch.autograd.grad(v.sum(), th, allow_unused=True)[0] is None:
+                    continue
+                family = type(base).__name__
+                raise ValueError(
+                    f"{heads[key].label}: {family}'s {arg!r} depends on the parameters, but "
+                    f"its closed-form Fisher covers only {list(heads[key].names)}, so the GGN "
+                    f"would miss that direction. Hold {arg!r} fixed (compute it from "
+                    f"detached values), or register a Fisher that covers it "
+                    f"(@pyro_natgrad.register_fisher({family}))")
 
 
 def _index(x, i):
@@ -223,6 +285,7 @@ class GGNOperator:
         n_samples = math.prod(d0.batch_shape[:sample_dims])
         weight = scale / n_samples if sample_dims else scale
         head = _Head(d0, weight, type(d0).__name__)
+        _refuse_uncovered(lambda th: {"": build(th)}, theta, {"": head}, {"": d0})
 
         def coordinates(th):
             return {"": _Head.coordinates(build(th), head.names)}
@@ -235,6 +298,9 @@ class GGNOperator:
         if not torch.is_tensor(theta) or theta.dim() != 1 or not theta.is_floating_point():
             raise ValueError("theta must be a flat floating-point tensor of shape (P,), got "
                              f"{getattr(theta, 'shape', type(theta).__name__)}")
+        if theta.numel() == 0:
+            raise ValueError("theta is empty (P = 0): there is nothing to take the GGN with "
+                             "respect to (ModelGGN: give latent_values at least one latent)")
         return theta.detach()
 
     def _setup(self, coordinates: Callable, theta: torch.Tensor, heads: Dict[str, _Head],
@@ -358,7 +424,10 @@ class GGNOperator:
             range of ``G``.
         :param float tol: stop when ``|r| <= tol |b|`` for every system (default
             ``1e-10`` in float64, ``1e-5`` otherwise).
-        :param int max_iter: at most this many products (default ``10 P``).
+        :param int max_iter: at most this many CG iterations, one product each (default
+            ``10 P``); checking convergence on the true residual ``b - (G + damping I) x``
+            costs one more product each time the recursive one meets ``tol``, and once at
+            the end (``CGInfo.iterations`` counts every product).
         :param bool return_info: also return a ``CGInfo``.
         :param bool raise_on_fail: raise ``RuntimeError`` if ``tol`` is not met.
         :returns: ``x``, or ``(x, CGInfo)``.
@@ -366,8 +435,14 @@ class GGNOperator:
         if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
             raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
         B = self._as_rows(b)
+        if not bool(torch.isfinite(B).all()):
+            # An infinite b gave x = 0 "converged" (its relative residual inf / inf).
+            raise ValueError("solve: b has non-finite entries; the solve of a non-finite "
+                             "right-hand side is undefined")
         if tol is None:
             tol = 1e-10 if B.dtype == torch.float64 else 1e-5
+        elif isinstance(tol, bool) or not (isinstance(tol, (int, float)) and 0 < tol < math.inf):
+            raise ValueError(f"tol must be a finite number > 0 (or None), got {tol!r}")
         if max_iter is None:
             max_iter = 10 * self.dim
         elif not (isinstance(max_iter, int) and max_iter >= 1):
@@ -491,14 +566,21 @@ class ModelGGN(GGNOperator):
             raise ValueError("the model has no observed sample sites")
         self.observed_sites = list(heads)
 
-        def coordinates(z):
+        def distributions(z):
             values = self.constrain(z)
             with poutine.block():
                 tr = poutine.trace(poutine.replay(poutine.condition(model, values),
                                                   trace=trace)).get_trace(*self.args, **kwargs)
-            return {n: _Head.coordinates(tr.nodes[n]["fn"], h.names) for n, h in heads.items()}
+            return {n: tr.nodes[n]["fn"] for n in heads}
 
-        self._setup(coordinates, self._check_theta(theta), heads, vectorize)
+        def coordinates(z):
+            return {n: _Head.coordinates(d, heads[n].names)
+                    for n, d in distributions(z).items()}
+
+        theta = self._check_theta(theta)
+        _refuse_uncovered(distributions, theta, heads,
+                          {n: trace.nodes[n]["fn"] for n in heads})
+        self._setup(coordinates, theta, heads, vectorize)
 
     def unpack(self, z: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``{site: coordinate}`` (unconstrained if so built) from a packed ``(P,)``."""

@@ -1,5 +1,6 @@
 """Small batched linear-algebra routines shared by the Fisher and GGN operators."""
 
+import math
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -21,11 +22,18 @@ def conjugate_gradient(
     max_iter: int = 1000,
     raise_on_fail: bool = True,
     return_info: bool = False,
+    check_residual: bool = True,
 ):
     """Solve ``A x = b`` for symmetric positive definite ``A`` given as ``matvec``.
 
     Batched over all leading dims of ``b`` (shape ``... + (k,)``); each system
     stops when ``|r| <= tol * |b|``.
+
+    :param check_residual: check convergence on the true residual ``b - A x`` (one more
+        product), and restart from it where the recursively updated residual met ``tol``
+        but the true one does not: in float32 with a condition number of ``1e7`` the
+        recursive one "met" ``1e-7`` at a true ``3e-5``. ``False`` for truncated CG,
+        whose callers count their products.
 
     :param precond: applies an approximation of ``A^{-1}`` (identity if None).
     :param return_info: return ``(x, CGInfo)``. Then a search direction of
@@ -46,13 +54,30 @@ def conjugate_gradient(
     def result(x, products, converged, negative=False):
         return (x, CGInfo(products, converged, negative)) if return_info else x
 
+    def met(r):
+        return r.norm(dim=-1, keepdim=True) <= tol * bnorm
+
+    products = 0
     for k in range(max_iter):
-        if bool((r.norm(dim=-1, keepdim=True) <= tol * bnorm).all()):
-            return result(x, k, True)
+        done = met(r)
+        if bool(done.all()):
+            if not check_residual:
+                return result(x, products, True)
+            # The recursive residual drifts from b - A x in rounding: restart from the true one.
+            r = b - matvec(x)
+            products += 1
+            done = met(r)
+            if bool(done.all()):
+                return result(x, products, True)
+            z = precond(r)
+            p = z.clone()
+            rz = (r * z).sum(-1, keepdim=True)
         Ap = matvec(p)
+        products += 1
         pAp = (p * Ap).sum(-1, keepdim=True)
-        if return_info and not bool((pAp > 0).all()):
-            return result(x, k + 1, False, True)
+        # A solved system's direction is 0 (p^T A p = 0): not a sign of negative curvature.
+        if return_info and not bool(((pAp > 0) | done).all()):
+            return result(x, products, False, True)
         alpha = torch.where(pAp > 0, rz / pAp.where(pAp > 0, torch.ones_like(pAp)),
                             torch.zeros_like(pAp))
         x = x + alpha * p
@@ -63,11 +88,15 @@ def conjugate_gradient(
                            torch.zeros_like(rz))
         p = z + beta * p
         rz = rz_new
-    if bool((r.norm(dim=-1, keepdim=True) <= tol * bnorm).all()):
-        return result(x, max_iter, True)
+    if check_residual:
+        r = b - matvec(x)
+        products += 1
+    if bool(met(r).all()):
+        return result(x, products, True)
     if raise_on_fail:
         worst = (r.norm(dim=-1, keepdim=True) / bnorm).max().item()
+        cause = ("the products went non-finite; check the operator and the right-hand side"
+                 if not math.isfinite(worst) else "raise damping or max_iter")
         raise RuntimeError(f"conjugate gradients did not reach relative residual {tol:g} in "
-                           f"{max_iter} iterations (reached {worst:.3g}); raise damping or "
-                           f"max_iter")
-    return result(x, max_iter, False)
+                           f"{max_iter} iterations (reached {worst:.3g}); {cause}")
+    return result(x, products, False)

@@ -1212,7 +1212,8 @@ class NaturalGradient(PyroOptim):
             inverse_diagonal = ((1 - w) * first + w / variance).reciprocal()
             x, info = conjugate_gradient(product, g_loc, precond=lambda v: v * inverse_diagonal,
                                          tol=HVP_TOLERANCE, max_iter=HVP_MAX_PRODUCTS,
-                                         raise_on_fail=False, return_info=True)
+                                         raise_on_fail=False, return_info=True,
+                                         check_residual=False)
             ok = not info.negative_curvature and bool(torch.isfinite(x).all())
             return w, product, x - offset, ok
 

@@ -31,7 +31,8 @@ def test_info_when_the_products_run_out():
     A, b = _spd(30, 1, shift=1e-3)
     x, info = conjugate_gradient(lambda v: A @ v, b, tol=1e-12, max_iter=3,
                                  raise_on_fail=False, return_info=True)
-    assert (info.iterations, info.converged, info.negative_curvature) == (3, False, False)
+    # three iterations and the check of the true residual: four products
+    assert (info.iterations, info.converged, info.negative_curvature) == (4, False, False)
     # Three steps of CG minimise the quadratic over the Krylov space of b, A b, A^2 b.
     K = torch.stack([b, A @ b, A @ A @ b], -1)
     c = torch.linalg.solve(K.T @ A @ K, K.T @ b)
@@ -55,3 +56,15 @@ def test_negative_curvature_stops_at_once():
     # Without return_info the old contract holds: such directions are skipped.
     y = conjugate_gradient(lambda v: A @ v, b, tol=1e-12, max_iter=100, raise_on_fail=False)
     assert not torch.equal(x, y)
+
+
+def test_a_solved_system_in_a_batch_is_not_negative_curvature():
+    """A zero right-hand side (or one solved in one step) has direction 0, so
+    ``p^T A p = 0``: with ``return_info`` it stopped every system as "negative curvature"
+    and left the others unsolved."""
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    for first in ([0.0, 0.0, 0.0], [1.0, 0.0, 0.0]):
+        b = torch.tensor([first, [1.0, 1.0, 1.0]], dtype=torch.float64)
+        x, info = conjugate_gradient(lambda v: v @ A, b, return_info=True)
+        assert info.converged and not info.negative_curvature
+        torch.testing.assert_close(x, torch.linalg.solve(A, b.T).T)
