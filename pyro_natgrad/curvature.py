@@ -12,7 +12,9 @@ same draw has rank two at most, which is why this is the default for small laten
 (``D`` backward passes through the model: cost ``O(D)`` gradients per draw).
 """
 
+import contextlib
 import functools
+import operator
 import random
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -46,6 +48,23 @@ class ModelCurvatureError(ValueError):
                                                 "alone)"):
         super().__init__(f"{reason}; {fix}")
         self.reason, self.fix = reason, fix
+
+
+@contextlib.contextmanager
+def _second_derivatives():
+    """Autograd's refusal of a second derivative (an op without double backward, such as
+    ``torch.cdist``) as a :class:`ModelCurvatureError`, raised before anything changed:
+    ``curvature="auto"`` then falls back to gradient-only steps with one warning, where
+    the raw error stopped the run."""
+    try:
+        yield
+    except ModelCurvatureError:
+        raise
+    except (NotImplementedError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelCurvatureError(
+            f"the model's second derivatives are not available ({type(e).__name__}: "
+            f"{first})") from e
 
 
 def curvature_model(model):
@@ -164,7 +183,9 @@ class ModelCurvature:
         for part in parts:
             for name, site in part.prototype_trace.iter_stochastic_nodes():
                 if isinstance(part, AutoNormal):
-                    shape = getattr(part.locs, name).shape
+                    # attrgetter: a site named "linear.weight" (a PyroSample of a
+                    # PyroModule) is a nested attribute of part.locs
+                    shape = operator.attrgetter(name)(part.locs).shape
                 else:
                     shape = part._unconstrained_shapes[name]
                 out.append((name, site, torch.Size(shape)))
@@ -295,7 +316,7 @@ class ModelCurvature:
         ``prior_only`` the observed sites are left out; ``shapes`` and ``subsample`` as
         in the class docstring."""
         self._require_arguments()
-        with torch.enable_grad():
+        with torch.enable_grad(), _second_derivatives():
             z = z.detach().requires_grad_()
             (g,) = torch.autograd.grad(self.log_joint(z, prior_only, shapes, subsample), z,
                                        create_graph=True)
@@ -320,12 +341,13 @@ class ModelCurvature:
         (a backward pass through the gradient's graph, built once here) per call, with
         no ``(D, D)`` matrix."""
         self._require_arguments()
-        with torch.enable_grad():
+        with torch.enable_grad(), _second_derivatives():
             z = z.detach().requires_grad_()
             (g,) = torch.autograd.grad(self.log_joint(z), z, create_graph=True)
 
         def product(v: torch.Tensor) -> torch.Tensor:
-            (hv,) = torch.autograd.grad(g, z, v, retain_graph=True, allow_unused=True)
+            with _second_derivatives():
+                (hv,) = torch.autograd.grad(g, z, v, retain_graph=True, allow_unused=True)
             return -hv.detach() if hv is not None else torch.zeros_like(v)
 
         return product
@@ -341,7 +363,7 @@ class ModelCurvature:
         support. ``shapes`` and ``subsample`` as in the class docstring."""
         self._require_arguments()
         diag = torch.zeros_like(z)
-        with torch.enable_grad():
+        with torch.enable_grad(), _second_derivatives():
             z = z.detach().requires_grad_()
             (g,) = torch.autograd.grad(self.log_joint(z, False, shapes, subsample), z,
                                        create_graph=True)

@@ -404,7 +404,8 @@ def read_guide(guide, prefix="") -> List[_Group]:
     if isinstance(guide, AutoGuide) and getattr(guide, "prototype_trace", None) is None:
         raise RuntimeError(
             f"{type(guide).__name__} has not been run yet, so its parameters do not exist; "
-            f"call svi.step(...) (or the guide once) before the optimizer. Inside "
+            f"the optimizer can be built before that, but routing() and read_guide() need "
+            f"one call of the guide first (svi.step(...), or the guide itself). Inside "
             f"svi.step, this means the optimizer was built for another guide than the one "
             f"SVI runs: pass SVI's guide to NaturalGradient")
     if reads_as_autonormal(guide):

@@ -125,6 +125,7 @@ def cases(tmp):
         ("convergence-plot", bm + "convergence.py",
          ["--mc-particles", "0", "--problems", "diabetes", "--plot", missing],
          ["--plot", "does not exist"]),
+        ("funnel-steps", bm + "funnel.py", ["--steps", "0"], ["--steps", at_least]),
         ("cost-repeats", bm + "cost.py", ["--repeats", "0"], ["--repeats", at_least]),
         ("cost-n", bm + "cost.py", ["--n", "0", "--quick"], ["--n", at_least]),
         ("cost-device-name", bm + "cost.py", ["--device", "gpu"], ["--device gpu"]),

@@ -229,3 +229,63 @@ def test_the_curvature_is_that_of_the_model_svi_runs(Guide, curvature):
         expected_sd = torch.linalg.inv(s * Lambda).diagonal().sqrt()
     torch.testing.assert_close(loc, mean, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(sd, expected_sd, rtol=1e-8, atol=0)
+
+
+def test_sites_with_dotted_names_take_the_exact_step():
+    """Site names with dots (a ``PyroSample`` of a ``PyroModule``, ``"linear.weight"``)
+    are nested attributes of ``AutoNormal.locs``: reading the latent's shape raised
+    AttributeError at the first step. The default steps reach the exact posterior mean."""
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro_natgrad import NaturalGradient
+
+    X, y = _data()
+
+    def model():
+        w = pyro.sample("linear.weight",
+                        dist.Normal(torch.zeros(3, dtype=X.dtype), 2.0).to_event(1))
+        pyro.sample("y", dist.Normal(X @ w, 0.5).to_event(1), obs=y)
+
+    exact = X.T @ X / 0.5**2 + torch.eye(3, dtype=torch.float64) / 2.0**2
+    mean = torch.linalg.solve(exact, X.T @ y / 0.5**2)
+    pyro.clear_param_store()
+    guide = AutoNormal(model)
+    svi = SVI(model, guide, NaturalGradient(guide), Trace_ELBO())
+    for _ in range(30):
+        svi.step()
+    torch.testing.assert_close(guide.locs.linear.weight.detach(), mean, rtol=1e-10, atol=1e-12)
+
+
+def test_a_model_without_second_derivatives_falls_back_or_is_refused():
+    """``torch.cdist`` has no double backward: the default raised autograd's
+    NotImplementedError at the first step. Under ``"auto"``: one warning and gradient-only
+    steps; under ``"hessian"``: a ValueError naming ``curvature='none'``, nothing changed."""
+    import warnings
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro_natgrad import NaturalGradient, NaturalGradientWarning
+
+    x = torch.randn(6, 1, generator=generator(1), dtype=torch.float64)
+
+    def model():
+        u = pyro.sample("u", dist.Normal(torch.zeros(6, 1, dtype=x.dtype), 1.0).to_event(2))
+        d = torch.cdist(u, x)
+        pyro.sample("obs", dist.Normal(d.sum(-1), 1.0).to_event(1),
+                    obs=torch.ones(6, dtype=x.dtype))
+
+    for curvature in ("auto", "hessian"):
+        pyro.clear_param_store()
+        guide = AutoNormal(model)
+        svi = SVI(model, guide, NaturalGradient(guide, curvature=curvature), Trace_ELBO())
+        if curvature == "hessian":
+            guide()
+            before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+            with pytest.raises(ValueError, match="second derivatives.*curvature='none'"):
+                svi.step()
+            after = pyro.get_param_store()
+            assert all(torch.equal(before[k], after[k].detach()) for k in before)
+            continue
+        with pytest.warns(NaturalGradientWarning, match="second derivatives are not available"):
+            svi.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NaturalGradientWarning)  # warned once
+            losses = [svi.step() for _ in range(5)]
+        assert all(torch.isfinite(torch.tensor(losses)))

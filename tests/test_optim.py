@@ -2913,3 +2913,43 @@ def test_a_list_of_full_rank_parts_holds_its_clock_from_a_narrow_start(float64):
     torch.testing.assert_close(qb.precision_matrix.detach(), Lam[d:, d:], rtol=1e-6, atol=0)
     torch.testing.assert_close(torch.cat([qw.loc, qb.loc]).detach(), mean, rtol=1e-6,
                                atol=1e-8)
+
+
+def test_a_callable_loss_is_warned_about_when_the_model_curvature_is_used(float64):
+    """A loss given to SVI as a callable cannot be checked: scaled (ELBO / n) it left a
+    full-rank guide's mean 21 posterior sds off after 1,000 steps, every sd exact, with no
+    warning. One warning when the model's curvature is in use; none without it."""
+    X, y = diabetes()
+    n = X.shape[0]
+
+    def scaled(model, guide, *args):
+        return Trace_ELBO().differentiable_loss(model, guide, *args) / n
+
+    for curvature, warned in (("auto", True), ("none", False)):
+        pyro.clear_param_store()
+        guide = AutoMultivariateNormal(blr_model)
+        svi = SVI(blr_model, guide, NaturalGradient(guide, curvature=curvature), scaled)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            svi.step(X, y)
+            svi.step(X, y)
+        messages = [str(w.message) for w in caught if "not a Pyro ELBO" in str(w.message)]
+        assert len(messages) == (1 if warned else 0), messages
+
+
+def test_a_guide_list_with_an_autodelta_part_says_its_curvature_is_off(float64):
+    """An ``AutoDelta`` part turned the model's curvature off for the list's Gaussian
+    parts silently (2.5 mean-field sds off after 1,500 steps, where with ``AutoNormal``
+    in its place they were exact in 20)."""
+    guide = AutoGuideList(blr_model)
+    guide.append(AutoNormal(poutine.block(blr_model, expose=["w"])))
+    guide.append(AutoDelta(poutine.block(blr_model, expose=["b"])))
+    with pytest.warns(NaturalGradientWarning, match=r"\(AutoDelta\).*gradients alone"):
+        NaturalGradient(guide)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NaturalGradientWarning)
+        NaturalGradient(guide, curvature="none")
+        whole = AutoGuideList(blr_model)
+        whole.append(AutoNormal(poutine.block(blr_model, expose=["w"])))
+        whole.append(AutoNormal(poutine.block(blr_model, expose=["b"])))
+        NaturalGradient(whole)
