@@ -19,11 +19,8 @@ from pyro_natgrad.amortised import AmortisedNaturalGradient
 hessian = torch.autograd.functional.hessian
 
 
-@pytest.fixture(autouse=True)
-def _fresh(rng):
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
+# Seeded; conftest clears the param store around every test.
+pytestmark = pytest.mark.usefixtures("rng")
 
 
 def quiet(fn, *args):
