@@ -41,7 +41,7 @@ from torch.distributions import Independent, TransformedDistribution, transform_
 
 from .fisher import fisher_operator
 from .fisher.registry import lookup_fisher
-from .ggn import GGNOperator, _Head
+from .ggn import GGNOperator, _Head, _refuse_uncovered, _uncovered
 from .guides import BackwardFlag, differentiated
 from .handwritten import find_svi, find_svi_args
 from .linalg import conjugate_gradient
@@ -334,7 +334,7 @@ class GuideGGN(GGNOperator):
                     store_values[spec[1]] = transform_to(spec[2])(value)
             return module_values, store_values
 
-        heads, sites = {}, []
+        heads, sites, at_theta = {}, [], {}
         #: latent elements the guide's sites hold (each times its scale, averaged over draws)
         self.num_elements = 0.0
         calls = [_arguments(draw, (args, kwargs)) for draw in draws]
@@ -361,17 +361,22 @@ class GuideGGN(GGNOperator):
                     self.num_elements += scale * node["value"].numel() / len(draws)
                     key = f"{k}:{name}"
                     heads[key] = _Head(d, weight, f"guide site {name!r}")
+                    at_theta[key] = _base(d)
                     sites.append((key, k, name))
         if not heads:
             raise ValueError("the guide has no sample site with a closed-form Fisher")
         self.sites = [name for _, k, name in sites if k == 0]
 
-        def coordinates(flat):
+        def distributions(flat):
             mv, sv = substitutions(flat)
             traces = [runner.trace(draw, mv, sv, *call) for draw, call in zip(draws, calls)]
-            return {key: {n: getattr(_base(traces[k].nodes[name]["fn"]), n)
-                          for n in heads[key].names}
-                    for key, k, name in sites}
+            return {key: _base(traces[k].nodes[name]["fn"]) for key, k, name in sites}
+
+        def coordinates(flat):
+            return {key: {n: getattr(d, n) for n in heads[key].names}
+                    for key, d in distributions(flat).items()}
+
+        _refuse_uncovered(distributions, theta, heads, at_theta)
 
         self._setup(coordinates, self._check_theta(theta), heads, vectorize)
 
@@ -727,8 +732,12 @@ class AmortisedNaturalGradient(PyroOptim):
                 # along the directions only this site sees.
                 fixed += _leaf_terms(node["fn"])
                 continue
-            base = [t.sum() for t in _Head.coordinates(base, fisher_operator(base).names)
-                    .values() if t.requires_grad]
+            names = fisher_operator(base).names
+            # Arguments outside the Fisher's coordinates (a learned negative-binomial
+            # total_count): G takes them as fixed, as it does a transform's.
+            fixed += [getattr(base, a).sum() for a in _uncovered(base, names)
+                      if getattr(base, a).requires_grad]
+            base = [t.sum() for t in _Head.coordinates(base, names).values() if t.requires_grad]
             terms += base
             outputs = _transform_outputs(node["fn"], node["value"].detach())
             # A transform without an inverse: its parameters cannot be told apart from

@@ -38,6 +38,7 @@ Two ways in:
   parameters with respect to the packed latent.
 """
 
+import inspect
 import math
 from collections import namedtuple
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -48,6 +49,7 @@ from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.poutine.util import site_is_factor, site_is_subsample
 from torch.distributions import Distribution, Independent, biject_to
 from torch.distributions.transforms import identity_transform
+from torch.distributions.utils import lazy_property
 
 from .fisher import fisher_operator
 from .fisher.registry import lookup_fisher
@@ -167,11 +169,20 @@ class _Head:
 
 
 def _uncovered(d: Distribution, names) -> List[str]:
-    """The arguments that ``d``'s constructor stored as tensors, other than ``names``."""
+    """The arguments that ``d``'s constructor stored as tensors, other than ``names``.
+    An alternative form of a covered one (``probs`` beside ``logits``, a covariance
+    beside a ``scale_tril``: torch computes the others lazily, and caches them once
+    read) is a function of it, so it does not count."""
     base = _unwrap(d)[0]
     stored = vars(base)
+
+    def lazy(name):
+        return isinstance(inspect.getattr_static(type(base), name, None), lazy_property)
+
+    alternatives = any(lazy(n) for n in names)
     return [a for a in getattr(base, "arg_constraints", {})
-            if a not in names and torch.is_tensor(stored.get(a))]
+            if a not in names and torch.is_tensor(stored.get(a))
+            and not (alternatives and lazy(a))]
 
 
 def _refuse_uncovered(distributions: Callable, theta: torch.Tensor, heads, at_theta) -> None:

@@ -307,3 +307,42 @@ def test_a_second_optimizer_on_the_same_guide_takes_over_with_a_warning(float64)
     svi = SVI(normal_model, guide, optim, Trace_ELBO())
     quiet(svi.step, x)
     assert optim.last_step.taken
+
+
+def test_a_parameter_behind_an_argument_outside_the_fisher_goes_to_the_other_optimizer(
+        float64):
+    """A negative binomial site whose ``total_count`` a layer learns: ``G`` covers only its
+    ``logits`` and took ``total_count`` as fixed, so the layer's steps along it were
+    ``g / lambda``. The layer goes to ``other_optimizer``; one that feeds only the logits
+    keeps its GGN steps; a ``GuideGGN`` built over the first is refused."""
+    from pyro_natgrad.amortised import GuideGGN
+
+    class Counts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.for_logits = torch.nn.Linear(1, 1)
+            self.for_count = torch.nn.Linear(1, 1)
+
+        def forward(self, x):
+            pyro.module("counts", self)
+            logits = self.for_logits(x[:, None]).squeeze(-1)
+            total = self.for_count(x[:, None]).squeeze(-1).exp()
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("k", dist.NegativeBinomial(total, logits=logits))
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("k", dist.Poisson(torch.full_like(x, 3.0)))
+
+    x = torch.randn(12)
+    guide = Counts()
+    optim = AmortisedNaturalGradient(guide)
+    with pytest.warns(NaturalGradientWarning, match="for_count"):
+        SVI(model, guide, optim, Trace_ELBO()).step(x)
+    routes = optim.routing()
+    assert routes["counts$$$for_count.weight"] == "other optimizer (Adam)", routes
+    assert routes["counts$$$for_logits.weight"] == "natural gradient (GGN)", routes
+    with pytest.raises(ValueError, match="'total_count' depends on the parameters"):
+        GuideGGN(optim._runner, [guide.for_count.weight],
+                 {guide.for_count.weight: ("module", "for_count.weight")},
+                 [optim._fresh_draw()], (x,))
