@@ -43,7 +43,7 @@ from .fisher import fisher_operator
 from .fisher.registry import lookup_fisher
 from .ggn import GGNOperator, _Head, _refuse_uncovered, _uncovered
 from .guides import BackwardFlag, differentiated
-from .handwritten import find_svi, find_svi_args
+from .handwritten import find_svi_call
 from .linalg import conjugate_gradient
 from .optim import (
     NaturalGradientWarning, _fraction_taken, check_base_shapes, named_shapes, optimizer_name,
@@ -95,7 +95,7 @@ def _base(d):
 
 def _leaf_terms(d) -> List[torch.Tensor]:
     """Scalars that depend on every tensor (requiring grad) that ``d`` or any of its
-    layers holds: its ``rsample`` where it has one, else the sums of its attributes."""
+    layers holds: the sums of those tensors."""
     out, stack = [], [d]
     while stack:
         d = stack.pop()
@@ -789,13 +789,12 @@ class AmortisedNaturalGradient(PyroOptim):
                                "function guide: optim.guide)")
         _refuse_running_statistics(self._runner.root)
         self._check_checkpoint()
-        svi = find_svi(self)
-        self._model = getattr(svi, "model", self._model)
-        found = find_svi_args(self)
-        if found is not None:
+        call = find_svi_call(self)
+        if call is not None:
             # Under JitTrace_ELBO the compiled graph runs no hooks, so the arguments the
             # hooks saw are the first step's: a fresh draw must use this step's.
-            self._args, self._kwargs = found
+            svi, self._args, self._kwargs = call
+            self._model = svi.model
         draws, self._draws = self._draws, []
         draws = differentiated(draws, lambda d: d.backward)
         draws = draws[-self.MAX_DRAWS:] or [self._fresh_draw()]

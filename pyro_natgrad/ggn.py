@@ -198,12 +198,10 @@ def _refuse_uncovered(distributions: Callable, theta: torch.Tensor, heads, at_th
         th = theta.detach().clone().requires_grad_(True)
         for key, d in distributions(th).items():
             base = _unwrap(d)[0]
-            stored = vars(base)
-            for arg in getattr(base, "arg_constraints", {}):
-                v = stored.get(arg)
-                if arg in heads[key].names or not torch.is_tensor(v) or not v.requires_grad:
-                    continue
-                if torch.autograd.grad(v.sum(), th, allow_unused=True)[0] is None:
+            for arg in _uncovered(base, heads[key].names):
+                v = getattr(base, arg)
+                if not v.requires_grad or \
+                        torch.autograd.grad(v.sum(), th, allow_unused=True)[0] is None:
                     continue
                 family = type(base).__name__
                 raise ValueError(

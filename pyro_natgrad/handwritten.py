@@ -171,19 +171,26 @@ def _svi_step_locals(optim) -> Optional[dict]:
         del frame
 
 
-def find_svi_args(optim) -> Optional[Tuple[tuple, dict]]:
-    """The ``(args, kwargs)`` of the ``SVI.step`` call that is running ``optim`` now;
+def find_svi_call(optim) -> Optional[Tuple[object, tuple, dict]]:
+    """``(svi, args, kwargs)`` of the ``SVI.step`` call that is running ``optim`` now;
     None if there is none."""
     loc = _svi_step_locals(optim)
     if loc is None:
         return None
-    return tuple(loc.get("args", ())), dict(loc.get("kwargs", {}))
+    return loc["self"], tuple(loc.get("args", ())), dict(loc.get("kwargs", {}))
+
+
+def find_svi_args(optim) -> Optional[Tuple[tuple, dict]]:
+    """The ``(args, kwargs)`` of the ``SVI.step`` call that is running ``optim`` now;
+    None if there is none."""
+    call = find_svi_call(optim)
+    return None if call is None else call[1:]
 
 
 def find_svi(optim):
     """The ``SVI`` whose ``step`` is running ``optim`` now; None if there is none."""
-    loc = _svi_step_locals(optim)
-    return None if loc is None else loc["self"]
+    call = find_svi_call(optim)
+    return None if call is None else call[0]
 
 
 # ---------------------------------------------------------------------------------

@@ -29,17 +29,16 @@ def conjugate_gradient(
     Batched over all leading dims of ``b`` (shape ``... + (k,)``); each system
     stops when ``|r| <= tol * |b|``.
 
-    :param check_residual: check convergence on the true residual ``b - A x`` (one more
-        product), and restart from it where the recursively updated residual met ``tol``
-        but the true one does not: in float32 with a condition number of ``1e7`` the
-        recursive one "met" ``1e-7`` at a true ``3e-5``. ``False`` for truncated CG,
-        whose callers count their products.
-
     :param precond: applies an approximation of ``A^{-1}`` (identity if None).
     :param return_info: return ``(x, CGInfo)``. Then a search direction of
         non-positive curvature, ``p^T A p <= 0`` (``A`` is not positive definite), stops
         every system at once with the iterate reached (a truncated-Newton step), where
         without it that system stops moving and the others go on.
+    :param check_residual: check convergence on the true residual ``b - A x`` (one more
+        product), and restart from it where the recursively updated residual met ``tol``
+        but the true one does not: in float32 with a condition number of ``1e7`` the
+        recursive one "met" ``1e-7`` at a true ``3e-5``. ``False`` for truncated CG,
+        whose callers count their products.
     :raises RuntimeError: if some system does not meet ``tol`` in ``max_iter``
         iterations and ``raise_on_fail``.
     """

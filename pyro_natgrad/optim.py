@@ -105,9 +105,14 @@ def _takes_curvature(guide) -> bool:
     latents, such as a hand-written one, would leave the model's log joint random, and
     a low-rank part's projection step is for a guide alone)."""
     if isinstance(guide, AutoGuideList):
-        return len(guide) > 0 and all(reads_as_autonormal(p) or type(p) in (
-            AutoDiagonalNormal, AutoMultivariateNormal) for p in guide)
+        return len(guide) > 0 and all(_gaussian_part(p) for p in guide)
     return isinstance(guide, AutoContinuous) or reads_as_autonormal(guide)
+
+
+def _gaussian_part(part) -> bool:
+    """Whether an ``AutoGuideList`` part can take the model's curvature."""
+    return reads_as_autonormal(part) or type(part) in (AutoDiagonalNormal,
+                                                       AutoMultivariateNormal)
 
 
 def _guide_description(guide) -> str:
@@ -320,9 +325,7 @@ class NaturalGradient(PyroOptim):
         if self.curvature != "none" and _takes_curvature(self.guide):
             self._curvature = ModelCurvature(self.guide)
         elif self.curvature == "auto" and isinstance(self.guide, AutoGuideList):
-            gaussian = (AutoDiagonalNormal, AutoMultivariateNormal)
-            others = [type(p).__name__ for p in self.guide
-                      if not (reads_as_autonormal(p) or type(p) in gaussian)]
+            others = [type(p).__name__ for p in self.guide if not _gaussian_part(p)]
             if len(others) < len(self.guide):
                 # Silently, an AutoDelta part left the Gaussian parts 2.5 mean-field sds
                 # off after 1,500 steps, where with AutoNormal in its place they were
