@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from pyro import poutine
 from pyro.distributions.util import is_identically_one, sum_rightmost
-from pyro.infer.autoguide import AutoContinuous, AutoGuideList, AutoNormal
+from pyro.infer.autoguide import AutoContinuous, AutoDelta, AutoGuideList, AutoNormal
 from pyro.infer.mcmc.util import TraceEinsumEvaluator
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
@@ -111,12 +111,13 @@ class _RandomState:
 
 def curvature_guide(guide) -> bool:
     """Whether :class:`ModelCurvature` can read ``guide``: an ``AutoContinuous`` or
-    ``AutoNormal``, or an ``AutoGuideList`` of nothing else (whose parts then provide
-    every latent the model's log joint is conditioned on; a part it cannot read, such as
-    a hand-written one, would leave its latents to be drawn at random)."""
+    ``AutoNormal``, or an ``AutoGuideList`` of these and of ``AutoDelta`` parts, with
+    at least one of these (the parts then provide every latent the model's log joint is
+    conditioned on; a part it cannot read, such as a hand-written one, would leave its
+    latents to be drawn at random)."""
     if isinstance(guide, AutoGuideList):
-        return len(guide) > 0 and all(isinstance(p, (AutoContinuous, AutoNormal))
-                                      for p in guide)
+        return any(isinstance(p, (AutoContinuous, AutoNormal)) for p in guide) and all(
+            isinstance(p, (AutoContinuous, AutoNormal, AutoDelta)) for p in guide)
     return isinstance(guide, (AutoContinuous, AutoNormal))
 
 
@@ -125,7 +126,10 @@ class ModelCurvature:
 
     :param guide: an ``AutoContinuous`` guide or an ``AutoNormal``, or an
         ``AutoGuideList`` of them (the latent packs the parts' latents one after
-        another); its ``.model`` is the model (see :func:`curvature_model`). For
+        another) and of ``AutoDelta`` parts (the model is conditioned on their current
+        point values: the Hessian is the one at the ELBO's, ``f(z) = log p(x, T(z),
+        theta)`` at the parts' ``theta``); its ``.model`` is the model (see
+        :func:`curvature_model`). For
         subsampled sites, :meth:`unpack`, :meth:`hessian` and :meth:`log_joint` take
         the subsample's ``shapes``, and the methods that evaluate the model take
         ``subsample``, ``{plate name: indices}`` (the guide's, which the ELBO's model
@@ -175,12 +179,17 @@ class ModelCurvature:
         return state
 
     # ---- the unconstrained latent --------------------------------------------------
+    def _parts(self):
+        return list(self.guide) if isinstance(self.guide, AutoGuideList) else [self.guide]
+
     def _sites(self) -> List[Tuple[str, dict, torch.Size]]:
         """``[(name, prototype site, unconstrained shape)]`` in the order of the packed
-        latent: an ``AutoGuideList``'s parts one after another, each in its own order."""
-        parts = list(self.guide) if isinstance(self.guide, AutoGuideList) else [self.guide]
+        latent: an ``AutoGuideList``'s parts one after another, each in its own order
+        (``AutoDelta`` parts' sites are not in the latent: see :meth:`fixed`)."""
         out = []
-        for part in parts:
+        for part in self._parts():
+            if isinstance(part, AutoDelta):
+                continue
             for name, site in part.prototype_trace.iter_stochastic_nodes():
                 if isinstance(part, AutoNormal):
                     # attrgetter: a site named "linear.weight" (a PyroSample of a
@@ -190,6 +199,24 @@ class ModelCurvature:
                     shape = part._unconstrained_shapes[name]
                 out.append((name, site, torch.Size(shape)))
         return out
+
+    def fixed(self) -> Dict[str, torch.Tensor]:
+        """``{site: point value}`` of the ``AutoDelta`` parts (constrained, detached),
+        their parameters' current values: the values the guide's last call gave the
+        model, as the natural-gradient steps come before the base optimizer's."""
+        values = {}
+        for part in self._parts():
+            if not isinstance(part, AutoDelta) or part.prototype_trace is None:
+                continue
+            for name, site in part.prototype_trace.iter_stochastic_nodes():
+                if _plate_scale(site) != 1.0:
+                    # Its value at the step's subsample is not its parameter (the full
+                    # plate); not written.
+                    raise ModelCurvatureError(
+                        f"the AutoDelta part's site {name!r} lies in a subsampled plate, "
+                        f"which the model's Hessian here does not support")
+                values[name] = operator.attrgetter(name)(part).detach()
+        return values
 
     def _fns(self) -> Dict[str, object]:
         """``{site: its prototype distribution}`` (for the support and event dim)."""
@@ -211,7 +238,7 @@ class ModelCurvature:
         return torch.cat([values[name].reshape(-1) for name, _, _ in self._sites()])
 
     def _trace(self, conditioned: Dict[str, torch.Tensor], enumerate_at: Optional[int] = None):
-        model = poutine.condition(self._model, conditioned)
+        model = poutine.condition(self._model, {**self.fixed(), **conditioned})
         if enumerate_at is not None:
             model = poutine.enum(model, first_available_dim=-1 - enumerate_at)
         with poutine.block():  # invisible to any handler the caller is inside
@@ -302,8 +329,11 @@ class ModelCurvature:
         logdet = sum(_plate_scale(tr.nodes.get(name, sites[name])) * ladj
                      for name, ladj in ladjs.items())
         if prior_only:
-            # condition() marks the latents observed too, so select them by name.
-            return tr.log_prob_sum(lambda name, site: name in values) + logdet
+            # condition() marks the latents observed too, so select them by name (an
+            # AutoDelta's site is a latent too: its density may depend on z).
+            fixed = self.fixed()
+            return tr.log_prob_sum(lambda name, site: name in values or name in fixed) \
+                + logdet
         if enumerated:
             evaluator = TraceEinsumEvaluator(tr, True, nesting)  # computes the log densities
             self._check_scales(tr, nesting, enumerated)
@@ -395,7 +425,20 @@ class ModelCurvature:
         # current state, which is restored, as for the Hessian (see _structure).
         state = _RandomState(z.device)
         try:
-            G = ModelGGN(self._model, values, self.args, self.kwargs).dense()
+            model, sites, fixed = self._model, None, self.fixed()
+            if fixed:
+                # An AutoDelta's sites are conditioned on, and so observed: their terms,
+                # exact in the prior's Hessian above, are not the likelihood's.
+                model = poutine.condition(self._model, fixed)
+                with poutine.block(), torch.no_grad():
+                    tr = poutine.trace(poutine.condition(model, values)).get_trace(
+                        *self.args, **self.kwargs)
+                state.restore()  # ModelGGN's trace draws the same subsample
+                sites = [n for n, node in tr.nodes.items()
+                         if node["type"] == "sample" and node["is_observed"]
+                         and not site_is_subsample(node) and n not in fixed
+                         and n not in values]
+            G = ModelGGN(model, values, self.args, self.kwargs, sites=sites).dense()
         except (ValueError, NotImplementedError) as e:
             # ModelGGN's fixes (e.g. its sites= argument) are not NaturalGradient's.
             raise ModelCurvatureError(

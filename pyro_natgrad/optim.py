@@ -24,8 +24,8 @@ import torch
 import pyro
 from pyro.optim import PyroOptim
 
-from pyro.infer.autoguide import (AutoCallable, AutoContinuous, AutoDiagonalNormal, AutoGuide,
-                                  AutoGuideList, AutoMultivariateNormal, AutoNormal)
+from pyro.infer.autoguide import (AutoCallable, AutoContinuous, AutoDelta, AutoDiagonalNormal,
+                                  AutoGuide, AutoGuideList, AutoMultivariateNormal, AutoNormal)
 
 from .curvature import ModelCurvature, ModelCurvatureError
 from .gaussian import (StepError, chunk_size, diagonal_gaussian_step, full_step,
@@ -69,29 +69,39 @@ HOLD_COSINE = 0.1
 #: variate (under JIT with other randomness between steps) needed the decay.
 HOLD_MIN_CHANGE = 0.1
 
+#: Where the base optimizer steps parameters the model reads (an ``AutoDelta`` part, a
+#: ``pyro.param`` of the model), the optimum of the Gaussian parts moves with them: a
+#: step with the model's Hessian also holds its clock while the mean's whitened Newton
+#: direction keeps its course between steps with a root mean square above this (the
+#: mean a tenth of a marginal sd behind). With an ``AutoDelta`` intercept under Adam,
+#: the decaying step let the mean lag 0.4-0.7 sds behind its conditional optimum, and
+#: the intercept, 3 to 11 times further from its optimum after 800 steps than with
+#: gradient-only steps.
+HOLD_MIN_DRIFT = 0.1
+
 #: Mean-field groups smaller than this keep the control variate's coefficient at 1: the
 #: estimate of :func:`~pyro_natgrad.gaussian.leave_one_out_cv` from one draw of a few
 #: elements is a ratio of small sums, too noisy to help.
 CV_MIN_ELEMENTS = 64
 
 
-def _previous_gradient(state, size: int, like) -> torch.Tensor:
+def _previous_gradient(state, size: int, like, key: str = "w") -> torch.Tensor:
     """The sample of the previous step's whitened mean gradient kept in a mean-field
-    group's ``state`` (zeros, stored there, when there is none of this size)."""
-    previous = state.get("w")
+    group's ``state[key]`` (zeros, stored there, when there is none of this size)."""
+    previous = state.get(key)
     if not (torch.is_tensor(previous) and previous.shape == (size,)
             and previous.dtype == like.dtype and previous.device == like.device):
-        previous = state["w"] = like.new_zeros(size)
+        previous = state[key] = like.new_zeros(size)
     return previous
 
 
-def _agreement(state, v):
+def _agreement(state, v, key: str = "w"):
     """``(<v, v'>, |v|^2, |v'|^2)`` on the sample ``v[::hold_stride(v.numel())]`` of this
-    step's ``v``, ``v'`` the previous step's sample kept in ``state`` (then replaced by
-    this one): the arguments of ``NaturalGradient._advance_clock``."""
+    step's ``v``, ``v'`` the previous step's sample kept in ``state[key]`` (then replaced
+    by this one): the arguments of ``NaturalGradient._advance_clock``."""
     v = v.reshape(-1)
     v = v[::hold_stride(v.numel())]
-    previous = _previous_gradient(state, v.numel(), v)
+    previous = _previous_gradient(state, v.numel(), v, key)
     sums = torch.stack([v @ previous, v @ v, previous @ previous]).tolist()
     previous.copy_(v)
     return sums
@@ -101,11 +111,13 @@ def _takes_curvature(guide) -> bool:
     """Whether steps can take the model's Hessian: a single ``AutoNormal`` or
     ``AutoContinuous`` guide, or an ``AutoGuideList`` of ``AutoNormal``,
     ``AutoDiagonalNormal`` and ``AutoMultivariateNormal`` parts (a block-diagonal
-    Gaussian: :meth:`NaturalGradient._step_blocks_newton`; a part that provided no
-    latents, such as a hand-written one, would leave the model's log joint random, and
-    a low-rank part's projection step is for a guide alone)."""
+    Gaussian: :meth:`NaturalGradient._step_blocks_newton`), beside which ``AutoDelta``
+    parts may stand (the Hessian is the model's at their point values). A part that
+    provided no latents, such as a hand-written one, would leave the model's log joint
+    random, and a low-rank part's projection step is for a guide alone."""
     if isinstance(guide, AutoGuideList):
-        return len(guide) > 0 and all(_gaussian_part(p) for p in guide)
+        return any(_gaussian_part(p) for p in guide) and all(
+            _gaussian_part(p) or type(p) is AutoDelta for p in guide)
     return isinstance(guide, AutoContinuous) or reads_as_autonormal(guide)
 
 
@@ -219,7 +231,8 @@ class NaturalGradient(PyroOptim):
         estimate per draw). ``"auto"`` (default): ``"hessian"`` for an
         ``AutoContinuous`` or ``AutoNormal`` guide, or an ``AutoGuideList`` of
         ``AutoNormal``, ``AutoDiagonalNormal`` and ``AutoMultivariateNormal`` parts
-        (not over subsampled plates), with at most
+        and ``AutoDelta`` parts (the Hessian at their point values; not over
+        subsampled plates), with at most
         :data:`~pyro_natgrad.optim.MAX_CURVATURE_DIM` latent dimensions
         (:data:`~pyro_natgrad.optim.MAX_FULL_RANK_CURVATURE_DIM` for an
         ``AutoMultivariateNormal``, whose gradient-only steps need ``O(D)``
@@ -261,7 +274,8 @@ class NaturalGradient(PyroOptim):
             raise ValueError(f"curvature={curvature!r} needs an AutoNormal, AutoDiagonalNormal, "
                              f"AutoMultivariateNormal or AutoLowRankMultivariateNormal guide, "
                              f"or an AutoGuideList of AutoNormal, AutoDiagonalNormal and "
-                             f"AutoMultivariateNormal parts, not {_guide_description(guide)}, "
+                             f"AutoMultivariateNormal parts (and AutoDelta parts), not "
+                             f"{_guide_description(guide)}, "
                              f"whose steps use no model curvature; use curvature='auto' or "
                              f"'none'")
         if max_kl is not None and not (isinstance(max_kl, (int, float)) and not isinstance(
@@ -293,6 +307,7 @@ class NaturalGradient(PyroOptim):
         self._waiting_layout = None
         self._recorders = []
         self._skipped = 0
+        self._other_steps = False  # whether this call steps parameters of the base optimizer
         self._skip_sources = set()  # what has warned of a skipped step (see warn_skip)
         self._warned_params = set()
         self._warned_no_draws = False
@@ -325,18 +340,20 @@ class NaturalGradient(PyroOptim):
         if self.curvature != "none" and _takes_curvature(self.guide):
             self._curvature = ModelCurvature(self.guide)
         elif self.curvature == "auto" and isinstance(self.guide, AutoGuideList):
-            others = [type(p).__name__ for p in self.guide if not _gaussian_part(p)]
-            if len(others) < len(self.guide):
-                # Silently, an AutoDelta part left the Gaussian parts 2.5 mean-field sds
-                # off after 1,500 steps, where with AutoNormal in its place they were
-                # exact in 20.
+            others = [type(p).__name__ for p in self.guide
+                      if not _gaussian_part(p) and type(p) is not AutoDelta]
+            if any(_gaussian_part(p) for p in self.guide):
+                # Without the Hessian, an AutoDelta part (before such parts took it) left
+                # the Gaussian parts 2.5 mean-field sds off after 1,500 steps, where with
+                # AutoNormal in its place they were exact in 20; the parts named here
+                # still leave them without it.
                 warnings.warn(
                     f"NaturalGradient: this AutoGuideList has parts other than AutoNormal, "
                     f"AutoDiagonalNormal and AutoMultivariateNormal ({', '.join(others)}), "
                     f"so its Gaussian parts step from gradients alone, without the model's "
-                    f"curvature, and converge far more slowly. Give every latent a Gaussian "
-                    f"part (e.g. AutoNormal for an AutoDelta's), or pass curvature='none' to "
-                    f"silence this", NaturalGradientWarning)
+                    f"curvature, and converge far more slowly. Give every latent an "
+                    f"AutoNormal, AutoDiagonalNormal, AutoMultivariateNormal or AutoDelta "
+                    f"part, or pass curvature='none' to silence this", NaturalGradientWarning)
 
     def detach(self):
         """Remove the hooks this optimizer placed on the guide."""
@@ -624,6 +641,8 @@ class NaturalGradient(PyroOptim):
                     f"{' ...' if len(listed) > 8 else ''}. See NaturalGradient.routing().",
                     NaturalGradientWarning)
         self._warn_fallback(params)
+        # Parameters the base optimizer steps may move the guide's optimum (_drift).
+        self._other_steps = any(p not in self._owner for p in params)
         records, confirmed = self._draws(params)
         seen = set()
         rest = []
@@ -998,10 +1017,12 @@ class NaturalGradient(PyroOptim):
                             agreement, norm2, before)
         return True
 
-    def _hold_or_advance(self, state, used, rho, change):
+    def _hold_or_advance(self, state, used, rho, change, drift=None):
         """After a step with the model's Hessian: advance the clock by the fraction of
         ``rho`` taken (``used``), unless the variances' changes ``change`` (the whitened
-        precision target less 1, ``S``) agree with the last step's and are not small.
+        precision target less 1, ``S``) agree with the last step's and are not small, or
+        the mean's whitened Newton direction ``drift`` (given where the optimum moves
+        with other parameters: :data:`HOLD_MIN_DRIFT`) does.
 
         As for the hvp step: while the variances approach from afar (from an init_scale
         1e4 times too small they grow 1.5-fold a step) ``S`` keeps its sign, and a
@@ -1010,10 +1031,15 @@ class NaturalGradient(PyroOptim):
         is noise (in the mean's steps too), which the decay is there to average."""
         if float(change.square().mean()) < HOLD_MIN_CHANGE ** 2:
             change = torch.zeros_like(change)
+        drifting = False
+        if drift is not None:
+            if float(drift.square().mean()) < HOLD_MIN_DRIFT ** 2:
+                drift = torch.zeros_like(drift)
+            drifting = _agrees(*_agreement(state, drift, "drift"))
         self._advance_clock(state, float(_fraction_taken(used, rho).mean()),
-                            *_agreement(state, change))
+                            *_agreement(state, change), held=drifting)
 
-    def _advance_clock(self, state, advance, agreement, norm2, before):
+    def _advance_clock(self, state, advance, agreement, norm2, before, held=False):
         """Advance a mean-field group's step-size clock by ``advance``, unless (after the
         warm-up) this step's whitened mean gradient ``w`` still agrees with the previous
         one ``w'`` (``agreement = <w, w'>``, ``norm2 = |w|^2``, ``before = |w'|^2``, on the
@@ -1022,9 +1048,8 @@ class NaturalGradient(PyroOptim):
         posterior needed thousands of steps), rather than averaging noise, whose
         successive gradients are uncorrelated. With no previous gradient (zeros) it
         advances."""
-        held = (state["t"] >= getattr(self.step_size, "warmup", 0)
-                and math.isfinite(agreement) and math.isfinite(norm2 * before)
-                and agreement > HOLD_COSINE * math.sqrt(max(norm2 * before, 0.0)))
+        held = state["t"] >= getattr(self.step_size, "warmup", 0) and (
+            held or _agrees(agreement, norm2, before))
         if not held:
             state["t"] += advance
 
@@ -1149,7 +1174,8 @@ class NaturalGradient(PyroOptim):
                 # Held as for one guide: from init_scale 1e-5 on the diabetes regression
                 # the decay left a list of two full-rank parts' precisions 8e-2 off after
                 # 100 steps (one guide: 2e-11; with the hold 8e-10).
-                self._hold_or_advance(state, used, rho, change)
+                self._hold_or_advance(state, used, rho, change,
+                                      self._drift(groups, locs, used))
                 return True
             elif isinstance(groups[0], FullGaussianGroup):
                 s_, _, U = groups[0].factors()
@@ -1166,7 +1192,8 @@ class NaturalGradient(PyroOptim):
                 change = ((target @ L) * L).sum(-2) - 1
                 used = self._step_full(groups[0], grads[0], [], state, target, correction,
                                        step_rho)
-                self._hold_or_advance(state, used, rho, change)
+                self._hold_or_advance(state, used, rho, change,
+                                      self._drift(groups, locs, used))
                 return True
             else:
                 P = self._state["curvature"].get("precision")
@@ -1179,8 +1206,27 @@ class NaturalGradient(PyroOptim):
                                                           rho, state)
                 if used is None:
                     return False  # not finite (an overflow): gradient-only steps instead
-                self._hold_or_advance(state, used, rho, change)
+                self._hold_or_advance(state, used, rho, change,
+                                      self._drift(groups, locs, used))
                 return True
+
+    def _drift(self, groups, locs, used) -> Optional[torch.Tensor]:
+        """The mean's whitened Newton direction in the step just taken,
+        ``(mu' - mu) / (rho sd')``, ``(D,)`` (``sd'`` the new marginal sds), for the hold
+        test of :data:`HOLD_MIN_DRIFT`; None where no parameter takes base-optimizer
+        steps in this call (the optimum stands still) or none of ``rho`` was taken."""
+        taken = float(torch.as_tensor(used, dtype=torch.float64).mean())
+        if not self._other_steps or not taken > 0:
+            return None
+        sds = []
+        for g in groups:
+            if isinstance(g, FullGaussianGroup):
+                s_, _, U = g.factors()
+                sds.append((s_.unsqueeze(-1) * U).norm(dim=-1))
+            else:
+                sds.append(g.scale()[0].reshape(-1))
+        new = torch.cat([g.params["loc"].detach().reshape(-1) for g in groups])
+        return (new - locs) / (taken * torch.cat(sds))
 
     def _joint_records(self, groups, records):
         """Each guide call's draws of every group in one record. An ``AutoGuideList``'s
@@ -1740,6 +1786,13 @@ def _all_finite(tensors) -> bool:
         return True
     sums = torch.stack([t.sum().to(torch.float64) for t in tensors]).tolist()
     return all(math.isfinite(v) or bool(torch.isfinite(t).all()) for v, t in zip(sums, tensors))
+
+
+def _agrees(agreement, norm2, before) -> bool:
+    """``cos(v, v') > HOLD_COSINE`` from ``(<v, v'>, |v|^2, |v'|^2)`` (False for zeros or
+    an overflow)."""
+    return (math.isfinite(agreement) and math.isfinite(norm2 * before)
+            and agreement > HOLD_COSINE * math.sqrt(max(norm2 * before, 0.0)))
 
 
 def _fraction_taken(used, scheduled):

@@ -420,3 +420,42 @@ def test_a_transform_undefined_at_infinity_still_gives_the_fisher():
     d = dist.Gamma(torch.tensor(2.5, dtype=F64), torch.tensor(0.7, dtype=F64))
     F = fisher_operator(d, coords={"rate": _FiniteOnlyExp()}, params=("rate",)).dense()
     torch.testing.assert_close(F, torch.tensor([[2.5]], dtype=F64), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype,p", [(torch.float32, 1e-20), (torch.float32, 1e-30),
+                                     (torch.float64, 1e-200)])
+def test_a_geometric_with_a_tiny_probability_in_logits(dtype, p):
+    """In logits the score of ``Geometric`` at ``k`` failures is ``(1 - p) - k p``, whose
+    variance is ``p^2 Var(k) = 1 - p`` (worked by hand): representable, where the probs
+    form ``1/(p^2 (1 - p))`` overflows. It was inf, and the natural gradient 0."""
+    d = dist.Geometric(probs=torch.tensor(p, dtype=dtype))
+    F = fisher_information(d, coords="unconstrained")
+    assert torch.allclose(F, torch.tensor(1 - p, dtype=dtype), rtol=1e-5), F
+    step = natural_gradient(d, {"probs": torch.tensor(2.0, dtype=dtype)}, coords="unconstrained")
+    assert torch.allclose(step["probs"], torch.tensor(2.0, dtype=dtype), rtol=1e-5), step
+
+
+@pytest.mark.parametrize("make", [lambda t: dist.Bernoulli(probs=t),
+                                  lambda t: dist.Poisson(t)],
+                         ids=["bernoulli", "poisson"])
+def test_no_change_at_an_infinite_entry_is_no_change(make):
+    """``F v`` with an infinite entry (a probability or rate of 0) where ``v`` is 0: that
+    element's product is 0, not NaN (which went on into every solve by products); the
+    other element's is its own ``F v`` (closed forms: ``1/(p(1-p))``, ``1/rate``)."""
+    bernoulli = isinstance(make(torch.tensor(0.5)), dist.Bernoulli)
+    value = 0.3 if bernoulli else 2.0
+    d = make(torch.tensor([0.0, value], dtype=torch.float64))
+    out = fisher_vp(d, torch.tensor([[0.0], [1.0]], dtype=torch.float64)).flatten()
+    expected = 1 / (value * (1 - value)) if bernoulli else 1 / value
+    assert out[0] == 0 and math.isclose(out[1].item(), expected, rel_tol=1e-12), out
+
+
+def test_the_monte_carlo_fallback_leaves_the_random_stream_alone():
+    """A seeded run draws the same numbers whether or not it computed a Fisher by the
+    Monte Carlo fallback in between (HalfCauchy has no closed form and no KL)."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning):
+        fisher_information(dist.HalfCauchy(torch.tensor(1.0)))
+    assert torch.equal(torch.rand(3), expected)

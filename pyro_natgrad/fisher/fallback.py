@@ -264,8 +264,11 @@ def _kl_hessian(d, specs, make, x0):
 
 
 def _mc_fisher(d, specs, make, x0, n):
+    # The draws leave the caller's random stream where it was: a Fisher is a property of
+    # the distribution, and computing one must not change what a seeded run draws next.
+    devices = [x0.device] if x0.device.type == "cuda" else []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
             sample = make(_params(specs, x0)).sample((n,))
         with torch.enable_grad():
             # A copy of the parameters per sample gives per-sample scores in one backward.

@@ -145,7 +145,11 @@ def _geometric(d):
     """Failures before the first success. ``probs``: ``1/(p^2(1-p))``; ``logits``: ``1-p``."""
     name = passed_argument(d, ("probs", "logits"))
     p, q = d.probs, _complement(d, name)
-    return _elementwise(d, (name,), ((p.square() * q).reciprocal() if name == "probs" else q,))
+    if name == "logits":
+        return _elementwise(d, (name,), (q,))
+    # (1/p) (1/q) (1/p): in logits (j = p q) the scale j/p = q keeps 1 - p representable
+    # where 1/p^2 overflows (p < 1e-19 in float32).
+    return _elementwise(d, (name,), (q.reciprocal(),), (p.reciprocal(),))
 
 
 @register_fisher(NegativeBinomial)

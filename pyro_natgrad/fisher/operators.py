@@ -260,7 +260,10 @@ class DiagonalFisher(FisherOperator):
                               _rescale(self.scale, self.names, jac))
 
     def _mv(self, v):
-        return {k: self.diag[k] * x for k, x in v.items()}
+        # 0 where x is 0: an infinite entry (a probability or rate on the boundary) times
+        # no change is no change, not NaN in every product of a batch or solve.
+        return {k: torch.where(x == 0, torch.zeros_like(x), self.diag[k] * x)
+                for k, x in v.items()}
 
     def _solve(self, v, damping):
         if damping == 0:
