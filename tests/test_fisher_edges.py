@@ -459,3 +459,24 @@ def test_the_monte_carlo_fallback_leaves_the_random_stream_alone():
     with pytest.warns(UserWarning):
         fisher_information(dist.HalfCauchy(torch.tensor(1.0)))
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("p", [[0.2, 0.3, 0.5], [0.25, 0.25, 0.5], [0.7, 0.2, 0.1]])
+def test_a_singular_fisher_through_the_dense_route_solves_with_minimum_norm(dtype, p):
+    """``coords={"probs": SoftmaxTransform()}`` is the map of ``coords="unconstrained"``
+    but goes through the dense route, whose Cholesky of the singular Fisher (null vector
+    ``1``) raised or returned a rounding-dependent solution. Both are now the
+    minimum-norm solve: ``F x = g`` for ``g`` in the range, ``x`` orthogonal to ``1``,
+    with ``F = diag(p) - p p^T`` the softmax logits' Fisher (closed form)."""
+    from torch.distributions.transforms import SoftmaxTransform
+
+    probs = torch.tensor(p, dtype=dtype)
+    d = dist.Categorical(probs=probs)
+    g = torch.tensor([1.0, -2.0, 1.0], dtype=dtype)
+    x = fisher_solve(d, g, coords={"probs": SoftmaxTransform()})
+    F = torch.diag(probs) - probs.outer(probs)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(F @ x, g, atol=tol * 10), (F @ x, g)
+    assert abs(float(x.sum())) < tol * 10 * float(x.abs().max()), x
+    assert torch.allclose(x, fisher_solve(d, g, coords="unconstrained"), rtol=tol, atol=tol)

@@ -163,16 +163,22 @@ class FisherOperator:
         F = self.dense()
         if damping:
             F = F + damping * torch.eye(self.dim, dtype=F.dtype, device=F.device)
-        chol, info = torch.linalg.cholesky_ex(F)
-        if bool((info != 0).any()):
-            raise SingularFisherError(
-                f"the Fisher matrix of {self.names} is singular or not positive definite "
-                f"here; pass damping > 0")
         # v: extra + batch + (k,) -> batch + (k, m) with the extra dims as columns.
         extra = v.dim() - 1 - len(self.batch_shape)
         # The extra dims' size spelled out: -1 is ambiguous for an empty batch.
         count = v.shape[:extra].numel()
         rhs = v.reshape((count,) + self.batch_shape + (self.dim,)).movedim(0, -1)
+        if self.singular and not damping:
+            # The minimum-norm solve, as the structured operators give: a Cholesky of a
+            # singular matrix fails or, with a pivot of rounding size, succeeds with a
+            # solution that depends on that rounding.
+            sol = (torch.linalg.pinv(F, hermitian=True) @ rhs).movedim(-1, 0)
+            return sol.reshape(v.shape[:extra] + self.batch_shape + (self.dim,))
+        chol, info = torch.linalg.cholesky_ex(F)
+        if bool((info != 0).any()):
+            raise SingularFisherError(
+                f"the Fisher matrix of {self.names} is singular or not positive definite "
+                f"here; pass damping > 0")
         sol = torch.cholesky_solve(rhs, chol).movedim(-1, 0)
         return sol.reshape(v.shape[:extra] + self.batch_shape + (self.dim,))
 
