@@ -480,3 +480,30 @@ def test_a_singular_fisher_through_the_dense_route_solves_with_minimum_norm(dtyp
     assert torch.allclose(F @ x, g, atol=tol * 10), (F @ x, g)
     assert abs(float(x.sum())) < tol * 10 * float(x.abs().max()), x
     assert torch.allclose(x, fisher_solve(d, g, coords="unconstrained"), rtol=tol, atol=tol)
+
+
+class _WideIndependent(torch.distributions.Independent):
+    """A user's wrapper whose registered Fisher is that of ``base`` at twice its scale:
+    not the unwrapped base's, so a test can tell which one answered."""
+
+
+def test_a_registered_subclass_of_a_wrapper_is_used():
+    """``register_fisher`` on a subclass of ``Independent`` was silently ignored: the
+    wrapper was unwrapped before the registry was asked. Its registration now answers:
+    ``Normal(0, 2)``'s ``diag(1/4, 2/4)`` per element, not the base's ``diag(1, 2)``."""
+    from pyro_natgrad import fisher_operator, register_fisher
+    from pyro_natgrad.fisher import registry
+
+    @register_fisher(_WideIndependent)
+    def _wide(d):
+        base = d.base_dist
+        return fisher_operator(dist.Normal(base.loc, 2 * base.scale)).reinterpret(
+            d.reinterpreted_batch_ndims)
+
+    try:
+        d = _WideIndependent(dist.Normal(torch.zeros(2), torch.ones(2)), 1)
+        F = fisher_information(d)
+        assert torch.allclose(F, torch.diag(torch.tensor([0.25, 0.25, 0.5, 0.5]))), F
+    finally:
+        registry._REGISTRY.pop(_WideIndependent, None)
+        registry._lookup.cache_clear()

@@ -61,14 +61,18 @@ def fisher_operator(d: Distribution, coords: Coords = "standard",
         if not params:
             raise ValueError("params is empty: name at least one parameter, or pass "
                              "params=None for all of them")
-    if isinstance(d, Independent):  # block diagonal over the reinterpreted dims
+    # A subclass of a wrapper registered as itself is the user's to answer for: unwrapped,
+    # its registration was silently ignored.
+    wrapped = not any(isinstance(d, w) and lookup_fisher(type(d)) is not lookup_fisher(w)
+                      for w in (Independent, MaskedDistribution, ExpandedDistribution))
+    if wrapped and isinstance(d, Independent):  # block diagonal over the reinterpreted dims
         op = fisher_operator(d.base_dist, coords, params)
         return op.reinterpret(d.reinterpreted_batch_ndims)
-    if isinstance(d, MaskedDistribution):
+    if wrapped and isinstance(d, MaskedDistribution):
         # The mask only drops log_prob terms: draws, and so the KL metric, are the base's,
         # whose batch shape pyro has already broadcast against the mask.
         return fisher_operator(d.base_dist, coords, params)
-    if isinstance(d, ExpandedDistribution):
+    if wrapped and isinstance(d, ExpandedDistribution):
         return _expanded(d, coords, params)
     d = _one_alternative(d, params)
     fn = lookup_fisher(type(d))
