@@ -200,7 +200,8 @@ def tril_gaussian_step(site, grads, rho, max_kl):
     """``MultivariateNormal(loc, scale_tril=L)``: the Gaussian mirror step of
     :func:`~pyro_natgrad.gaussian.full_gaussian_step`, with ``dl/dL`` from the
     gradient of the unconstrained ``L`` (the transform is entrywise on the lower
-    triangle)."""
+    triangle). Returns the step size taken, or None, with nothing written, where the
+    step overflows."""
     T = site.transforms["scale_tril"]
     with torch.no_grad():
         loc = site.params["loc"].detach()
@@ -213,6 +214,8 @@ def tril_gaussian_step(site, grads, rho, max_kl):
                         torch.zeros_like(dL))
         step = full_gaussian_step(loc, L, grads["loc"], G, rho, None, max_kl)
         new_raw = raw.triu(1) + T.inv(step.scale_tril).tril()
+        if not (bool(torch.isfinite(step.loc).all()) and bool(torch.isfinite(new_raw).all())):
+            return None  # an overflow (a gradient near the largest float): skipped, unchanged
         write_param(site.params["loc"], step.loc)
         write_param(site.params["scale_tril"], new_raw)
     return step.rho

@@ -604,6 +604,20 @@ class NaturalGradient(PyroOptim):
     # ---- the step -------------------------------------------------------------------
     def __call__(self, params, *args, **kwargs):
         params = list(params)
+        try:
+            self._call(params, *args, **kwargs)
+        except ValueError:
+            # Refused (an unsupported loss, another guide's checkpoint, a curvature this
+            # model cannot take): drop this step's gradients (as SVI would after the step)
+            # and its draws, or the next step, after the user's fix, counts them with its
+            # own (a first step twice as long).
+            for p in params:
+                p.grad = None
+            for r in self._recorders:
+                r.take()
+            raise
+
+    def _call(self, params, *args, **kwargs):
         self._check_svi()
         refresh = self._groups is None or self._guide_changed(params)
         if not refresh and self._handwritten() and (
@@ -619,14 +633,9 @@ class NaturalGradient(PyroOptim):
                 self._discover()
             except ValueError:
                 # Refused (a checkpoint of another guide, a curvature this guide cannot
-                # take): drop this step's gradients (as SVI would after the step) and its
-                # draws, or the next step counts them with its own; and read the guide
+                # take; __call__ drops the step's gradients and draws): read the guide
                 # again at the next step, which a refused curvature then refuses again
                 # (the groups were kept, and later steps went on without it, silently).
-                for p in params:
-                    p.grad = None
-                for r in self._recorders:
-                    r.take()
                 self._groups = None
                 raise
         self._seen_params.update((id(p), p) for p in params)
@@ -929,6 +938,9 @@ class NaturalGradient(PyroOptim):
                                       moments[:2] if moments is not None else None, self.max_kl,
                                       precision_target=target, cv=cv)
         new_raw = group.transforms["scale"].inv(step.scale_tril)
+        if not _all_finite([step.loc if mean is None else mean, new_raw]):
+            self._skip_overflow(group.key)
+            return torch.zeros_like(scale) if mean is not None else None
         taken = _fraction_taken(step.rho, rho)
         if active is None:
             self._write(loc, step.loc if mean is None else mean)
@@ -1084,10 +1096,24 @@ class NaturalGradient(PyroOptim):
                       "the parameters are unchanged. If this repeats, set max_kl (a trust "
                       "region) or lower it", group.key, self._skip_sources)
             return loc.new_zeros(())
+        if not _all_finite([step.loc, step.scale_tril]):
+            self._skip_overflow(group.key)
+            return loc.new_zeros(())
         if count:
             state["t"] += float(_fraction_taken(step.rho, rho).mean())
         self._write_full(group, step.loc, step.scale_tril)
         return step.rho
+
+    def _skip_overflow(self, key):
+        """Count and announce a step of group ``key`` skipped because its arithmetic
+        overflowed (a gradient finite but near the largest float: its products with the
+        guide's factor are not), before anything was written."""
+        self._skipped += 1
+        warn_skip(f"the step of {key} overflowed (a gradient near the largest "
+                  f"floating-point number): step skipped", self._skipped,
+                  "the parameters are unchanged. If this repeats, look for the overflow "
+                  "in the model (float64, or a smaller init_scale, may avoid it)", key,
+                  self._skip_sources)
 
     @staticmethod
     def _write_full(group, new_loc, L_new):
@@ -1303,6 +1329,8 @@ class NaturalGradient(PyroOptim):
         if not ok:
             return False
         new_loc = loc - rho_mean * direction
+        if not _all_finite([new_loc]):
+            return False  # an overflow: the steps of "none" (which skip it) instead
         pos, S = 0, []
         for g, gr in zip(groups, grads):
             n = g.params["loc"].numel()
@@ -1583,7 +1611,10 @@ class NaturalGradient(PyroOptim):
         :raises ValueError: if the checkpoint is of another guide (its groups' parameter
             shapes differ, it has groups this guide lacks, or its base optimizer's state is
             for parameters of other shapes): here, or, if the guide has not been read yet,
-            at the first step, before any of the checkpoint is used."""
+            at the first step, before any of the checkpoint is used; at once, with the
+            state unchanged, if ``state`` is not such a checkpoint at all (e.g. a Pyro
+            optimizer's ``get_state()``, which wiped the step-size clocks)."""
+        _check_format(state)
         ng = state.get("natural_gradient", {})
         layout = state.get("layout")
         shapes = state.get("base_shapes", {})
@@ -1620,6 +1651,32 @@ class NaturalGradient(PyroOptim):
     def load(self, filename: str, map_location=None) -> None:
         """:meth:`set_state` from a file written by :meth:`save`."""
         self.set_state(torch.load(filename, map_location=map_location, weights_only=False))
+
+
+#: The keys of :meth:`NaturalGradient.get_state`'s checkpoint.
+CHECKPOINT_KEYS = ("natural_gradient", "base", "base_shapes", "skipped", "layout")
+
+
+def _check_format(state) -> None:
+    """A ValueError unless ``state`` has the form of :meth:`NaturalGradient.get_state`'s
+    checkpoint: a dict with ``natural_gradient`` (``{group: {name: value}}``) and at
+    most the other :data:`CHECKPOINT_KEYS`, of their types."""
+    what = None
+    if not isinstance(state, dict):
+        what = f"a {type(state).__name__}"
+    elif "natural_gradient" not in state or not set(state) <= set(CHECKPOINT_KEYS):
+        what = f"a dict with the keys {sorted(map(str, state))[:6]}"
+    elif not isinstance(state["natural_gradient"], dict) or not all(
+            isinstance(v, dict) for v in state["natural_gradient"].values()):
+        what = "a dict whose 'natural_gradient' is not {group: {name: value}}"
+    elif not all(isinstance(state.get(k, {}), dict) for k in ("base", "base_shapes")) or \
+            not isinstance(state.get("skipped", 0), int):
+        what = "a dict whose 'base', 'base_shapes' or 'skipped' has another type"
+    if what is not None:
+        raise ValueError(
+            f"NaturalGradient.set_state expects the dict of NaturalGradient.get_state() (keys "
+            f"{', '.join(CHECKPOINT_KEYS)}), got {what}; nothing was changed. A Pyro "
+            f"optimizer's get_state() (keyed by parameter names) belongs to that optimizer")
 
 
 def refuse_unnamed_state(optim: PyroOptim) -> None:

@@ -3049,3 +3049,76 @@ def test_the_gaussian_part_keeps_up_with_an_autodelta_part_under_adam(float64):
                 lag = (guide[0].locs.w.detach() - mean) * Lww.diagonal().sqrt()
                 lags.append(float(lag.abs().max()))
     assert max(lags) < 0.3, max(lags)
+
+
+def _random_log_joint(x):
+    mu = pyro.sample("mu", dist.Normal(x.new_zeros(()), 2.0))
+    noise = 1e-3 * torch.randn((), dtype=x.dtype)  # a log joint that is random at a draw
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("obs", dist.Normal(mu + noise, 1.0), obs=x)
+
+
+@pytest.mark.parametrize("refusal", ["curvature", "loss"])
+def test_a_refused_step_drops_its_gradients_and_draws(float64, refusal):
+    """A step refused with a ValueError (the model's Hessian asked of a random log joint;
+    a loss that is not the KL ELBO) left its gradients on the parameters: the next step,
+    after the user's fix, added its own to them and stepped twice as far. Now the
+    parameters are unchanged, their gradients are gone and the guide's recorded draws too,
+    so the fixed run's first step equals a fresh run's, bit for bit."""
+    x = torch.tensor([0.3, -0.4, 1.1], dtype=F64)
+    guide = AutoNormal(_random_log_joint)
+    pyro.set_rng_seed(0)
+    if refusal == "curvature":
+        svi = SVI(_random_log_joint, guide, NaturalGradient(guide, curvature="hessian"),
+                  Trace_ELBO())
+    else:
+        svi = SVI(_random_log_joint, guide, NaturalGradient(guide), pyro.infer.RenyiELBO())
+    with pytest.raises(ValueError):
+        svi.step(x)
+    store = pyro.get_param_store()
+    before = {k: v.detach().clone() for k, v in store.items()}
+    assert all(v.unconstrained().grad is None for v in store.values())
+    state = torch.get_rng_state()
+
+    def first_step():
+        torch.set_rng_state(state)
+        with torch.no_grad():
+            for k, v in store.items():
+                v.unconstrained().copy_(before[k])
+        opt = NaturalGradient(guide, curvature="none")
+        SVI(_random_log_joint, guide, opt, Trace_ELBO()).step(x)
+        return {k: v.detach().clone() for k, v in store.items()}
+
+    after_refusal = first_step()
+    for v in store.values():
+        v.unconstrained().grad = None
+    fresh = first_step()
+    assert all(torch.equal(after_refusal[k], fresh[k]) for k in fresh)
+    assert any(not torch.equal(fresh[k], before[k]) for k in fresh)
+
+
+@pytest.mark.parametrize("foreign", ["adam", "none", "int"])
+def test_set_state_refuses_what_is_no_checkpoint_and_changes_nothing(float64, foreign):
+    """A Pyro optimizer's ``get_state()`` (keyed by parameter names) was accepted and
+    wiped the step-size clocks (the step size went back to 1) and running precisions;
+    ``None`` or a malformed dict raised AttributeError. Each is now a ValueError, and the
+    state is as it was."""
+    X, y = _small_data()
+    guide = AutoMultivariateNormal(blr_model)
+    opt = NaturalGradient(guide)
+    svi = SVI(blr_model, guide, opt, Trace_ELBO())
+    adam = pyro.optim.Adam({"lr": 0.01})
+    for _ in range(15):
+        svi.step(X, y)
+    adam([v.unconstrained() for v in pyro.get_param_store().values()])
+    before = opt.get_state()
+    assert before["natural_gradient"]["curvature"]["t"] > 0
+    state = {"adam": adam.get_state(), "none": None, "int": {"natural_gradient": 3}}[foreign]
+    with pytest.raises(ValueError, match="expects the dict of NaturalGradient.get_state"):
+        opt.set_state(state)
+    after = opt.get_state()
+    assert after["natural_gradient"].keys() == before["natural_gradient"].keys()
+    for key, value in before["natural_gradient"].items():
+        for name, v in value.items():
+            w = after["natural_gradient"][key][name]
+            assert torch.equal(v, w) if torch.is_tensor(v) else v == w, (key, name)

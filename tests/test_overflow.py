@@ -301,3 +301,51 @@ def test_a_newton_step_that_overflows_changes_nothing_and_steps_from_gradients(n
     if name != "AutoNormal":  # (its whitened gradient, scale * 3e38, is inf: no step)
         key = next(k for k in before if k.endswith(".loc"))
         assert not torch.equal(before[key], after[key])
+
+
+def _factor_model(k, n=2):
+    w = pyro.sample("w", dist.Normal(torch.zeros(n), 1.0).to_event(1))
+    pyro.factor("f", -k * w.sum())  # dl/dw = k: finite in float32 below 3.4e38
+
+
+def _subsampled_model(k, n=8):
+    with pyro.plate("items", n, subsample_size=4) as idx:
+        w = pyro.sample("w", dist.Normal(torch.zeros(len(idx)), 1.0))
+        pyro.factor("f", -k * w.sum())
+
+
+def _tril_guide(k, n=2):
+    loc = pyro.param("loc", torch.zeros(n))
+    L = pyro.param("L", 30 * torch.eye(n), constraint=dist.constraints.lower_cholesky)
+    pyro.sample("w", dist.MultivariateNormal(loc, scale_tril=L))
+
+
+@pytest.mark.parametrize("case", ["full-rank", "full-rank none", "subsampled",
+                                  "hand-written tril"])
+def test_a_step_that_overflows_is_skipped_with_a_warning(case):
+    """A finite gradient of 1e36 times a factor of scale 30 overflows the full-rank step's
+    products (``L^T g``): the step was NaN and the run died with a FloatingPointError that
+    called itself a bug (after 66 skipped NaN losses, a float32 Poisson regression from
+    ``init_scale=30`` met its first finite gradient, 2.7e38, so). Now that group's step is
+    skipped and counted, with a warning, and every parameter keeps its value bit for bit;
+    the next step with a moderate gradient goes on."""
+    model, guide, curvature = {
+        "full-rank": (_factor_model, AutoMultivariateNormal(_factor_model, init_scale=30.0),
+                      "auto"),
+        "full-rank none": (_factor_model,
+                           AutoMultivariateNormal(_factor_model, init_scale=30.0), "none"),
+        "subsampled": (_subsampled_model, AutoNormal(_subsampled_model, init_scale=30.0),
+                       "none"),
+        "hand-written tril": (_factor_model, _tril_guide, "auto"),
+    }[case]
+    pyro.set_rng_seed(0)
+    svi = SVI(model, guide, NaturalGradient(guide, curvature=curvature), Trace_ELBO())
+    svi.step(1.0)  # creates the parameters
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    with pytest.warns(UserWarning, match="skipped"):
+        svi.step(1e36)
+    for k, v in pyro.get_param_store().items():
+        assert torch.equal(v.detach(), before[k]), k
+    svi.step(1.0)
+    assert any(not torch.equal(v.detach(), before[k])
+               for k, v in pyro.get_param_store().items())
