@@ -507,3 +507,44 @@ def test_a_registered_subclass_of_a_wrapper_is_used():
     finally:
         registry._REGISTRY.pop(_WideIndependent, None)
         registry._lookup.cache_clear()
+
+
+class _RateLaplace(dist.Laplace):
+    """A Laplace over ``(loc, rate)``: not the registered ``(loc, scale)`` family, so the
+    fallback answers."""
+    arg_constraints = {"loc": dist.constraints.real, "rate": dist.constraints.positive}
+
+    def __init__(self, loc, rate, validate_args=None):
+        self.rate = rate
+        super().__init__(loc, 1 / rate, validate_args=validate_args)
+
+
+def test_the_fallback_does_not_differentiate_the_laplace_kl_at_its_kink():
+    """The Laplace KL has ``|loc - loc0|``, whose second derivative autograd takes as 0 at
+    ``theta0``: the fallback's "exact" KL Hessian gave ``F_loc = 0``. It now takes the Monte
+    Carlo estimate, near the closed form ``diag(rate^2, 1/rate^2)`` (the score in ``loc``
+    is ``rate sign(x - loc)``, in ``rate`` ``1/rate - |x - loc|``)."""
+    rate = 2.0
+    with pytest.warns(UserWarning, match="Monte Carlo"):
+        F = fisher_information(_RateLaplace(torch.tensor(0.3, dtype=torch.float64),
+                                            torch.tensor(rate, dtype=torch.float64)))
+    assert torch.allclose(F.diagonal(), torch.tensor([rate ** 2, rate ** -2],
+                                                     dtype=torch.float64), rtol=0.05), F
+
+
+@pytest.mark.parametrize("make,variance,p", [
+    (lambda p: dist.Geometric(probs=p), lambda p: (1 - p) / p ** 2, 1.0),
+    (lambda p: dist.Geometric(probs=p), lambda p: (1 - p) / p ** 2, 0.3),
+    (lambda p: dist.NegativeBinomial(3.0, probs=p), lambda p: 3.0 * p / (1 - p) ** 2, 0.0),
+    (lambda p: dist.NegativeBinomial(3.0, probs=p), lambda p: 3.0 * p / (1 - p) ** 2, 0.3),
+], ids=["geometric-1", "geometric-0.3", "negative-binomial-0", "negative-binomial-0.3"])
+def test_mean_coordinates_at_the_boundary_are_infinite_not_nan(make, variance, p):
+    """In mean coordinates an exponential family's Fisher is ``1 / Var(T)`` (``T = k``
+    here). Where the count is always 0 (a geometric's ``p = 1``, a negative binomial's
+    ``p = 0``) that is ``1 / 0``: inf, as for Bernoulli, not the NaN of ``inf / inf`` and
+    ``0 inf`` through the odds; at an interior ``p``, its closed form."""
+    d = make(torch.tensor(p, dtype=torch.float64))
+    var = variance(torch.tensor(p, dtype=torch.float64))
+    F = fisher_information(d, coords="mean")
+    expected = var.reciprocal()
+    assert torch.allclose(F, expected.reshape(1, 1), rtol=1e-12), (F, expected)

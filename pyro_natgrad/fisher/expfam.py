@@ -301,8 +301,14 @@ def _odds(name, t):
 
 
 def _from_odds(name, odds):
-    """The inverse of :func:`_odds`: ``logits = log(odds)``, never through ``p``."""
-    return {name: odds.log() if name == "logits" else odds / (1 + odds)}
+    """The inverse of :func:`_odds`: ``logits = log(odds)``, never through ``p``;
+    ``p = odds / (1 + odds)``, and ``odds`` itself (its value and derivative there) at
+    odds 0: the Fisher of ``p`` is infinite there, and the quotient's derivative took
+    ``0 inf`` from it (a negative binomial at ``probs = 0`` had a NaN Fisher in mean
+    coordinates, not an infinite one)."""
+    if name == "logits":
+        return {name: odds.log()}
+    return {name: torch.where(odds == 0, odds, odds / (1 + odds))}
 
 
 def _log_p_to_logits(log_p):
@@ -320,7 +326,9 @@ def _geometric(d):
         else torch.log1p(-d.probs)
     return _one_param(eta, from_natural,
                       lambda t: _odds(name, t).reciprocal(),
-                      lambda m: _from_odds(name, m.reciprocal()))
+                      lambda m: {name: -m.log()} if name == "logits"
+                      # 1 / (1 + m), not through the odds 1/m: infinite at m = 0 (p = 1)
+                      else {name: (1 + m).reciprocal()})
 
 
 @register_exponential_family(NegativeBinomial)

@@ -177,11 +177,18 @@ def _rebuild(d, specs):
     return make
 
 
+#: KL divergences whose Hessian at ``theta = theta0`` autograd gets wrong: torch's
+#: transformed-transformed KL is the base's, blind to parameters held by the transforms
+#: (Weibull, Kumaraswamy); the Laplace KL has ``|loc - loc0|``, whose second derivative
+#: at 0 autograd takes as 0 (a Laplace subclass over ``(loc, rate)`` got ``F_loc = 0``,
+#: not ``rate^2``).
+_UNUSABLE_KL = tuple(fn for fn in (getattr(kl, "_kl_transformed_transformed", None),
+                                   getattr(kl, "_kl_laplace_laplace", None)) if fn is not None)
+
+
 def _has_kl(d):
     fn = kl._dispatch_kl(type(d), type(d))
-    # torch's KL between transformed distributions with equal transforms is the base's KL,
-    # blind to parameters held by the transforms (Weibull, Kumaraswamy): no Hessian there.
-    return fn is not NotImplemented and fn is not getattr(kl, "_kl_transformed_transformed", None)
+    return fn is not NotImplemented and fn not in _UNUSABLE_KL
 
 
 def fallback_operator(d, mc_samples: int = None, params=None) -> DenseFisher:
