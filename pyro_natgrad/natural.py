@@ -54,12 +54,23 @@ def natural_gradient(d: Distribution, grads: Dict[str, torch.Tensor], coords="st
         ``S - lr * D`` (for a Gaussian's covariance, ``2 S G S``). Uses
         the structured solve of the family (elementwise for diagonal families,
         ``O(d^3)`` for a full-rank Gaussian).
-    :raises ValueError: for a gradient not shaped like its parameter.
+    :raises ValueError: for a gradient not shaped like its parameter, e.g. of a
+        parameter shared by the batch (broadcast by the distribution: not supported).
     """
     names = _names(d, grads)
     op = fisher_operator(d, coords=coords, params=names)
     for s in op.specs:
         g = grads[s.name]
+        if torch.is_tensor(g) and g.shape != s.value.shape and _broadcast(s.value) \
+                and torch.broadcast_shapes(g.shape, s.value.shape) == s.value.shape:
+            # Expanding the gradient, as the message below would suggest, gives a wrong
+            # step: a shared parameter's Fisher is the sum over the batch.
+            raise ValueError(
+                f"grads[{s.name!r}] has shape {tuple(g.shape)}: {s.name!r} is shared by "
+                f"the batch of {type(d).__name__}, which broadcast it to "
+                f"{tuple(s.value.shape)}. A shared parameter's natural gradient needs the "
+                f"Fisher summed over the batch, which natural_gradient does not compute: "
+                f"pass each parameter at the batch's shape (one per element).")
         if not torch.is_tensor(g) or g.shape != s.value.shape:
             got = f"shape {tuple(g.shape)}" if torch.is_tensor(g) else type(g).__name__
             where = f"coords {coords!r}" if isinstance(coords, str) else "the given coords"
@@ -71,6 +82,12 @@ def natural_gradient(d: Distribution, grads: Dict[str, torch.Tensor], coords="st
     folded = {n: fold_symmetric(grads[n]) if n in symmetric else grads[n] for n in op.names}
     out = op.solve_dict(folded, damping)
     return {n: symmetrize(v) if n in symmetric else v for n, v in out.items()}
+
+
+def _broadcast(t: torch.Tensor) -> bool:
+    """Whether ``t`` is an expanded view (a stride of 0 along a dim of size > 1): torch
+    distributions broadcast their parameters so, and one shared by the batch shows it."""
+    return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape))
 
 
 def _names(d, grads) -> Sequence[str]:

@@ -379,3 +379,36 @@ def test_natural_and_mean_coordinates_swap_gradients(family):
                                rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="eta1"):  # standard names with natural coords
         natural_gradient(q, {"loc": g_theta[0]}, coords="natural")
+
+
+def test_a_parameter_shared_by_the_batch_is_refused_not_expanded():
+    """``Normal(scalar loc, scale of shape (3,))``: autograd's gradient of the shared
+    ``loc`` has shape (), and the error asked for a gradient of shape (3,). Expanding it
+    so gives a wrong step: the shared ``loc``'s natural gradient is ``g / sum_i 1/s_i^2``
+    (its Fisher summed over the batch), not the per-element ``g s_i^2``. It is now refused
+    as a shared parameter."""
+    loc = torch.tensor(0.5, requires_grad=True)
+    scale = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    d = dist.Normal(loc, scale)
+    g_loc, g_scale = torch.autograd.grad(-d.log_prob(torch.tensor([0.1, 0.2, 0.3])).sum(),
+                                         [loc, scale])
+    with pytest.raises(ValueError, match="shared by the batch"):
+        natural_gradient(d, {"loc": g_loc, "scale": g_scale})
+    # the expansion the old message suggested: per element g s_i^2, summing to
+    # 14 g, against the shared parameter's g / (1 + 1/4 + 1/9)
+    expanded = natural_gradient(d, {"loc": g_loc.expand(3), "scale": g_scale})["loc"]
+    shared = g_loc / (scale.detach() ** -2).sum()
+    assert not torch.isclose(expanded.sum(), shared)
+
+
+def test_coords_for_a_parameter_held_fixed_says_so():
+    """A coords dict naming a parameter that ``grads`` leaves out (held fixed) was told
+    "not coordinates of Normal", which it is; the error now says it is held fixed."""
+    from torch.distributions.transforms import AffineTransform, ExpTransform
+
+    d = dist.Normal(torch.tensor(0.3), torch.tensor(1.7))
+    coords = {"loc": AffineTransform(0.0, 2.0), "scale": ExpTransform()}
+    with pytest.raises(ValueError, match=r"\['loc'\], which params .* hold fixed"):
+        natural_gradient(d, {"scale": torch.tensor(1.0)}, coords=coords)
+    with pytest.raises(ValueError, match="not coordinates of Normal"):
+        natural_gradient(d, {"scale": torch.tensor(1.0)}, coords={"rate": ExpTransform()})

@@ -146,8 +146,13 @@ def fisher_information(d: Distribution, coords: Coords = "standard",
         ``coords="natural"`` or ``"mean"`` the names are those coordinates' (``eta1``,
         ``eta2``, ... as listed by ``fisher_operator(d, coords).names``), all of them.
     :raises ValueError: for an unknown ``coords`` or parameter name, parameter
-        values outside their constraints, or an infinite Fisher (a categorical's zero
-        probabilities, in ``probs``, mean or natural coordinates).
+        values outside their constraints, or an infinite Fisher of a categorical (its
+        zero probabilities, in ``probs``, mean or natural coordinates). The
+        one-parameter binary and count families (Bernoulli, Binomial, Geometric,
+        NegativeBinomial, Poisson) return ``inf`` there instead (a probability or rate
+        on the boundary of its support, in standard or mean coordinates): their entries
+        are independent, so an infinite one spoils no other, its solve is 0 and its
+        product with 0 is 0.
     """
     return fisher_operator(d, coords, params).dense()
 

@@ -72,6 +72,11 @@ def reparameterize(d, op: FisherOperator, coords) -> FisherOperator:
             return softmax
     else:
         unknown = [k for k in coords if k not in op.names]
+        fixed = [k for k in unknown if k in d.arg_constraints and k in vars(d)]
+        if fixed:
+            raise ValueError(f"coords names {fixed}, which params (or natural_gradient's "
+                             f"grads) hold fixed; the coordinates here are "
+                             f"{list(op.names)}: name a transform only for those")
         if unknown:
             raise ValueError(f"coords names {unknown}, which are not coordinates of "
                              f"{type(d).__name__}; its coordinates are {list(op.names)}")
