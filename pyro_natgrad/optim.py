@@ -1096,12 +1096,11 @@ class NaturalGradient(PyroOptim):
                       "the parameters are unchanged. If this repeats, set max_kl (a trust "
                       "region) or lower it", group.key, self._skip_sources)
             return loc.new_zeros(())
-        if not _all_finite([step.loc, step.scale_tril]):
+        if not self._write_full(group, step.loc, step.scale_tril):
             self._skip_overflow(group.key)
             return loc.new_zeros(())
         if count:
             state["t"] += float(_fraction_taken(step.rho, rho).mean())
-        self._write_full(group, step.loc, step.scale_tril)
         return step.rho
 
     def _skip_overflow(self, key):
@@ -1116,18 +1115,19 @@ class NaturalGradient(PyroOptim):
                   self._skip_sources)
 
     @staticmethod
-    def _write_full(group, new_loc, L_new):
+    def _write_full(group, new_loc, L_new) -> bool:
         """Write ``loc`` and the factor ``L = diag(s) U`` of a full-rank group (``L_new``
-        is overwritten)."""
+        is overwritten); False, with nothing written, where they are not finite (an
+        overflow: one check, in the pass that unpacks them)."""
         s_new = L_new.diagonal().clone()
         U_new = L_new.div_(s_new.unsqueeze(-1)).tril_(-1)
         new_scale = group.transforms["scale"].inv(s_new)
         if not _all_finite([new_loc, new_scale, U_new]):
-            raise FloatingPointError("a natural-gradient step produced non-finite values; "
-                                     "this is a bug, please report it")
+            return False
         group.params["loc"].data.copy_(new_loc)
         group.params["scale"].data.copy_(new_scale)
         group.params["scale_tril"].data.triu_().add_(U_new)  # the upper triangle is unused
+        return True
 
     def _step_with_curvature(self, records, confirmed=True) -> bool:
         """One step of every group of the guide, with the model's Hessian as the
@@ -1457,8 +1457,10 @@ class NaturalGradient(PyroOptim):
             return None, None
         state["precision"] = P
         for g, (sl, L, _), cov in zip(groups, blocks, covariances):
-            if L is not None:
-                self._write_full(g, new_loc[sl], cov)
+            if L is not None and not self._write_full(g, new_loc[sl], cov):
+                # Checked finite above; a scale that underflows to 0 could still fail.
+                raise FloatingPointError("a natural-gradient step produced non-finite "
+                                         "values; this is a bug, please report it")
             else:
                 shape = g.params["loc"].shape
                 self._write(g.params["loc"], new_loc[sl].reshape(shape))
