@@ -117,7 +117,8 @@ def curvature_guide(guide) -> bool:
     latents to be drawn at random)."""
     if isinstance(guide, AutoGuideList):
         return any(isinstance(p, (AutoContinuous, AutoNormal)) for p in guide) and all(
-            isinstance(p, (AutoContinuous, AutoNormal, AutoDelta)) for p in guide)
+            isinstance(p, (AutoContinuous, AutoNormal)) or type(p) is AutoDelta
+            for p in guide)
     return isinstance(guide, (AutoContinuous, AutoNormal))
 
 

@@ -307,6 +307,7 @@ class NaturalGradient(PyroOptim):
         self._waiting_layout = None
         self._recorders = []
         self._skipped = 0
+        self._step_params = []  # the parameters of the step under way (see _drop_step)
         self._other_steps = False  # whether this call steps parameters of the base optimizer
         self._skip_sources = set()  # what has warned of a skipped step (see warn_skip)
         self._warned_params = set()
@@ -603,22 +604,28 @@ class NaturalGradient(PyroOptim):
 
     # ---- the step -------------------------------------------------------------------
     def __call__(self, params, *args, **kwargs):
-        params = list(params)
+        self._step_params = list(params)
         try:
-            self._call(params, *args, **kwargs)
-        except ValueError:
-            # Refused (an unsupported loss, another guide's checkpoint, a curvature this
-            # model cannot take): drop this step's gradients (as SVI would after the step)
-            # and its draws, or the next step, after the user's fix, counts them with its
-            # own (a first step twice as long).
-            for p in params:
-                p.grad = None
-            for r in self._recorders:
-                r.take()
-            raise
+            self._call(self._step_params, *args, **kwargs)
+        finally:
+            self._step_params = []
+
+    def _drop_step(self):
+        """Drop this step's gradients (as SVI would after the step) and its draws, where
+        the step is refused before anything changed (an unsupported loss, another guide's
+        checkpoint, a curvature this model cannot take): else the next step, after the
+        user's fix, counts them with its own (a first step twice as long)."""
+        for p in self._step_params:
+            p.grad = None
+        for r in self._recorders:
+            r.take()
 
     def _call(self, params, *args, **kwargs):
-        self._check_svi()
+        try:
+            self._check_svi()
+        except ValueError:
+            self._drop_step()
+            raise
         refresh = self._groups is None or self._guide_changed(params)
         if not refresh and self._handwritten() and (
                 any(id(p) not in self._seen_params for p in params)
@@ -633,9 +640,10 @@ class NaturalGradient(PyroOptim):
                 self._discover()
             except ValueError:
                 # Refused (a checkpoint of another guide, a curvature this guide cannot
-                # take; __call__ drops the step's gradients and draws): read the guide
-                # again at the next step, which a refused curvature then refuses again
-                # (the groups were kept, and later steps went on without it, silently).
+                # take): read the guide again at the next step, which a refused curvature
+                # then refuses again (the groups were kept, and later steps went on
+                # without it, silently).
+                self._drop_step()
                 self._groups = None
                 raise
         self._seen_params.update((id(p), p) for p in params)
@@ -811,6 +819,7 @@ class NaturalGradient(PyroOptim):
             return step(records)
         except ModelCurvatureError as e:
             if self.curvature != "auto":
+                self._drop_step()  # raised before anything changed
                 raise ValueError(f"NaturalGradient(curvature={self.curvature!r}): {e}") from e
             self._curvature_refused = e.reason
             self._use_curvature = self._minibatch_curvature = False
@@ -939,8 +948,9 @@ class NaturalGradient(PyroOptim):
                                       precision_target=target, cv=cv)
         new_raw = group.transforms["scale"].inv(step.scale_tril)
         if not _all_finite([step.loc if mean is None else mean, new_raw]):
-            self._skip_overflow(group.key)
-            return torch.zeros_like(scale) if mean is not None else None
+            if mean is None:
+                self._skip_overflow(group.key)
+            return None  # nothing written (with mean: the caller undoes its other groups)
         taken = _fraction_taken(step.rho, rho)
         if active is None:
             self._write(loc, step.loc if mean is None else mean)
@@ -1331,12 +1341,22 @@ class NaturalGradient(PyroOptim):
         new_loc = loc - rho_mean * direction
         if not _all_finite([new_loc]):
             return False  # an overflow: the steps of "none" (which skip it) instead
+        # The groups' steps are one step: if one overflows, those already written are
+        # undone, and the steps of "none" (which skip it) are taken instead.
+        saved = [(g.params["loc"].detach().clone(), g.params["scale"].detach().clone())
+                 for g in groups]
         pos, S = 0, []
         for g, gr in zip(groups, grads):
             n = g.params["loc"].numel()
-            S.append(self._step_diagonal(
+            out = self._step_diagonal(
                 g, gr, records, self._state[g.key], rho=rho,
-                mean=new_loc[pos:pos + n].reshape(g.params["loc"].shape)).reshape(-1))
+                mean=new_loc[pos:pos + n].reshape(g.params["loc"].shape))
+            if out is None:
+                for h, (old_loc, old_raw) in zip(groups, saved):
+                    h.params["loc"].data.copy_(old_loc)
+                    h.params["scale"].data.copy_(old_raw)
+                return False
+            S.append(out.reshape(-1))
             pos += n
         state["hessian_weight"] = w
         state["first_precision"] = first
@@ -1457,10 +1477,11 @@ class NaturalGradient(PyroOptim):
             return None, None
         state["precision"] = P
         for g, (sl, L, _), cov in zip(groups, blocks, covariances):
-            if L is not None and not self._write_full(g, new_loc[sl], cov):
-                # Checked finite above; a scale that underflows to 0 could still fail.
-                raise FloatingPointError("a natural-gradient step produced non-finite "
-                                         "values; this is a bug, please report it")
+            if L is not None:
+                if not self._write_full(g, new_loc[sl], cov):
+                    # Checked finite above; a scale that underflows to 0 could still fail.
+                    raise FloatingPointError("a natural-gradient step produced non-finite "
+                                             "values; this is a bug, please report it")
             else:
                 shape = g.params["loc"].shape
                 self._write(g.params["loc"], new_loc[sl].reshape(shape))

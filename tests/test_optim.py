@@ -3076,7 +3076,7 @@ def test_a_refused_step_drops_its_gradients_and_draws(float64, refusal):
     with pytest.raises(ValueError):
         svi.step(x)
     store = pyro.get_param_store()
-    before = {k: v.detach().clone() for k, v in store.items()}
+    before = {k: v.unconstrained().detach().clone() for k, v in store.items()}
     assert all(v.unconstrained().grad is None for v in store.values())
     state = torch.get_rng_state()
 
@@ -3087,7 +3087,7 @@ def test_a_refused_step_drops_its_gradients_and_draws(float64, refusal):
                 v.unconstrained().copy_(before[k])
         opt = NaturalGradient(guide, curvature="none")
         SVI(_random_log_joint, guide, opt, Trace_ELBO()).step(x)
-        return {k: v.detach().clone() for k, v in store.items()}
+        return {k: v.unconstrained().detach().clone() for k, v in store.items()}
 
     after_refusal = first_step()
     for v in store.values():

@@ -349,3 +349,62 @@ def test_a_step_that_overflows_is_skipped_with_a_warning(case):
     svi.step(1.0)
     assert any(not torch.equal(v.detach(), before[k])
                for k, v in pyro.get_param_store().items())
+
+
+def _two_site_model(X, y):
+    a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal(X @ w + a, 0.5), obs=y)
+
+
+def test_an_hvp_step_that_overflows_in_one_group_writes_no_group():
+    """``curvature="hvp"`` steps every mean-field group as one Newton step. When one
+    group's variance step overflowed (a scale gradient of 3e38 in float32), the groups
+    before it had been written with the Newton mean, the rest not. Now the step falls
+    back to the gradient-only steps of ``curvature="none"``, which skip the overflowing
+    group: the other group's values equal those of a ``"none"`` optimizer's first step
+    from the same state and draws, bit for bit, and the Newton step's state is
+    unchanged."""
+    gen = generator(3)
+    X = torch.randn(5, 3, generator=gen)
+    y = X @ torch.tensor([1.0, -2.0, 0.5]) + 0.5 * torch.randn(5, generator=gen)
+    pyro.set_rng_seed(0)
+    guide = AutoNormal(_two_site_model, init_scale=10.0)
+    opt = NaturalGradient(guide, curvature="hvp")
+    svi = SVI(_two_site_model, guide, opt, Trace_ELBO())
+    svi.step(X, y)
+    curvature_before = dict(opt.get_state()["natural_gradient"]["curvature"])
+    store = pyro.get_param_store()
+    before = {k: v.detach().clone() for k, v in store.items()}
+    raw = {k: v.unconstrained().detach().clone() for k, v in store.items()}
+    rng = torch.get_rng_state()
+
+    def overflowing_step(svi):
+        torch.set_rng_state(rng)
+        hook = guide.scales.w_unconstrained.register_hook(lambda g: torch.full_like(g, 3e38))
+        try:
+            with pytest.warns(UserWarning, match="overflowed"):
+                svi.step(X, y)
+        finally:
+            hook.remove()
+        return {k: v.detach().clone() for k, v in store.items()}
+
+    after = overflowing_step(svi)
+    assert torch.equal(after["AutoNormal.locs.w"], before["AutoNormal.locs.w"])
+    assert torch.equal(after["AutoNormal.scales.w"], before["AutoNormal.scales.w"])
+    curvature_after = opt.get_state()["natural_gradient"]["curvature"]
+    assert curvature_after["t"] == curvature_before["t"]
+    with torch.no_grad():
+        for k, v in store.items():
+            v.unconstrained().copy_(before[k])
+    opt.detach()  # the first optimizer's hooks off the guide
+    none = SVI(_two_site_model, guide, NaturalGradient(guide, curvature="none"), Trace_ELBO())
+    none.step(X, y)  # reads the guide, so that its next step records the draws too
+    with torch.no_grad():
+        for k, v in store.items():
+            v.unconstrained().copy_(raw[k])
+    reference = overflowing_step(none)  # at rho = 1 still (the first 11 steps)
+    assert not torch.equal(reference["AutoNormal.locs.a"], before["AutoNormal.locs.a"])
+    for k in ("AutoNormal.locs.a", "AutoNormal.scales.a"):
+        assert torch.equal(after[k], reference[k]), k
