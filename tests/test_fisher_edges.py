@@ -548,3 +548,27 @@ def test_mean_coordinates_at_the_boundary_are_infinite_not_nan(make, variance, p
     F = fisher_information(d, coords="mean")
     expected = var.reciprocal()
     assert torch.allclose(F, expected.reshape(1, 1), rtol=1e-12), (F, expected)
+
+
+def test_a_class_inheriting_two_registrations_is_warned_of_once():
+    """A class deriving from two registered families took the first in its method
+    resolution order silently (``torch.distributions.kl`` warns in that case). It now
+    warns once, naming both; none of pyro's and torch's own classes does."""
+    import inspect
+    import warnings
+
+    from pyro_natgrad.fisher.registry import lookup_fisher
+
+    class Both(dist.Exponential, dist.HalfNormal):
+        pass
+
+    with pytest.warns(RuntimeWarning, match="both Exponential and HalfNormal"):
+        assert lookup_fisher(Both) is lookup_fisher(dist.Exponential)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        lookup_fisher(Both)  # once
+        for module in (dist, torch.distributions):
+            for name in dir(module):
+                cls = getattr(module, name)
+                if inspect.isclass(cls) and issubclass(cls, torch.distributions.Distribution):
+                    lookup_fisher(cls)

@@ -16,6 +16,7 @@ Fisher is ``1 x 1`` over ``df``, not ``2 x 2`` over ``(concentration, rate)``).
 """
 
 import inspect
+import warnings
 from functools import lru_cache
 from typing import Callable, Optional, Type
 
@@ -75,11 +76,26 @@ def _class_arg_constraints(cls):
 
 def inherited(registry: dict, type_: type):
     """``registry[cls]`` for the closest ``cls`` in ``type_``'s MRO, provided ``type_``
-    has the same parameters as ``cls`` (:func:`same_parameters`); else None."""
+    has the same parameters as ``cls`` (:func:`same_parameters`); else None. Where
+    ``type_`` also inherits another registration, not ``cls``'s own ancestor's (a class
+    deriving from two registered families), it warns once, as ``register_kl`` does for
+    an ambiguous pair: the MRO's choice may not be the one meant."""
     for cls in type_.__mro__:
         if cls in registry:
+            rivals = [c.__name__ for c in type_.__mro__ if c in registry and c is not cls
+                      and not issubclass(cls, c) and registry[c] is not registry[cls]]
+            if rivals and (id(registry), type_) not in _WARNED_AMBIGUOUS:
+                _WARNED_AMBIGUOUS.add((id(registry), type_))
+                warnings.warn(
+                    f"{type_.__name__} inherits registrations of both {cls.__name__} and "
+                    f"{', '.join(rivals)}; {cls.__name__}'s is used (first in its method "
+                    f"resolution order). Register {type_.__name__} itself to choose.",
+                    RuntimeWarning)
             return registry[cls] if same_parameters(type_, cls) else None
     return None
+
+
+_WARNED_AMBIGUOUS = set()
 
 
 @lru_cache(maxsize=None)
