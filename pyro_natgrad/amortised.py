@@ -787,8 +787,17 @@ class AmortisedNaturalGradient(PyroOptim):
             raise RuntimeError("AmortisedNaturalGradient has not seen a call of the guide; "
                                "give SVI the guide this optimizer was built with (for a "
                                "function guide: optim.guide)")
-        _refuse_running_statistics(self._runner.root)
-        self._check_checkpoint()
+        try:
+            _refuse_running_statistics(self._runner.root)
+            self._check_checkpoint()
+        except (RuntimeError, ValueError):
+            # Refused before anything changed: the step's gradients and draws go (as SVI
+            # would drop them after the step), or the next step, after the fix, adds its
+            # own to them.
+            for p in params:
+                p.grad = None
+            self.drop_step()
+            raise
         call = find_svi_call(self)
         if call is not None:
             # Under JitTrace_ELBO the compiled graph runs no hooks, so the arguments the
@@ -817,6 +826,12 @@ class AmortisedNaturalGradient(PyroOptim):
             self.other_optimizer(rest, *args, **kwargs)
         info.seconds = time.perf_counter() - start
         self.last_step = info
+
+    def drop_step(self) -> None:
+        """Forget the draws recorded for the step under way (the step was refused; see
+        :meth:`NaturalGradient._drop_step <pyro_natgrad.NaturalGradient>`, which calls this
+        when this optimizer is its base optimizer)."""
+        self._draws = []
 
     def _warn_rest(self, rest):
         new = [p for p in rest if p not in self._warned]

@@ -619,6 +619,9 @@ class NaturalGradient(PyroOptim):
             p.grad = None
         for r in self._recorders:
             r.take()
+        drop = getattr(self.base_optimizer, "drop_step", None)
+        if callable(drop):  # an AmortisedNaturalGradient's draws
+            drop()
 
     def _call(self, params, *args, **kwargs):
         try:
@@ -1644,27 +1647,30 @@ class NaturalGradient(PyroOptim):
         if layout is not None and self._groups is not None:
             _check_layout(layout, _layout(self._groups), ng)
         check_base_shapes(shapes)
-        self._state, self._waiting_state = {}, {}
+        live, waiting = {}, {}
         for key, value in ng.items():
             # Copies: steps change some of these tensors in place (the hold test's
             # sample), and the caller's checkpoint must stay as it was.
             value = {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v))
                      for k, v in value.items()}
             if self._groups is not None and (key in self._groups or key == "curvature"):
-                self._state[key] = value
+                live[key] = value
             else:
-                self._waiting_state[key] = value
+                waiting[key] = value
         if self._groups is not None:
             for key in list(self._groups) + ["curvature"]:
-                self._state.setdefault(key, {"t": 0})
+                live.setdefault(key, {"t": 0})
         # torch's load_state_dict keeps the given moments' tensors and steps them in place
         base = copy.deepcopy(state.get("base", {}))
         if layout is not None and self._groups is None:
             # Checked when the guide is read, before the base optimizer makes its optimizers.
             self._waiting_layout = (layout, ng, base, shapes)
         else:
-            self._waiting_layout = None
+            # First: a base optimizer that refuses its share (an AmortisedNaturalGradient
+            # given an Adam's state) then leaves this one's state as it was.
             replace_base_state(self.base_optimizer, base)
+            self._waiting_layout = None
+        self._state, self._waiting_state = live, waiting
         self._skipped = state.get("skipped", 0)
 
     def save(self, filename: str) -> None:

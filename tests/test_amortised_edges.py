@@ -11,9 +11,12 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
+from pyro.infer.autoguide import AutoGuide, AutoGuideList, AutoNormal
+from pyro.nn import PyroModule
 
-from pyro_natgrad import NaturalGradientWarning
+from pyro_natgrad import NaturalGradient, NaturalGradientWarning
 from pyro_natgrad.amortised import AmortisedNaturalGradient
 
 hessian = torch.autograd.functional.hessian
@@ -210,6 +213,9 @@ def test_batch_normalisation_in_training_mode_is_refused_before_anything_changes
     assert int(guide.norm.num_batches_tracked) == 1
     torch.testing.assert_close(guide.norm.running_mean, 0.1 * x.mean().reshape(1))
     assert all(torch.equal(p, p0) for p, p0 in zip(guide.parameters(), params))
+    # The refused step's gradients and draws are gone: they were kept, and the next
+    # step, after the fix, stepped on the sum of two steps' gradients.
+    assert all(p.grad is None for p in guide.parameters()) and optim._draws == []
     guide.norm.eval()
     quiet(svi.step, x)
     assert optim.last_step.taken
@@ -346,3 +352,78 @@ def test_a_parameter_behind_an_argument_outside_the_fisher_goes_to_the_other_opt
         GuideGGN(optim._runner, [guide.for_count.weight],
                  {guide.for_count.weight: ("module", "for_count.weight")},
                  [optim._fresh_draw()], (x,))
+
+
+class _PartEncoder(AutoGuide):
+    """An amortised part beside an ``AutoNormal`` one: ``z_i ~ N(a x_i + b, e^(c x_i + d))``."""
+
+    def __init__(self, model):
+        super().__init__(poutine.block(model, expose=["z"]))
+        self.loc = PyroModule[torch.nn.Linear](1, 1)
+        self.log_scale = PyroModule[torch.nn.Linear](1, 1)
+
+    def forward(self, x):
+        if self.prototype_trace is None:
+            self._setup_prototype(x)
+        with self._create_plates(x)["data"]:
+            u = x.unsqueeze(-1)
+            pyro.sample("z", dist.Normal(self.loc(u).squeeze(-1),
+                                         self.log_scale(u).squeeze(-1).exp()))
+        return {}
+
+
+def _global_and_local(x):
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(mu, 1.0))
+        pyro.sample("y", dist.Normal(z, 0.5), obs=x)
+
+
+def _composed():
+    guide = AutoGuideList(_global_and_local)
+    guide.append(AutoNormal(poutine.block(_global_and_local, expose=["mu"])))
+    guide.append(_PartEncoder(_global_and_local))
+    amortised = AmortisedNaturalGradient(guide)
+    optim = NaturalGradient(guide, base_optimizer=amortised)
+    return guide, amortised, optim, SVI(_global_and_local, guide, optim, Trace_ELBO())
+
+
+def test_a_composed_optimizer_refuses_a_foreign_base_state_whole(float64):
+    """``NaturalGradient(base_optimizer=AmortisedNaturalGradient)`` given the checkpoint of
+    a ``NaturalGradient`` with Adam as its base: the amortised optimizer refuses its share,
+    and the natural gradient's clocks had already been replaced by then (0.25 -> 0.10).
+    Now the base's share is applied first, and a refusal leaves both as they were."""
+    x = torch.randn(20) + 1.5
+    guide, amortised, optim, svi = _composed()
+    for _ in range(6):
+        quiet(svi.step, x)
+    before = optim.get_state()
+    pyro.clear_param_store()
+    other = AutoGuideList(_global_and_local)
+    other.append(AutoNormal(poutine.block(_global_and_local, expose=["mu"])))
+    other.append(_PartEncoder(_global_and_local))
+    adam_based = NaturalGradient(other)
+    other_svi = SVI(_global_and_local, other, adam_based, Trace_ELBO())
+    for _ in range(3):
+        quiet(other_svi.step, x)
+    with pytest.raises(ValueError):
+        optim.set_state(adam_based.get_state())
+    after = optim.get_state()
+    for key, value in before["natural_gradient"].items():
+        for name, v in value.items():
+            w = after["natural_gradient"][key][name]
+            assert torch.equal(v, w) if torch.is_tensor(v) else v == w, (key, name)
+
+
+def test_a_refused_composed_step_drops_the_base_optimizers_draws_too(float64):
+    """A step ``NaturalGradient`` refuses (a loss that is not the KL ELBO) dropped its own
+    gradients and draws but not its amortised base optimizer's: its next step built its
+    curvature from the refused step's draws too."""
+    x = torch.randn(20) + 1.5
+    guide, amortised, optim, svi = _composed()
+    quiet(svi.step, x)
+    renyi = SVI(_global_and_local, guide, optim, pyro.infer.RenyiELBO())
+    with pytest.raises(ValueError, match="RenyiELBO"):
+        quiet(renyi.step, x)
+    assert amortised._draws == []
+    assert all(p.grad is None for p in guide.parameters())
