@@ -783,13 +783,8 @@ class AmortisedNaturalGradient(PyroOptim):
     def __call__(self, params, *args, **kwargs):
         start = time.perf_counter()
         params = list(params)
-        if not self._seen:
-            raise RuntimeError("AmortisedNaturalGradient has not seen a call of the guide; "
-                               "give SVI the guide this optimizer was built with (for a "
-                               "function guide: optim.guide)")
         try:
-            _refuse_running_statistics(self._runner.root)
-            self._check_checkpoint()
+            self.check_step()
         except (RuntimeError, ValueError):
             # Refused before anything changed: the step's gradients and draws go (as SVI
             # would drop them after the step), or the next step, after the fix, adds its
@@ -826,6 +821,19 @@ class AmortisedNaturalGradient(PyroOptim):
             self.other_optimizer(rest, *args, **kwargs)
         info.seconds = time.perf_counter() - start
         self.last_step = info
+
+    def check_step(self) -> None:
+        """Raise, changing nothing, where the next step would be refused: no guide call
+        seen, a module that updates running statistics, a checkpoint for other shapes
+        (that checkpoint is then dropped). :class:`~pyro_natgrad.NaturalGradient` calls
+        this before its own writes when this optimizer is its base optimizer, so that a
+        refusal here leaves the whole step undone."""
+        if not self._seen:
+            raise RuntimeError("AmortisedNaturalGradient has not seen a call of the guide; "
+                               "give SVI the guide this optimizer was built with (for a "
+                               "function guide: optim.guide)")
+        _refuse_running_statistics(self._runner.root)
+        self._check_checkpoint()
 
     def drop_step(self) -> None:
         """Forget the draws recorded for the step under way (the step was refused; see

@@ -663,6 +663,15 @@ class NaturalGradient(PyroOptim):
         self._warn_fallback(params)
         # Parameters the base optimizer steps may move the guide's optimum (_drift).
         self._other_steps = any(p not in self._owner for p in params)
+        check = getattr(self.base_optimizer, "check_step", None)
+        if callable(check):
+            # An AmortisedNaturalGradient's refusals, before this optimizer writes: the
+            # step is refused whole (after them, the groups here had already moved).
+            try:
+                check()
+            except (RuntimeError, ValueError):
+                self._drop_step()
+                raise
         records, confirmed = self._draws(params)
         seen = set()
         rest = []

@@ -427,3 +427,44 @@ def test_a_refused_composed_step_drops_the_base_optimizers_draws_too(float64):
         quiet(renyi.step, x)
     assert amortised._draws == []
     assert all(p.grad is None for p in guide.parameters())
+
+
+class _NormalisedPartEncoder(_PartEncoder):
+    """:class:`_PartEncoder` with a batch normalisation of its input (training mode)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.bn = torch.nn.BatchNorm1d(1)
+
+    def forward(self, x):
+        return super().forward(self.bn(x.unsqueeze(-1)).squeeze(-1))
+
+
+def test_a_step_the_amortised_base_optimizer_refuses_is_refused_whole(float64):
+    """With ``AmortisedNaturalGradient`` as ``NaturalGradient``'s base optimizer, the base
+    refused (a BatchNorm in training mode) only after the natural-gradient groups had
+    stepped: the ``AutoNormal`` part moved and its clock ran. Its checks now run first
+    (``check_step``): nothing moves, the gradients are dropped, and after the fix (eval
+    mode) the run steps."""
+    x = torch.randn(20) + 1.5
+    guide = AutoGuideList(_global_and_local)
+    guide.append(AutoNormal(poutine.block(_global_and_local, expose=["mu"])))
+    guide.append(_NormalisedPartEncoder(_global_and_local))
+    guide[1].bn.eval()
+    amortised = AmortisedNaturalGradient(guide)
+    optim = NaturalGradient(guide, base_optimizer=amortised)
+    svi = SVI(_global_and_local, guide, optim, Trace_ELBO())
+    quiet(svi.step, x)
+    guide[1].bn.train()
+    store = pyro.get_param_store()
+    before = {k: v.unconstrained().detach().clone() for k, v in store.items()}
+    clocks = {k: v["t"] for k, v in optim.get_state()["natural_gradient"].items()}
+    with pytest.raises(RuntimeError, match="BatchNorm1d"):
+        quiet(svi.step, x)
+    assert all(torch.equal(v.unconstrained(), before[k]) for k, v in store.items())
+    assert {k: v["t"] for k, v in optim.get_state()["natural_gradient"].items()} == clocks
+    assert all(p.grad is None for p in guide.parameters())
+    guide[1].bn.eval()
+    quiet(svi.step, x)
+    assert not torch.equal(store["AutoGuideList.0.locs.mu"].detach(),
+                           before["AutoGuideList.0.locs.mu"])
