@@ -216,6 +216,6 @@ def tril_gaussian_step(site, grads, rho, max_kl):
         new_raw = raw.triu(1) + T.inv(step.scale_tril).tril()
         if not (bool(torch.isfinite(step.loc).all()) and bool(torch.isfinite(new_raw).all())):
             return None  # an overflow (a gradient near the largest float): skipped, unchanged
-        write_param(site.params["loc"], step.loc)
-        write_param(site.params["scale_tril"], new_raw)
+        site.params["loc"].data.copy_(step.loc)  # checked above
+        site.params["scale_tril"].data.copy_(new_raw)
     return step.rho

@@ -959,14 +959,19 @@ class NaturalGradient(PyroOptim):
                                       moments[:2] if moments is not None else None, self.max_kl,
                                       precision_target=target, cv=cv)
         new_raw = group.transforms["scale"].inv(step.scale_tril)
-        if not _all_finite([step.loc if mean is None else mean, new_raw]):
+        new_loc = step.loc if mean is None else mean
+        if active is not None:  # only the visited elements move
+            new_loc = torch.where(active, new_loc, loc)
+            new_raw = torch.where(active, new_raw, raw)
+        # The one finiteness check of what is written (an overflow), so plain copies below.
+        if not _all_finite([new_loc, new_raw]):
             if mean is None:
                 self._skip_overflow(group.key)
             return None  # nothing written (with mean: the caller undoes its other groups)
+        loc.data.copy_(new_loc)
+        raw.data.copy_(new_raw)
         taken = _fraction_taken(step.rho, rho)
         if active is None:
-            self._write(loc, step.loc if mean is None else mean)
-            self._write(raw, new_raw)
             if mean is not None:
                 S = scale * g_scale
                 return S - cv * (moments[1] - 1) if moments is not None else S
@@ -977,8 +982,6 @@ class NaturalGradient(PyroOptim):
             else:
                 state["t"] += float(taken.mean())
         else:
-            self._write(loc, torch.where(active, step.loc, loc))
-            self._write(raw, torch.where(active, new_raw, raw))
             state["t_elem"] = t + active.to(t.dtype) * taken
             state["t"] += 1
 
@@ -1263,8 +1266,10 @@ class NaturalGradient(PyroOptim):
         ``(mu' - mu) / (rho sd')``, ``(D,)`` (``sd'`` the new marginal sds), for the hold
         test of :data:`HOLD_MIN_DRIFT`; None where no parameter takes base-optimizer
         steps in this call (the optimum stands still) or none of ``rho`` was taken."""
+        if not self._other_steps:
+            return None
         taken = float(torch.as_tensor(used, dtype=torch.float64).mean())
-        if not self._other_steps or not taken > 0:
+        if not taken > 0:
             return None
         sds = []
         for g in groups:
