@@ -1215,7 +1215,8 @@ class NaturalGradient(PyroOptim):
                 # The clock holds while the running precision still moves far, as for
                 # the other guides (from init_scale 1e-5 the decay left it 2-13 times
                 # the Hessian, 0.56 nats off after 60 steps; 1e-12 with the hold).
-                self._hold_or_advance(state, used, rho, change)
+                self._hold_or_advance(state, used, rho, change,
+                                      self._drift(groups, locs, used))
                 return True
             elif len(groups) > 1 and any(isinstance(g, FullGaussianGroup) for g in groups):
                 used, change = self._step_blocks_newton(groups, grads, target, offset, rho,
@@ -1276,6 +1277,9 @@ class NaturalGradient(PyroOptim):
             if isinstance(g, FullGaussianGroup):
                 s_, _, U = g.factors()
                 sds.append((s_.unsqueeze(-1) * U).norm(dim=-1))
+            elif isinstance(g, LowRankGaussianGroup):
+                C, s_ = g.factors()  # Sigma_ii = s_i^2 (1 + |C_i|^2)
+                sds.append(s_ * (1 + C.square().sum(-1)).sqrt())
             else:
                 sds.append(g.scale()[0].reshape(-1))
         new = torch.cat([g.params["loc"].detach().reshape(-1) for g in groups])
