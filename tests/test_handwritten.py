@@ -769,6 +769,49 @@ def test_a_site_whose_elements_the_step_cannot_separate_goes_to_the_base_optimiz
         assert routes["x"].startswith("natural gradient"), routes
 
 
+
+def test_a_student_t_with_df_a_parameter_takes_the_base_optimizers_steps():
+    """A learned ``df``: its Fisher in ``log df`` falls like ``1/df^2``, and 1-nat
+    single-draw natural-gradient steps sent ``df`` to 5e-36 or 1e107 in every seed of
+    six (then the gradients were NaN and every later step was skipped). The site's
+    parameters now take the base optimizer's steps, exactly Adam's, with the reason in
+    :meth:`routing`; a fixed ``df`` keeps the natural steps of ``loc`` and ``scale``
+    (test_location_scale_guides_of_other_families_converge)."""
+    y = torch.tensor([0.3, 1.1, 0.7, 2.0], dtype=F64)
+
+    def model():
+        z = pyro.sample("z", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+        with pyro.plate("n", 4):
+            pyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+    def guide():
+        loc = pyro.param("l", torch.tensor(0.0, dtype=F64))
+        scale = pyro.param("s", torch.tensor(1.0, dtype=F64), constraint=constraints.positive)
+        df = pyro.param("df", torch.tensor(5.0, dtype=F64), constraint=constraints.positive)
+        pyro.sample("z", dist.StudentT(df, loc, scale))
+
+    fits = []
+    for optim in (lambda: NaturalGradient(guide), lambda: pyro.optim.Adam({"lr": 0.01})):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        opt = optim()
+        svi = SVI(model, guide, opt, Trace_ELBO())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "NaturalGradient: 3 parameter",
+                                    NaturalGradientWarning)
+            for _ in range(300):
+                svi.step()
+        if isinstance(opt, NaturalGradient):
+            routes = opt.routing()
+            assert set(routes) == {"l", "s", "df"}
+            assert all("StudentT with df a parameter" in r for r in routes.values()), routes
+        fits.append({k: value(k) for k in ("l", "s", "df")})
+    for k in fits[0]:
+        torch.testing.assert_close(fits[0][k], fits[1][k], rtol=0, atol=0)
+    # Near the Student-t optimum (the posterior is N(4.1/5, 1/5): mean 0.82, sd 0.45).
+    assert abs(float(fits[0]["l"]) - 0.82) < 0.2 and 0.3 < float(fits[0]["s"]) < 0.8
+
+
 def test_fallback_params_take_exact_adam_steps():
     """Rejected parameters get exactly the base optimizer's steps."""
     opt = NaturalGradient(mixed_guide, base_optimizer=pyro.optim.Adam({"lr": 0.05}))
