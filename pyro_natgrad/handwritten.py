@@ -293,6 +293,23 @@ class _ParamCalls(Messenger):
             self.values.append((msg["name"], msg["value"]))
 
 
+class _Drawn(torch.Tensor):
+    """A value drawn in the guide's read run, and (torch carries a subclass through
+    every operation, indexing by it included) all that is computed from it."""
+
+
+class _MarkDraws(Messenger):
+    """Makes every latent draw of the read run a :class:`_Drawn`, so that a site whose
+    arguments are computed from another site's draw (``Normal(loc, 0.01 + s)`` with a
+    Bernoulli ``s``, ``scales[k]`` with a Categorical ``k``, data indexed by a subsample)
+    can be told apart from one with constant arguments: without a gradient such an
+    argument read as fixed, and the step kept the read run's value of it."""
+
+    def _postprocess_message(self, msg):
+        if msg["type"] == "sample" and not msg["is_observed"] and torch.is_tensor(msg["value"]):
+            msg["value"] = msg["value"].as_subclass(_Drawn)
+
+
 def _node_of(t: torch.Tensor):
     """The graph node standing for ``t``: its ``grad_fn``, or for a leaf the leaf itself."""
     return t.grad_fn if t.grad_fn is not None else t
@@ -354,7 +371,7 @@ def read_handwritten(guide, args=(), kwargs=None):
     calls = _ParamCalls()
     try:
         with torch.random.fork_rng(devices=cuda), torch.enable_grad(), poutine.block():
-            with calls:
+            with calls, _MarkDraws():
                 trace = poutine.trace(guide).get_trace(*args, **kwargs)
     finally:
         pyro.util.set_rng_state(rng)
@@ -481,6 +498,12 @@ def _read_site(site_name, node, params, by_node):
     except Exception as e:  # noqa: BLE001
         return None, f"site {site_name!r}: {family}: {e}"
     categorical = family in _CATEGORICAL_LIKE
+    # Name a fixed argument first: a parameter broadcast against it is drawn too.
+    drawn = sorted((r for r in op.names if isinstance(getattr(base, r), _Drawn)),
+                   key=lambda r: getattr(base, r).requires_grad)
+    if drawn:
+        return None, (f"site {site_name!r}: argument {drawn[0]!r} of {family} depends on "
+                      f"another site's draw (its Fisher changes from draw to draw)")
     fed, fixed = {}, {}
     for role in op.names:
         arg = getattr(base, role)

@@ -812,6 +812,49 @@ def test_a_student_t_with_df_a_parameter_takes_the_base_optimizers_steps():
     assert abs(float(fits[0]["l"]) - 0.82) < 0.2 and 0.3 < float(fits[0]["s"]) < 0.8
 
 
+
+@pytest.mark.parametrize("dependence", ["arithmetic", "index", "none"])
+def test_a_site_whose_fixed_argument_depends_on_a_draw_goes_to_the_base_optimizer(dependence):
+    """A scale computed from a discrete draw carries no gradient, so it read as a fixed
+    argument, and every step used the read run's value of it: with ``0.01 + 0.99 s``,
+    ``s ~ Bernoulli``, a read of ``s = 0`` left ``loc`` at 1.6 after 400 steps (optimum
+    3.0), one of ``s = 1`` jumping between 2.1 and 4.2. Such a site's parameters now take
+    the base optimizer's steps; an argument that does not depend on a draw still is a
+    fixed one (``"none"``: the draw is made but not used). Data indexed by a subsample
+    would be such an argument too, but a subsampled site is refused as scaled."""
+    scales = torch.tensor([0.01, 0.1, 1.0], dtype=F64)
+
+    def model():
+        pyro.sample("k", dist.Categorical(torch.ones(3, dtype=F64) / 3))
+        with pyro.plate("n", 3):
+            w = pyro.sample("w", dist.Normal(torch.zeros(3, dtype=F64), 3.0))
+            pyro.sample("y", dist.Normal(w, 0.05), obs=torch.full((3,), 3.0, dtype=F64))
+
+    def guide():
+        p = pyro.param("p", torch.ones(3, dtype=F64) / 3, constraint=constraints.simplex)
+        k = pyro.sample("k", dist.Categorical(p))
+        loc = pyro.param("loc", torch.zeros(3, dtype=F64))
+        with pyro.plate("n", 3):
+            scale = {"arithmetic": 0.01 + 0.5 * k.to(F64).expand(3),
+                     "index": scales[k].expand(3),
+                     "none": torch.full((3,), 0.1, dtype=F64)}[dependence]
+            pyro.sample("w", dist.Normal(loc, scale))
+
+    pyro.set_rng_seed(0)
+    opt = NaturalGradient(guide)
+    svi = SVI(model, guide, opt, Trace_ELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NaturalGradientWarning)
+        svi.step()
+    routes = opt.routing()
+    assert routes["p"].startswith("natural gradient (Categorical"), routes
+    if dependence == "none":
+        assert routes["loc"].startswith("natural gradient (Normal, Fisher step"), routes
+    else:
+        assert "argument 'scale' of Normal depends on another site's draw" in routes["loc"], \
+            routes
+
+
 def test_fallback_params_take_exact_adam_steps():
     """Rejected parameters get exactly the base optimizer's steps."""
     opt = NaturalGradient(mixed_guide, base_optimizer=pyro.optim.Adam({"lr": 0.05}))
