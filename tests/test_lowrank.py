@@ -349,7 +349,10 @@ def test_jit_elbo_covariance_from_replayed_draws():
     group cannot confirm the draw (its gradients have no identity to check), so the
     draw gives the Hessian but no control variate: the covariance takes the projection
     step, and equals Trace_ELBO's (the Hessian is constant here), while the mean
-    carries the gradient noise."""
+    carries the gradient noise. To 1e-5: the trust region cuts the first five steps,
+    and where it cuts depends on the mean's direction, whose noise differs (step sizes
+    0.189 and 0.192 at the first), and the covariances forget that slowly (1.7e-8
+    apart after 30 steps, 1.3e-8 after 60)."""
     X, y = data(d=6)
     cov = {}
     for elbo in (Trace_ELBO(), JitTrace_ELBO()):
@@ -364,7 +367,7 @@ def test_jit_elbo_covariance_from_replayed_draws():
                 svi.step(X, y)
         with torch.no_grad():
             cov[type(elbo).__name__] = guide.get_posterior().covariance_matrix.clone()
-    torch.testing.assert_close(cov["JitTrace_ELBO"], cov["Trace_ELBO"], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(cov["JitTrace_ELBO"], cov["Trace_ELBO"], rtol=1e-5, atol=1e-7)
 
 
 def test_ggn_curvature_follows_the_hessian_for_a_canonical_link():

@@ -2565,6 +2565,52 @@ def test_hvp_needs_a_mean_field_guide_without_subsampling(float64):
         svi.step(torch.zeros(12, dtype=F64), torch.tensor([7, 2, 9, 4]))
 
 
+
+@pytest.mark.parametrize("curvature,n", [("hessian", 20000), ("hvp", 2000)])
+def test_the_mean_field_newton_step_stays_in_its_trust_region(float64, curvature, n):
+    """A Poisson regression whose Hessian is far larger than the guide's first precision:
+    cutting the step size weights that precision more in ``P' = (1 - rho) P0 + rho H``,
+    and lengthens the Newton direction ``P'^{-1} g``. The cut was computed once, at the
+    uncut direction: the mean then moved 731 (2e6 nats against ``max_kl`` 10) at the
+    third step under ``"hessian"``, 8e4 at the first under ``"hvp"``, and every later
+    loss was NaN. Each step's ``0.5 dmu^T M dmu`` must be within the bound in the
+    smaller of its two metrics ``M``: the guide's ``diag(1 / sd^2)`` and the step's
+    ``P'``. The bound is ``max_kl``, and ``max_kl`` per latent under ``"hvp"``."""
+    gen = generator(0)
+    X = 3 * torch.randn(n, 4, generator=gen, dtype=F64)
+    y = torch.poisson((X @ torch.tensor([1.0, -0.5, 0.8, 0.2], dtype=F64)).clamp(max=15).exp(),
+                      generator=gen)
+    prior = dist.Normal(torch.zeros(4, dtype=F64), 10.0)
+
+    def model():
+        w = pyro.sample("w", prior.to_event(1))
+        pyro.sample("y", dist.Poisson((X @ w).exp()).to_event(1), obs=y)
+
+    def hessian(w):
+        def neg_log_joint(v):
+            return -(prior.log_prob(v).sum() + dist.Poisson((X @ v).exp()).log_prob(y).sum())
+        return torch.autograd.functional.hessian(neg_log_joint, w)
+
+    guide = AutoNormal(model, init_scale=1.0)
+    guide()  # builds the parameters
+    pyro.set_rng_seed(0)
+    opt = NaturalGradient(guide, curvature=curvature)
+    svi = SVI(model, guide, opt, Trace_ELBO())
+    for _ in range(4):
+        loc0, sd0 = guide.locs.w.detach().clone(), guide.scales.w.detach().clone()
+        svi.step()
+        state = opt._state["curvature"]
+        if curvature == "hvp":
+            w = state["hessian_weight"]
+            P = (1 - w) * torch.diag(state["first_precision"]) + w * hessian(loc0)
+        else:
+            P = state["precision"]
+        dmu = guide.locs.w.detach() - loc0
+        kl = 0.5 * min(float((dmu / sd0).square().sum()), float(dmu @ P @ dmu))
+        assert kl <= opt.max_kl * (4 if curvature == "hvp" else 1) * (1 + 1e-9), kl
+    assert math.isfinite(svi.evaluate_loss())
+
+
 def test_hvp_in_float32(rng):
     """float32 parameters and data: the Newton steps still put the mean within 1e-3
     mean-field sds of the exact posterior mean (float64 closed form) in 10 steps."""
@@ -2628,13 +2674,14 @@ def test_gradient_only_variances_do_not_ratchet_far_from_the_mean(float64):
 
 def test_hvp_from_a_far_start(float64):
     """An independent Gaussian posterior N(x/2, I/2) over 300 latents whose mean is about
-    21 posterior sds from AutoNormal's start (init_scale 0.1): curvature="hvp" is paced
-    by its trust region, measured in the Newton matrix that starts from the guide's
-    narrow first precision, so it is slower here than gradient-only steps (the figures
-    in docs/optimizer.rst: 59,300 nats after 100 steps, where "none" is 57 away), but
-    it reaches the exact optimum (the exact gap is closed form). Before the mean-field
-    trust region counted the variance's growth in the mean's move (``step_limit``),
-    "none" was 2,380 nats away after 100 steps and "hvp" 5,300 after 300."""
+    21 posterior sds from AutoNormal's start (init_scale 0.1): curvature="hvp" is exact
+    after 100 steps, where gradient-only steps are 57 nats away (the exact gap is closed
+    form). Its trust region, ``max_kl`` per latent, measures the mean's steps in the
+    Newton matrix that starts from the guide's narrow first precision; with ``max_kl``
+    for all 300 latents together (and a cut that let steps overrun it) it was 59,300
+    nats away after 100 steps. Before the mean-field trust region counted the
+    variance's growth in the mean's move (``step_limit``), "none" was 2,380 nats away
+    after 100 steps."""
     d = 300
     data = 30 + torch.randn(d, generator=generator(0), dtype=F64)
     model = _vector_model(d, data)
@@ -2645,7 +2692,7 @@ def test_hvp_from_a_far_start(float64):
         return float((m - data / 2).square().sum() + 0.5 * (r - 1 - r.log()).sum())
 
     gaps = {}
-    for curvature, steps in (("hvp", 400), ("none", 300)):  # "hvp": 3.5e-9 at 350
+    for curvature, steps in (("hvp", 400), ("none", 300)):
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         guide = AutoNormal(model)
@@ -2655,8 +2702,8 @@ def test_hvp_from_a_far_start(float64):
             if t + 1 in (100, 300):
                 gaps[curvature, t + 1] = gap(guide)
         gaps[curvature, steps] = gap(guide)
-    assert gaps["hvp", 400] < 1e-6 and gaps["hvp", 300] < 1
-    assert gaps["none", 300] < 1e-6 and gaps["none", 100] < 100 < 1000 < gaps["hvp", 100]
+    assert gaps["hvp", 400] < 1e-6 and gaps["hvp", 100] < 1e-6
+    assert gaps["none", 300] < 1e-6 and 1 < gaps["none", 100] < 100
 
 
 def _beta_logit_mean_field_optimum():
