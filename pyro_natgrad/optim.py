@@ -1368,7 +1368,7 @@ class NaturalGradient(PyroOptim):
 
             def excess_at(r):
                 nonlocal w, product, direction, ok
-                if r != rho_mean:
+                if r != rho_mean:  # the first call measures the solve already made
                     w, product, direction, ok = newton(r)
                 if not ok:
                     return math.nan
