@@ -16,7 +16,7 @@ full-rank optimum, so it includes the mean-field family's own shortfall, the sam
 every contender.
 
     python benchmarks/fullrank_highdim.py [--d 300] [--n 1500] [--steps 3000] [--quick]
-        [--guide {mvn,normal}] [--mixing 0.3]
+        [--guide {mvn,normal}] [--mixing 0.3] [--factor 0.64]
 """
 
 import argparse
@@ -35,20 +35,28 @@ from problems import GLMRegression, full_rank_moments  # noqa: E402
 from pyro_natgrad import NaturalGradient  # noqa: E402
 
 
-def design(n, d, mixing, seed=0):
+def design(n, d, mixing, seed=0, factor=0.0):
     """The synthetic logistic regression of :meth:`GLMRegression.synthetic`, with its
-    columns mixed by ``I + mixing R / sqrt(d)`` (all but the intercept)."""
+    columns (all but the intercept) mixed by ``I + mixing R / sqrt(d)``, or sharing one
+    standard normal factor ``f``: ``sqrt(1 - factor) x + sqrt(factor) f``, pairwise
+    correlation ``factor``."""
     problem = GLMRegression.synthetic(n, d, "logistic", seed=seed)
-    if mixing == 0:
+    if mixing == 0 and factor == 0:
         return problem
     g = torch.Generator().manual_seed(seed + 1)
     X = problem.X.clone()
-    R = torch.randn(d - 1, d - 1, generator=g, dtype=X.dtype)
-    X[:, :-1] = X[:, :-1] @ (torch.eye(d - 1, dtype=X.dtype) + mixing * R / (d - 1) ** 0.5)
+    if mixing:
+        R = torch.randn(d - 1, d - 1, generator=g, dtype=X.dtype)
+        X[:, :-1] = X[:, :-1] @ (torch.eye(d - 1, dtype=X.dtype) + mixing * R / (d - 1) ** 0.5)
+    if factor:
+        f = torch.randn(n, 1, generator=g, dtype=X.dtype)
+        X[:, :-1] = (1 - factor) ** 0.5 * X[:, :-1] + factor ** 0.5 * f
     w = torch.randn(d, generator=g, dtype=X.dtype) / d ** 0.5
     y = torch.bernoulli(torch.sigmoid(X @ w), generator=g)
-    return GLMRegression(f"synthetic logistic, columns mixed by {mixing} (n={n}, d={d})",
-                         X, y, "logistic", 1.0)
+    how = ([f"columns mixed by {mixing}"] if mixing else []) + (
+        [f"one shared factor, correlation {factor}"] if factor else [])
+    return GLMRegression(f"synthetic logistic, {', '.join(how)} (n={n}, d={d})", X, y,
+                         "logistic", 1.0)
 
 
 def moments(guide):
@@ -70,6 +78,8 @@ def main(argv=None):
     p.add_argument("--guide", choices=("mvn", "normal"), default="mvn")
     p.add_argument("--mixing", type=float, default=0.0,
                    help="correlation of the design's columns (see the docstring)")
+    p.add_argument("--factor", type=float, default=0.0,
+                   help="pairwise correlation of the columns through one shared factor")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -78,7 +88,9 @@ def main(argv=None):
     check_at_least(p, args, 1, "n", "steps", "hessian_steps", "threads")
     check_at_least(p, args, 2, "d")  # an intercept and at least one covariate to mix
     set_threads(args.threads)
-    problem = design(args.n, args.d, args.mixing)
+    if not 0 <= args.factor < 1:
+        p.error(f"--factor must be in [0, 1), got {args.factor}")
+    problem = design(args.n, args.d, args.mixing, factor=args.factor)
     log(f"optimal full-rank ELBO by L-BFGS (d={args.d}) ...")
     best, *_ = problem.optimum()
     budgets = [b for b in (10, 30, 100, 300, 1000, 3000, 10000) if b <= args.steps]

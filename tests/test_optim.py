@@ -34,7 +34,7 @@ from pyro.infer import (
 )
 from pyro.infer.autoguide import (
     AutoDelta, AutoDiagonalNormal, AutoGuideList, AutoLowRankMultivariateNormal,
-    AutoMultivariateNormal, AutoNormal, AutoNormalMessenger,
+    AutoMultivariateNormal, AutoNormal, AutoNormalMessenger, init_to_median,
 )
 
 from pyro_natgrad import NaturalGradient, NaturalGradientWarning, StepSize
@@ -2576,7 +2576,7 @@ def test_the_mean_field_newton_step_stays_in_its_trust_region(float64, curvature
     third step under ``"hessian"``, 8e4 at the first under ``"hvp"``, and every later
     loss was NaN. Each step's ``0.5 dmu^T M dmu`` must be within the bound in the
     smaller of its two metrics ``M``: the guide's ``diag(1 / sd^2)`` and the step's
-    ``P'``. The bound is ``max_kl``, and ``max_kl`` per latent under ``"hvp"``."""
+    ``P'``. The bound is ``max_kl`` per latent."""
     gen = generator(0)
     X = 3 * torch.randn(n, 4, generator=gen, dtype=F64)
     y = torch.poisson((X @ torch.tensor([1.0, -0.5, 0.8, 0.2], dtype=F64)).clamp(max=15).exp(),
@@ -2608,8 +2608,70 @@ def test_the_mean_field_newton_step_stays_in_its_trust_region(float64, curvature
             P = state["precision"]
         dmu = guide.locs.w.detach() - loc0
         kl = 0.5 * min(float((dmu / sd0).square().sum()), float(dmu @ P @ dmu))
-        assert kl <= opt.max_kl * (4 if curvature == "hvp" else 1) * (1 + 1e-9), kl
+        assert kl <= opt.max_kl * 4 * (1 + 1e-9), kl
     assert math.isfinite(svi.evaluate_loss())
+
+
+@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoDiagonalNormal])
+def test_mean_field_steps_with_the_models_hessian_bound_the_kl_per_latent(float64, guide_cls):
+    """With the model's Hessian (the default up to 256 latents), ``max_kl`` bounds a
+    mean-field step's KL per latent. The KL from a guide's start to a posterior of ``D``
+    informative latents grows like ``D``: one ``max_kl`` for the whole step left this
+    correlated regression of 40 latents about 500 nats off after 10 steps."""
+    gen = generator(3)
+    n, d = 160, 39
+    mix = torch.eye(d, dtype=F64) + 0.3 * torch.randn(d, d, generator=gen, dtype=F64) / d ** 0.5
+    X = torch.randn(n, d, generator=gen, dtype=F64) @ mix
+    y = X @ torch.randn(d, generator=gen, dtype=F64) + SIGMA * torch.randn(
+        n, generator=gen, dtype=F64)
+    guide = fresh(guide_cls)
+    svi = SVI(blr_model, guide, NaturalGradient(guide), Trace_ELBO())
+    for _ in range(10):
+        svi.step(X, y)
+    assert_reached(guide, X, y)
+
+
+def test_a_fit_the_trust_region_stalls_warns_and_a_nearer_start_converges(float64):
+    """``AutoNormal`` starts a noise scale at 1 (its unconstrained 0) against data in
+    units of 1e4: the model's curvature there is about 1e9 times the posterior's, the
+    trust region cut every step to about 1e-9, and 1,000 steps left the weights at 0,
+    silently. It now warns; started at the prior's median, as the warning advises, the
+    fit reaches the least-squares answer (the priors are 1e5 times wider than it)."""
+    gen = generator(1)
+    n = 200
+    X = torch.randn(n, 3, generator=gen, dtype=F64)
+    y = 1e4 * (X @ torch.tensor([1.0, -2.0, 0.5], dtype=F64) + 3.0
+               + 0.7 * torch.randn(n, generator=gen, dtype=F64))
+
+    def model():
+        b = pyro.sample("b", dist.Normal(torch.tensor(0.0, dtype=F64), 1e5))
+        w = pyro.sample("w", dist.Normal(torch.zeros(3, dtype=F64), 1e5).to_event(1))
+        sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(1e5, dtype=F64)))
+        with pyro.plate("data", n):
+            pyro.sample("y", dist.Normal(b + X @ w, sigma), obs=y)
+
+    pyro.set_rng_seed(0)
+    guide = fresh(AutoNormal, model)
+    svi = SVI(model, guide, NaturalGradient(guide), Trace_ELBO())
+    with pytest.warns(NaturalGradientWarning, match="has stalled"):
+        for _ in range(20):
+            svi.step()
+    assert float(guide.locs.b.abs()) < 1.0  # stalled indeed: b's answer is 3e4
+
+    guide = fresh(AutoNormal, model, init_loc_fn=init_to_median)
+    svi = SVI(model, guide, NaturalGradient(guide), Trace_ELBO())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(100):
+            svi.step()
+    assert not [w for w in caught if "has stalled" in str(w.message)]
+    Z = torch.cat([X.new_ones(n, 1), X], 1)
+    coef = torch.linalg.lstsq(Z, y.unsqueeze(-1)).solution.squeeze(-1)
+    resid_sd = float((y - Z @ coef).square().sum() / (n - 4)) ** 0.5
+    se = resid_sd * torch.linalg.inv(Z.T @ Z).diagonal().sqrt()
+    fitted = torch.cat([guide.locs.b.reshape(1), guide.locs.w]).detach()
+    assert float(((fitted - coef) / se).abs().max()) < 0.1
+    assert abs(float(guide.median()["sigma"]) / resid_sd - 1) < 0.05
 
 
 def test_hvp_in_float32(rng):
