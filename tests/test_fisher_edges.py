@@ -316,6 +316,53 @@ def test_zero_trials_beside_a_zero_probability(coords):
     assert bool((x == 0).all())
 
 
+def _zero_trials_closed_form(name, coords):
+    """Per element, the Fisher written out here: ``n p q`` in natural coordinates
+    (``logit p``), ``1/(n p q)`` in mean ones (``n p``), a zero matrix with no trials; or
+    None for a zero matrix of the element's size."""
+    if not name.startswith("Binomial"):
+        return [None, None]
+    p = 0.6 if name.endswith("probs") else 1 / (1 + math.exp(1.0))
+    var = 4 * p * (1 - p)
+    return [None, var if coords == "natural" else 1 / var]
+
+
+@pytest.mark.parametrize("coords", ["natural", "mean"])
+@pytest.mark.parametrize("name", list(ZERO_TRIALS))
+def test_zero_trials_in_natural_and_mean_coordinates(name, coords):
+    """No trials carry no information in any coordinates: ``F = 0`` there, as in standard
+    ones (the documented zero Fisher), and the other element keeps its closed form. In
+    mean coordinates the binomial's ``p = m / n`` gave NaN (``0/0``) in F, and every solve
+    raised, the other element's too; the multinomial's gave inf and a NaN damped solve;
+    in natural coordinates an undamped solve of a vector 0 there raised."""
+    from pyro_natgrad.fisher import SingularFisherError, fisher_operator
+    op = fisher_operator(ZERO_TRIALS[name](), coords=coords)
+    k = op.dim
+    expected = torch.zeros(2, k, k, dtype=F64)
+    for i, f in enumerate(_zero_trials_closed_form(name, coords)):
+        if f is not None:
+            expected[i] = f
+    F = op.dense()
+    torch.testing.assert_close(F, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(op.mv(torch.ones(2, k, dtype=F64)), expected.sum(-1),
+                               rtol=1e-12, atol=0)
+    trials = expected.flatten(1).ne(0).any(-1)  # the elements with trials
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(2, k, generator=g, dtype=F64)
+    with pytest.raises(SingularFisherError, match="total_count 0"):
+        op.solve(v)
+    v[~trials] = 0
+    x = op.solve(v)
+    want = torch.zeros(2, k, dtype=F64)
+    want[trials] = torch.linalg.solve(expected[trials], v[trials])
+    torch.testing.assert_close(x, want, rtol=1e-12, atol=0)
+    assert bool((x[~trials] == 0).all())
+    # Damped: (F + lambda I)^{-1}, v / lambda where F = 0.
+    eye = torch.eye(k, dtype=F64)
+    want = torch.linalg.solve(expected + 0.5 * eye, (v + 1).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(op.solve(v + 1, damping=0.5), want, rtol=1e-12, atol=0)
+
+
 def _empty_batch_cases():
     from tests.fisher_cases import CASES
     out = []
@@ -572,3 +619,77 @@ def test_a_class_inheriting_two_registrations_is_warned_of_once():
                 cls = getattr(module, name)
                 if inspect.isclass(cls) and issubclass(cls, torch.distributions.Distribution):
                     lookup_fisher(cls)
+
+
+@pytest.mark.parametrize("family", [dist.Gamma, dist.InverseGamma])
+@pytest.mark.parametrize("dtype,a,b", [(torch.float32, 2.0, 1e-30), (torch.float32, 0.5, 1e-25),
+                                       (torch.float64, 2.0, 1e-200)])
+def test_an_overflowing_entry_of_a_two_parameter_block(family, dtype, a, b):
+    """``F = [[psi'(a), -1/b], [-1/b, a/b^2]]`` (mpmath here) with ``a/b^2`` beyond the
+    dtype's range: that entry may be inf, but no entry NaN; ``F e_0`` is finite, and so
+    is the solve ``F^{-1} e_0 = [a, b] / (a psi'(a) - 1)`` (and the damped one).
+    The scales were folded into the matrix: ``inf * 0`` gave a NaN entry below the
+    diagonal and in ``F e_0``, and a Cholesky of the scaled matrix refused to solve."""
+    from pyro_natgrad.fisher import fisher_operator
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(600):  # f h - g^2 cancels 400 digits at b = 1e-200
+        A, B = mpmath.mpf(a), mpmath.mpf(torch.tensor(b, dtype=dtype).item())
+        tg = mpmath.polygamma(1, A)
+        ref = mpmath.matrix([[tg, -1 / B], [-1 / B, A / B ** 2]])
+    d = family(torch.tensor(a, dtype=dtype), torch.tensor(b, dtype=dtype))
+    op = fisher_operator(d)
+    F = op.dense().double()
+    assert not bool(F.isnan().any()), F
+    # torch's trigamma is good to about 5e-10 relative; the solve amplifies it ~5-fold.
+    rtol = 1e-5 if dtype == torch.float32 else 1e-8
+    big = float(ref[1, 1]) > torch.finfo(dtype).max
+    for i, j in [(0, 0), (0, 1), (1, 0)] + ([] if big else [(1, 1)]):
+        assert math.isclose(F[i, j].item(), float(ref[i, j]), rel_tol=rtol), (i, j, F)
+    if big:
+        assert F[1, 1].item() == math.inf, F
+    e0 = torch.tensor([1.0, 0.0], dtype=dtype)
+    Fe0 = op.mv(e0).double()
+    torch.testing.assert_close(Fe0, torch.tensor([float(tg), float(-1 / B)], dtype=F64),
+                               rtol=rtol, atol=0)
+    for damping in (0.0, 0.1):  # [[f, g], [g, h]]^{-1} e_0 = [h, -g] / (f h - g^2)
+        with mpmath.workdps(600):
+            f, g, h = ref[0, 0] + damping, ref[0, 1], ref[1, 1] + damping
+            det = f * h - g * g
+            want = torch.tensor([float(h / det), float(-g / det)], dtype=F64)
+        torch.testing.assert_close(op.solve(e0, damping).double(), want, rtol=rtol, atol=0)
+
+
+_P_HI = {dt: torch.tensor(1.0, dtype=dt) - torch.finfo(dt).eps / 2 for dt in DTYPES}
+_P_LO = {dt: torch.tensor(torch.finfo(dt).tiny / 4, dtype=dt) for dt in DTYPES}
+CLAMPED = {  # (distribution, probability, F in logits at p: worked by hand)
+    "NegativeBinomial p->1": (lambda p: dist.NegativeBinomial(3.0, probs=p), _P_HI,
+                              lambda p: 3 * p),
+    "Geometric p->0": (lambda p: dist.Geometric(probs=p), _P_LO, lambda p: 1 - p),
+    "Geometric p->1": (lambda p: dist.Geometric(probs=p), _P_HI, lambda p: 1 - p),
+    "Bernoulli p->1": (lambda p: dist.Bernoulli(probs=p), _P_HI, lambda p: p * (1 - p)),
+    "Binomial p->1": (lambda p: dist.Binomial(5, probs=p), _P_HI, lambda p: 5 * p * (1 - p)),
+}
+
+
+@pytest.mark.parametrize("coords", ["unconstrained", "sigmoid"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(CLAMPED))
+def test_a_probability_beyond_the_sigmoid_clamp_keeps_its_unconstrained_fisher(
+        name, dtype, coords):
+    """Torch's sigmoid clamps to ``[tiny, 1 - eps]``; a probability beyond (``1 - eps/2``,
+    ``tiny/4``) is still inside (0, 1), and its Fisher in logits, ``p(1-p) F_p p(1-p)``,
+    is the closed form written here from ``p`` in float64: ``r p`` (3, not 0) for a
+    negative binomial near 1, ``1 - p`` (1) for a geometric near 0. It was 0 (taken as
+    the limit at every end), and the natural gradient raised."""
+    from torch.distributions.transforms import SigmoidTransform
+    build, probs, closed = CLAMPED[name]
+    p = probs[dtype]
+    assert 0 < p.item() < 1
+    d = build(p)
+    c = "unconstrained" if coords == "unconstrained" else {"probs": SigmoidTransform()}
+    expected = closed(p.double())
+    F = fisher_information(d, coords=c)
+    _close(F, expected.reshape(1, 1), dtype, atol=0)
+    g = torch.tensor(2.0, dtype=dtype)
+    step = natural_gradient(d, {"probs": g}, coords=c)["probs"]
+    _close(step, 2.0 / expected, dtype, atol=0)

@@ -472,6 +472,36 @@ def _within_standard_errors(got, exact, make, log_prob, params, n=MC_SAMPLES_TES
     assert ((got - exact).abs() <= 5 * se + 1e-12).all(), (got, exact, se)
 
 
+def test_multivariate_student_t_uses_the_fallback():
+    """pyro keeps MultivariateStudentT's ``scale_tril`` as a lazy property, and its
+    constructor takes no alternative to it: the fallback refused it as one of
+    (scale_tril, covariance_matrix, precision_matrix) and could not rebuild the family.
+    Its (df, loc) block against the closed form (Lange, Little & Taylor 1989), ``p = 2``:
+    ``F_df = (psi'(nu/2) - psi'((nu+p)/2))/4 - p (nu+p+4) / (2 nu (nu+p) (nu+p+2))``,
+    ``F_loc = (nu+p)/(nu+p+2) Sigma^{-1}``, uncoupled; within standard errors of scores
+    by autograd through torch's log_prob."""
+    L = T([[1.0, 0.0], [0.4, 0.7]], dtype=F64)
+    nu, loc = T(5.0, dtype=F64), T([0.3, -0.2], dtype=F64)
+    d = dist.MultivariateStudentT(nu, loc, L)
+    op = _fallback(fisher_operator, d)
+    assert [(s.name, s.size, s.packing) for s in op.specs] == [
+        ("df", 1, "full"), ("loc", 2, "full"), ("scale_tril", 3, "tril")]
+    assert "scale_tril" not in vars(d)  # read from a copy: d's cache left alone
+    p = 2
+    exact = torch.zeros(3, 3, dtype=F64)
+    exact[0, 0] = (torch.polygamma(1, nu / 2) - torch.polygamma(1, (nu + p) / 2)) / 4 \
+        - p * (nu + p + 4) / (2 * nu * (nu + p) * (nu + p + 2))
+    exact[1:, 1:] = (nu + p) / (nu + p + 2) * torch.cholesky_inverse(L)
+
+    def make(df, loc):
+        return dist.MultivariateStudentT(df, loc, L)
+
+    def log_prob(x, df, loc):
+        return make(df, loc).log_prob(x)
+
+    _within_standard_errors(op.dense()[:3, :3], exact, make, log_prob, (nu, loc))
+
+
 def _enumerated_count_fisher(log_prob, params, kmax):
     """sum_k p(k) s(k) s(k)^T over k < kmax, s the autograd score of ``log_prob``."""
     k = torch.arange(kmax, dtype=F64)

@@ -7,16 +7,21 @@ the map from each named coordinate to its parameter.
 from typing import Dict
 
 import torch
-from torch.distributions import constraints, transform_to
+from torch.distributions import (
+    Bernoulli, Binomial, Geometric, NegativeBinomial, constraints, transform_to,
+)
 from torch.distributions.transforms import (
-    ComposeTransform, IndependentTransform, LowerCholeskyTransform, SoftmaxTransform, Transform,
+    ComposeTransform, IndependentTransform, LowerCholeskyTransform, SigmoidTransform,
+    SoftmaxTransform, Transform,
 )
 
 from .expfam import exponential_family_coords
 from .operators import (
-    CategoricalMeanFisher, FisherOperator, LogitsFisher, ProbsFisher, ReparamFisher,
+    CategoricalMeanFisher, DiagonalFisher, FisherOperator, LogitsFisher, ProbsFisher,
+    ReparamFisher,
 )
 from .params import ParamSpec, flatten, unflatten
+from .registry import lookup_fisher
 
 #: The named coordinate systems accepted by ``coords``.
 COORDS = ("standard", "unconstrained", "natural", "mean")
@@ -81,6 +86,9 @@ def reparameterize(d, op: FisherOperator, coords) -> FisherOperator:
             raise ValueError(f"coords names {unknown}, which are not coordinates of "
                              f"{type(d).__name__}; its coordinates are {list(op.names)}")
         transforms = dict(coords)
+    sigmoid = _sigmoid_of_probs(d, op, transforms)
+    if sigmoid is not None:
+        return sigmoid
     return _per_parameter(op, transforms)
 
 
@@ -95,6 +103,42 @@ def _softmax_of_probs(d, op, transforms):
     probs = spec.value / spec.value.sum(-1, keepdim=True)
     return LogitsFisher([ParamSpec(spec.name, probs.log(), spec.event_dim)], op.batch_shape,
                         probs, -op.c, op.family)
+
+
+#: Families with ``probs = sigmoid(logits)`` and the constructor arguments they take
+#: besides it; families.py registers their Fisher in logits.
+_BINARY = ((Bernoulli, ()), (Binomial, ("total_count",)), (Geometric, ()),
+           (NegativeBinomial, ("total_count",)))
+
+
+def _sigmoid_of_probs(d, op, transforms):
+    """A binary family's ``probs`` through a sigmoid (``transform_to`` of its interval): the
+    coordinate ``u`` is its logits, and ``F_u`` the Fisher of the family built from
+    ``log p - log(1 - p)``: ``p(1-p)``, ``n p(1-p)``, ``1 - p``, ``r p``, each with its own
+    limit at each end (Geometric's is 1 as ``p -> 0``, NegativeBinomial's ``r`` as
+    ``p -> 1``). ``J F J`` through torch's sigmoid, clamped to ``[tiny, 1 - eps]``, is 0
+    beyond that range; :func:`~.operators._zero_at_the_ends` knows only the limit 0."""
+    t = transforms.get("probs")
+    if not (op.names == ("probs",) and type(op) is DiagonalFisher
+            and type(t) is SigmoidTransform):
+        return None
+    fn = lookup_fisher(type(d))
+    args = next((a for family, a in _BINARY
+                 if isinstance(d, family) and fn is lookup_fisher(family)), None)
+    if args is None:
+        return None
+    (spec,) = op.specs
+    p = spec.value.detach()
+    try:
+        built = type(d)(logits=p.log() - torch.log1p(-p), validate_args=False,
+                        **{a: getattr(d, a) for a in args})
+    except (TypeError, ValueError):  # a subclass with a constructor of its own
+        return None
+    inner = fn(built)
+    scale = None if inner.scale is None else {"probs": inner.scale["logits"]}
+    # The coordinate's value is torch's inverse, as for any other transform.
+    return DiagonalFisher([ParamSpec("probs", t.inv(p), spec.event_dim)], op.batch_shape,
+                          {"probs": inner.inner["logits"]}, scale)
 
 
 def _per_parameter(op, transforms: Dict[str, Transform]):

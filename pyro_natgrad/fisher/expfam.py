@@ -289,9 +289,21 @@ def _bernoulli(d):
     def from_natural(e):  # eta = logit p
         return {name: e if name == "logits" else torch.sigmoid(e)}
 
+    # No trials: m = n p is 0 whatever p, so p does not move with m (d p / d m = 0, a
+    # zero Fisher as in the other coordinates), where m / n was 0/0 = NaN.
+    none = torch.as_tensor(n) == 0
+    theta0 = getattr(d, name).detach()
+
+    def from_mean(m):
+        if not bool(none.any()):
+            return _probs_from(name, m / n)
+        # 1/2 in the unused branch, not 0 / 1: logit's derivative there, times the 0 that
+        # where gives it, would still be inf * 0.
+        p = torch.where(none, torch.full_like(m, 0.5), m / torch.where(none, 1, n))
+        return {name: torch.where(none, theta0, _probs_from(name, p)[name])}
+
     eta = d.logits if name == "logits" else torch.logit(d.probs)
-    return _one_param(eta, from_natural, lambda t: n * _probs_of(name, t),
-                      lambda m: _probs_from(name, m / n))
+    return _one_param(eta, from_natural, lambda t: n * _probs_of(name, t), from_mean)
 
 
 def _odds(name, t):

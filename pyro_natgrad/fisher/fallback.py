@@ -18,11 +18,13 @@ an inner distribution), and the distribution must be rebuildable as
 Each route warns once per family with :class:`FisherFallbackWarning`.
 """
 
+import copy
 import inspect
 import warnings
 
 import torch
 from torch.distributions import Distribution, TransformedDistribution, constraints, kl
+from torch.distributions.utils import lazy_property
 
 from .operators import DenseFisher
 from .params import ParamSpec, flatten, unflatten
@@ -104,13 +106,21 @@ def _arg_value(d, name):
     """Constructor argument ``name`` of ``d`` as stored, or read through a plain
     ``property``; None for anything else, in particular a lazy alternative (``probs`` of a
     logits-built family: reading it would compute and cache it) or a property standing for
-    one (ZeroInflatedNegativeBinomial's ``probs``: which one was passed is unknown)."""
+    one (ZeroInflatedNegativeBinomial's ``probs``: which one was passed is unknown).
+
+    A lazy property with no alternative among the constructor's arguments
+    (MultivariateStudentT's ``scale_tril``: it takes no ``covariance_matrix``) can only be
+    the argument passed: it is read, from a copy of ``d``, which it is cached on."""
     if name in vars(d):
         return vars(d)[name]
-    if any(name in group for group in ALTERNATIVES):
+    group = next((g for g in ALTERNATIVES if name in g), ())
+    if any(other != name and other in _signature(d) for other in group):
         return None
-    if isinstance(inspect.getattr_static(type(d), name, None), property):
+    kind = inspect.getattr_static(type(d), name, None)
+    if isinstance(kind, property):
         return getattr(d, name)
+    if isinstance(kind, lazy_property):
+        return getattr(copy.copy(d), name)
     return None
 
 

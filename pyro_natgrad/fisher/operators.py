@@ -168,6 +168,15 @@ class FisherOperator:
         # The extra dims' size spelled out: -1 is ambiguous for an empty batch.
         count = v.shape[:extra].numel()
         rhs = v.reshape((count,) + self.batch_shape + (self.dim,)).movedim(0, -1)
+        if not damping:
+            # A coordinate with a zero row and column of F (no trials, in natural or mean
+            # coordinates) is a null direction: F x = v has a solution only for v 0 there,
+            # and x is 0 there, the rest being a block of its own. A 1 on its diagonal
+            # leaves the rest to Cholesky or pinv (and gives x = v = 0 there).
+            none = (F == 0).all(-1)  # batch + (k,)
+            if bool(none.any()):
+                _refuse_zero_information(v, none, self.names)
+                F = F + torch.diag_embed(none.to(F.dtype))
         if self.singular and not damping:
             # The minimum-norm solve, as the structured operators give: a Cholesky of a
             # singular matrix fails or, with a pivot of rounding size, succeeds with a
@@ -293,23 +302,22 @@ class ElementBlockFisher(FisherOperator):
     Used for two- and three-parameter families (Gamma, Beta, StudentT).
 
     :param scale: optional per-parameter tensors ``s``: ``F = diag(s) M diag(s)``, as for
-        :class:`DiagonalFisher`.
+        :class:`DiagonalFisher`. The scales stay outside ``M`` in every product:
+        ``F v = s (M (s v))``, and solves ``D^{-1} A^{-1} D^{-1} v`` with
+        ``D = diag(sqrt(F_ii + lambda))``, ``A = D^{-1} (F + lambda I) D^{-1}`` (unit
+        diagonal), so an entry of ``F`` that overflows (``a/b^2`` of a float32 Gamma at a
+        rate of 1e-30) gives no ``inf * 0`` NaN, and a finite solve stays finite.
     """
 
     def __init__(self, specs, batch_shape, matrix: torch.Tensor,
                  scale: Optional[Tensors] = None):
         super().__init__(specs, batch_shape)
         self.inner, self.scale = matrix, scale
-        if scale is not None:
-            s = torch.stack(torch.broadcast_tensors(*[scale[n] for n in self.names]), -1)
-            matrix = s.unsqueeze(-1) * matrix * s.unsqueeze(-2)
-        self.matrix = matrix
 
     def restrict(self, names):
         idx = [i for i, n in enumerate(self.names) if n in names]
         new = self._with_specs(names)
         new.inner = self.inner[..., idx, :][..., :, idx]
-        new.matrix = self.matrix[..., idx, :][..., :, idx]
         return new
 
     def congruent(self, jac: Tensors) -> "ElementBlockFisher":
@@ -323,20 +331,49 @@ class ElementBlockFisher(FisherOperator):
     def _unstack(self, x):
         return {n: x[..., i] for i, n in enumerate(self.names)}
 
+    def _scales(self):
+        """``s``, shape ``shape + (p,)`` (ones without scales)."""
+        diag = self.inner.diagonal(dim1=-2, dim2=-1)
+        if self.scale is None:
+            return torch.ones_like(diag)
+        s = torch.stack(torch.broadcast_tensors(*[self.scale[n] for n in self.names]), -1)
+        return torch.broadcast_tensors(s, diag)[0]
+
     def _mv(self, v):
-        return self._unstack((self.matrix @ self._stack(v).unsqueeze(-1)).squeeze(-1))
+        x, s = self._stack(v), self._scales()
+        # 0 where v or s is 0: no change along an overflowed scale, or a coordinate that
+        # does not move its parameter (s = 0), is no change, not inf * 0.
+        y = torch.where((x == 0) | (s == 0), torch.zeros_like(x), s * x)
+        z = (self.inner @ y.unsqueeze(-1)).squeeze(-1)
+        return self._unstack(torch.where((z == 0) | (s == 0), torch.zeros_like(z), s * z))
+
+    def dense(self):
+        # Symmetric to the last bit: the products give s_i (M_ij s_j), rounded apart from
+        # s_j (M_ji s_i).
+        F = super().dense()
+        return F.tril() + F.tril(-1).mT
 
     def _solve(self, v, damping):
-        M = self.matrix
-        if damping:
-            M = M + damping * torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
-        chol, info = torch.linalg.cholesky_ex(M)
+        M, s = self.inner, self._scales()
+        root = math.sqrt(damping)
+        # d = sqrt(s^2 M_ii + lambda), by hypot: s^2 M_ii itself may overflow.
+        d = torch.hypot(s * M.diagonal(dim1=-2, dim2=-1).sqrt(), torch.full_like(s, root))
+        none = d == 0  # undamped, and no information along the coordinate
+        x = self._stack(v)
+        if bool(none.any()):
+            _refuse_zero_information(x, none, self.names)
+        d = torch.where(none, torch.ones_like(d), d)
+        r = torch.where(s == 0, torch.zeros_like(s), s / d)  # A = R M R + lambda D^-2
+        A = r.unsqueeze(-1) * M * r.unsqueeze(-2) + torch.diag_embed(
+            (root / d).square() + none.to(d.dtype))  # 1 on a null coordinate: x = 0 there
+        chol, info = torch.linalg.cholesky_ex(A)
         if bool((info != 0).any()):
             raise SingularFisherError(f"the Fisher matrix of {self.names} is not positive "
                                       f"definite here; pass damping > 0")
-        x = self._stack(v).unsqueeze(-1)
-        chol = chol.expand(x.shape[:-2] + chol.shape[-2:])
-        return self._unstack(torch.cholesky_solve(x, chol).squeeze(-1))
+        y = (x / d).unsqueeze(-1)
+        chol = chol.expand(y.shape[:-2] + chol.shape[-2:])
+        out = torch.cholesky_solve(y, chol).squeeze(-1) / d
+        return self._unstack(torch.where(none, torch.zeros_like(out), out))
 
 
 def _refuse_zero_information(x, zero, what):
@@ -347,9 +384,10 @@ def _refuse_zero_information(x, zero, what):
     if bool(bad.any()):
         raise SingularFisherError(
             f"the Fisher information of {what} is 0 along {int(bad.sum())} entries of the "
-            f"vector, which are not 0 (for example a Binomial or Multinomial with "
-            f"total_count 0, whose draws carry no information), so F x = v has no solution; "
-            f"pass damping > 0")
+            f"vector, which are not 0 (draws carry no information along them: for example a "
+            f"Binomial or Multinomial with total_count 0, or a probability or Poisson rate "
+            f"of 0 in unconstrained coordinates), so F x = v has no solution; pass "
+            f"damping > 0")
 
 
 class DiagPlusRankOneFisher(FisherOperator):
@@ -547,6 +585,9 @@ class CategoricalMeanFisher(FisherOperator):
     infinite (``dense()`` raises a ValueError; ``F v`` is finite only for ``v`` zero at
     those entries, and summing to 0 if ``p_k = 0``).
 
+    With no trials (``n = 0``) ``m`` is 0 whatever ``q``: the draws say nothing, and ``F``
+    is 0 there, as in the other coordinates (not the ``1/n`` of the formula).
+
     :param probs: all ``k`` probabilities, ``batch_shape + (k,)``; ``n``: ``batch_shape``.
     """
 
@@ -555,23 +596,26 @@ class CategoricalMeanFisher(FisherOperator):
         (self.name,) = self.names
         self.q, self.last = probs[..., :-1], probs[..., -1:]
         self.n, self.family = n.unsqueeze(-1), family
+        self.none = self.n == 0  # batch_shape + (1,)
 
     def _mv(self, v):
-        x, q = v[self.name], self.q
-        on = q > 0
+        x, q, none = v[self.name], self.q, self.none
+        on = (q > 0) | none  # no trials: F = 0, finite at a zero probability too
         _refuse_off_support(x, on, self.family, self.name, "F = (diag(1/q) + 1 1^T / p_k) / n is "
                             "infinite there, and so is F v")
         total = x.sum(-1, keepdim=True)
-        last = self.last > 0
+        last = (self.last > 0) | none
         if bool(((total != 0) & ~last.expand(total.shape)).any()):
             raise _zero_probs_error(self.family, self.name, "the last probability p_k is 0, "
                                     "so F v is infinite for v not summing to 0")
-        ratio = torch.where(on, x / q, torch.zeros_like(x))
-        tail = torch.where(last, total / self.last, torch.zeros_like(total))
-        return {self.name: (ratio + tail) / self.n}
+        ratio = torch.where(q > 0, x / q, torch.zeros_like(x))
+        tail = torch.where(self.last > 0, total / self.last, torch.zeros_like(total))
+        out = (ratio + tail) / torch.where(none, torch.ones_like(self.n), self.n)
+        return {self.name: torch.where(none, torch.zeros_like(out), out)}
 
     def dense(self):
-        if bool((self.q == 0).any()) or bool((self.last == 0).any()):
+        trials = ~self.none
+        if bool(((self.q == 0) & trials).any()) or bool(((self.last == 0) & trials).any()):
             raise _zero_probs_error(self.family, "probs", "the Fisher information in mean "
                                     "coordinates, (diag(1/q) + 1 1^T / p_k) / n, is infinite")
         return super().dense()
@@ -579,10 +623,13 @@ class CategoricalMeanFisher(FisherOperator):
     def _solve(self, v, damping):
         g, q, n = v[self.name], self.q, self.n
         if damping == 0:
-            return {self.name: n * q * (g - (q * g).sum(-1, keepdim=True))}
+            def cov(g):
+                return {self.name: n * q * (g - (q * g).sum(-1, keepdim=True))}
+            return _over_trials(cov, g, n, self.family, self.name)
         ainv = n * q / (1 + damping * n * q)
         coef = (ainv * g).sum(-1, keepdim=True) / (n * self.last + ainv.sum(-1, keepdim=True))
-        return {self.name: ainv * (g - coef)}
+        # No trials: F = 0, so g / lambda, not the 0/0 of coef.
+        return {self.name: torch.where(self.none, g / damping, ainv * (g - coef))}
 
 
 class GaussianFisher(FisherOperator):
@@ -812,7 +859,10 @@ def _zero_at_the_ends(phi, u, theta, jac):
 
     On the boundary means at or beyond ``phi(-inf)`` or ``phi(inf)`` (the ends of the
     range of an entrywise monotone ``phi``; torch's sigmoid clamps them to ``tiny`` and
-    ``1 - eps``) and not reproduced by ``phi(u)``."""
+    ``1 - eps``) and not reproduced by ``phi(u)``. This takes ``F_u -> 0`` there, true of a
+    rate; the binary families' probabilities, whose limits differ per family and end (a
+    Geometric's ``F_u = 1 - p -> 1`` as ``p -> 0``), get the Fisher of their logits
+    instead (``coords._sigmoid_of_probs``)."""
     try:
         with torch.no_grad():
             lo, hi = (phi({k: torch.full_like(x, end) for k, x in u.items()})
