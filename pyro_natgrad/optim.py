@@ -905,7 +905,7 @@ class NaturalGradient(PyroOptim):
         if not _all_finite(grads.values()):
             self._skipped += 1
             warn_skip(f"non-finite gradient for {group.key}: step skipped", self._skipped,
-                      "the parameters are unchanged", group.key, self._skip_sources)
+                      self._unchanged(), group.key, self._skip_sources)
             return
         state = self._state[group.key]
         with torch.no_grad():
@@ -1094,6 +1094,17 @@ class NaturalGradient(PyroOptim):
         self._note_stall(taken)
         self._advance_clock(state, taken, *_agreement(state, change), held=drifting)
 
+    def _unchanged(self) -> str:
+        """The end of a skipped step's warning. Without a trust region the cause may be
+        this optimizer's own last step: on a regression with data in units of 1e4, the
+        first step with ``max_kl=None`` put a noise scale's unconstrained value at 3e9,
+        and every later gradient was non-finite."""
+        if self.max_kl is not None:
+            return "the parameters are unchanged"
+        return ("the parameters are unchanged. With max_kl=None one step can carry the guide "
+                "to where the model's density overflows, after which every gradient is "
+                "non-finite: set max_kl (the default is 10)")
+
     def _note_stall(self, taken: float):
         """Warn once when the trust region has cut ``STALL_STEPS`` Newton steps in a row
         to less than ``STALL_FRACTION`` of their size (``taken``: the fraction of this
@@ -1209,7 +1220,7 @@ class NaturalGradient(PyroOptim):
         if not all(bool(torch.isfinite(v).all()) for gr in grads for v in gr.values()):
             self._skipped += 1
             warn_skip("non-finite gradient: step skipped", self._skipped,
-                      "the parameters are unchanged", "curvature", self._skip_sources)
+                      self._unchanged(), "curvature", self._skip_sources)
             return True
         curv = self._curvature
         draws, plates = [], []

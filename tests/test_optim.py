@@ -2631,12 +2631,9 @@ def test_mean_field_steps_with_the_models_hessian_bound_the_kl_per_latent(float6
     assert_reached(guide, X, y)
 
 
-def test_a_fit_the_trust_region_stalls_warns_and_a_nearer_start_converges(float64):
-    """``AutoNormal`` starts a noise scale at 1 (its unconstrained 0) against data in
-    units of 1e4: the model's curvature there is about 1e9 times the posterior's, the
-    trust region cut every step to about 1e-9, and 1,000 steps left the weights at 0,
-    silently. It now warns; started at the prior's median, as the warning advises, the
-    fit reaches the least-squares answer (the priors are 1e5 times wider than it)."""
+def regression_in_units_of_1e4():
+    """``(model, X, y)``: a linear regression with unknown noise, data in units of 1e4,
+    priors 10 times wider than the data."""
     gen = generator(1)
     n = 200
     X = torch.randn(n, 3, generator=gen, dtype=F64)
@@ -2650,6 +2647,17 @@ def test_a_fit_the_trust_region_stalls_warns_and_a_nearer_start_converges(float6
         with pyro.plate("data", n):
             pyro.sample("y", dist.Normal(b + X @ w, sigma), obs=y)
 
+    return model, X, y
+
+
+def test_a_fit_the_trust_region_stalls_warns_and_a_nearer_start_converges(float64):
+    """``AutoNormal`` starts a noise scale at 1 (its unconstrained 0) against data in
+    units of 1e4: the model's curvature there is about 1e9 times the posterior's, the
+    trust region cut every step to about 1e-9, and 1,000 steps left the weights at 0,
+    silently. It now warns; started at the prior's median, as the warning advises, the
+    fit reaches the least-squares answer (the priors are 1e5 times wider than it)."""
+    model, X, y = regression_in_units_of_1e4()
+    n = X.shape[0]
     pyro.set_rng_seed(0)
     guide = fresh(AutoNormal, model)
     svi = SVI(model, guide, NaturalGradient(guide), Trace_ELBO())
@@ -2672,6 +2680,22 @@ def test_a_fit_the_trust_region_stalls_warns_and_a_nearer_start_converges(float6
     fitted = torch.cat([guide.locs.b.reshape(1), guide.locs.w]).detach()
     assert float(((fitted - coef) / se).abs().max()) < 0.1
     assert abs(float(guide.median()["sigma"]) / resid_sd - 1) < 0.05
+
+
+def test_skips_after_a_step_without_trust_region_name_max_kl(float64):
+    """With ``max_kl=None`` the first step on the regression above put the noise scale's
+    unconstrained value at about 3e9, and every later step was skipped with a warning
+    that blamed the gradient alone. The warning now names ``max_kl``."""
+    model, _, _ = regression_in_units_of_1e4()
+    pyro.set_rng_seed(0)
+    guide = fresh(AutoNormal, model)
+    svi = SVI(model, guide, NaturalGradient(guide, max_kl=None), Trace_ELBO())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            svi.step()
+    skips = [str(w.message) for w in caught if "step skipped" in str(w.message)]
+    assert skips and all("set max_kl" in m for m in skips), skips
 
 
 def test_hvp_in_float32(rng):
