@@ -222,8 +222,7 @@ class NaturalGradient(PyroOptim):
         mean's Newton move shrinks with it, and the bound holds for the whole step
         (mean-field guides: ``max_kl`` per latent, ``D max_kl`` in all), with the Newton
         direction solved anew at the shortened step. A hand-written guide's non-Gaussian
-        site
-        steps at most ``min(max_kl, SITE_MAX_KL)`` (1 nat) per element
+        site steps at most ``min(max_kl, SITE_MAX_KL)`` (1 nat) per element
         (:mod:`pyro_natgrad.expfam_step`). None turns these off: right for exact
         gradients, risky for noisy ones.
     :param control_variate: subtract the zero-mean term that the current
@@ -1586,7 +1585,7 @@ class NaturalGradient(PyroOptim):
         latents 4.9e4 nats off after 10 steps, where per latent it is exact. Full-rank,
         block and low-rank steps keep one ``max_kl``: per latent, a full-rank guide on a
         Poisson regression (``examples/poisson_regression.py``, 10 latents) met Hessians
-        of far draws in its longer early steps and was 83 SEs off after 100 steps (0.03
+        of far draws in its longer early steps and was 83 SEs off after 100 steps (0.04
         with one ``max_kl``)."""
         return None if self.max_kl is None else self.max_kl * dim
 
@@ -1602,7 +1601,8 @@ class NaturalGradient(PyroOptim):
             diagonal, for a mean-field guide), whose KL is ``|X|_F^2 / 4`` per unit step.
         :param whitened_change: ``X = R^{-1} (target - P0) R^{-T}`` (``P0 = R R^T``) if the
             caller has it, for :func:`_halving_limit`.
-        :param max_kl: the trust region of the whole step, if not ``self.max_kl`` (with it).
+        :param max_kl: the whole step's trust region in place of ``self.max_kl`` (read
+            only where ``self.max_kl`` is set: None there turns the trust region off).
         """
         def newton(r):
             P = (1 - r) * P0 + r * target
