@@ -94,6 +94,13 @@ STALL_STEPS = 20
 STALL_HORIZON = 300
 _TINY_FRACTION = 1e-300  # a step cut to 0 counts as this (its log is finite)
 
+#: A mean-field group stepping from gradients alone warns once when the running average
+#: of ``log |w|^2`` (``w``: its whitened mean gradient on the hold test's sample; weight
+#: ``GROWTH_AVERAGE`` for the newest step) rises ``log DIVERGENCE_GROWTH`` above its
+#: lowest: the steps diverge (see ``NaturalGradient._note_growth``).
+GROWTH_AVERAGE = 0.1
+DIVERGENCE_GROWTH = 100.0
+
 #: Mean-field groups smaller than this keep the control variate's coefficient at 1: the
 #: estimate of :func:`~pyro_natgrad.gaussian.leave_one_out_cv` from one draw of a few
 #: elements is a ratio of small sums, too noisy to help.
@@ -336,6 +343,9 @@ class NaturalGradient(PyroOptim):
         # log of the fractions taken by the latest steps in a row cut below STALL_FRACTION
         self._cut_run: List[float] = []
         self._warned_stall = False
+        # per gradient-only mean-field group: (running mean of log |w|^2, its lowest)
+        self._growth: Dict[str, tuple] = {}
+        self._warned_growth = False
         self._use_curvature = False
         self._minibatch_curvature = False
         self._warned_mixed_arguments = False
@@ -999,7 +1009,9 @@ class NaturalGradient(PyroOptim):
             if target is None:
                 # the whitened mean gradient's sample, as the fused step computes it
                 w = scale * g_loc - (cv * moments[0] if moments is not None else 0)
-                self._advance_clock(state, float(taken.mean()), *_agreement(state, w))
+                sums = _agreement(state, w)
+                self._advance_clock(state, float(taken.mean()), *sums)
+                self._note_growth(group.key, sums[1])
             else:
                 state["t"] += float(taken.mean())
         else:
@@ -1073,6 +1085,7 @@ class NaturalGradient(PyroOptim):
             previous.copy_(sample)
         self._advance_clock(state, min(1.0, max(0.0, taken / (n * max(rho, 1e-300)))),
                             agreement, norm2, before)
+        self._note_growth(group.key, norm2)
         return True
 
     def _hold_or_advance(self, state, used, rho, change, drift=None):
@@ -1150,6 +1163,45 @@ class NaturalGradient(PyroOptim):
             f"unconstrained 0 (a noise scale of 1 against data in units of 1e4), or a log "
             f"link meets a covariate in large units. Start the guide nearer the posterior "
             f"(init_loc_fn=init_to_median or init_to_mean) or standardise the data",
+            NaturalGradientWarning)
+
+    def _note_growth(self, key: str, norm2: float):
+        """Warn once when a gradient-only mean-field group's steps diverge: the running
+        average of ``log |w|^2`` (``norm2``, on the hold test's sample) has risen
+        ``DIVERGENCE_GROWTH``-fold above its lowest. The log makes one draw far in a
+        tail (eight schools under ``curvature="none"``: ``|w|^2`` 2,500 where it is
+        mostly 0.1 to 3) move the average about 2-fold, not 500-fold.
+
+        A Jacobi-type step, which these are, multiplies the mean's error along an
+        eigenvector of the whitened posterior precision with eigenvalue ``lam`` by
+        ``1 - rho lam``; where the latents share a factor, ``lam`` is about ``D`` times
+        their correlation, and while ``rho lam > 2`` that error grows until the decay of
+        ``rho`` stops it. On logistic regressions of 260 covariates sharing one factor
+        (correlation 0.1 to 0.64) the average rose 100-fold by step 24 to 29, and the
+        fits ran 4e4 to 1e6 nats away. On 8 posteriordb models under
+        ``curvature="none"`` (``AutoDiagonalNormal``, 1,000 steps) it rose at most
+        5.9-fold on the 5 whose loss stayed near its optimum, and 44-, 545- and
+        1,600-fold on arK, diamonds and gp_pois_regr, whose loss ran away (to 747, 7.8e4
+        and 2.5e5, from about -18, -2,517 and 63)."""
+        if self._warned_growth or not (math.isfinite(norm2) and norm2 > 0):
+            return
+        value = math.log(norm2)
+        average, lowest = self._growth.get(key, (value, value))
+        average += GROWTH_AVERAGE * (value - average)
+        lowest = min(lowest, average)
+        self._growth[key] = (average, lowest)
+        if average - lowest <= math.log(DIVERGENCE_GROWTH):
+            return
+        self._warned_growth = True
+        warnings.warn(
+            f"NaturalGradient: the steps of {key!r} from gradients alone are diverging: the "
+            f"running average of log |g|^2 (g: the ELBO's gradient in the means, times the "
+            f"guide's scales) has risen {math.exp(average - lowest):.3g}-fold above its "
+            f"lowest. Such a step is too long along a direction in which the posterior's "
+            f"latents are strongly correlated (e.g. covariates that share a factor), and "
+            f"only the step size's decay brings it back, after many steps and far from the "
+            f"posterior. Pass curvature='hessian' (the default up to {MAX_CURVATURE_DIM} "
+            f"latents; one backward pass per latent and step)",
             NaturalGradientWarning)
 
     def _advance_clock(self, state, advance, agreement, norm2, before, held=False):
