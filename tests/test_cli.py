@@ -152,6 +152,8 @@ def cases(tmp):
         ("jit-steps", bm + "jit_elbo.py", ["--steps", "10", "0"], ["--steps", at_least]),
         ("jit-seeds", bm + "jit_elbo.py", ["--seeds", "0"], ["--seeds", at_least]),
         ("lowrank-rank", bm + "lowrank_vs_adam.py", ["--rank", "0"], ["--rank", at_least]),
+        ("noncentred-groups", bm + "noncentred_hierarchy.py", ["--groups", "0"],
+         ["--groups", at_least]),
         ("lowrank-seeds", bm + "lowrank_vs_adam.py", ["--seeds", "0"], ["--seeds", at_least]),
         ("reference-posteriors-samples", bm + "reference_posteriors.py",
          ["--models", "kidiq", "--num-samples", "0"], ["--num-samples", at_least]),
