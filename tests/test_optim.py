@@ -2685,6 +2685,19 @@ def test_a_fit_the_trust_region_stalls_warns_and_a_nearer_start_converges(float6
     assert abs(float(guide.median()["sigma"]) / resid_sd - 1) < 0.05
 
 
+def fit_recording_warnings(guide_cls, model, steps, **options):
+    """``(guide, warnings)``: a fresh ``guide_cls(model)`` after ``steps`` SVI steps with
+    ``NaturalGradient(guide, **options)`` from seed 0, and every warning they gave."""
+    pyro.set_rng_seed(0)
+    guide = fresh(guide_cls, model)
+    svi = SVI(model, guide, NaturalGradient(guide, **options), Trace_ELBO())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            svi.step()
+    return guide, caught
+
+
 def test_a_cut_that_grows_quickly_does_not_warn_of_a_stall(float64):
     """posteriordb's blr with sigma fixed at its posterior mean and the full-rank guide:
     the trust region cut the first 43 steps below 1e-3 of their size, but the fraction
@@ -2697,13 +2710,7 @@ def test_a_cut_that_grows_quickly_does_not_warn_of_a_stall(float64):
     X, y = ref.data["X"], ref.data["y"]
     precision = X.T @ X / sigma ** 2 + torch.eye(X.shape[1], dtype=F64) / 10.0 ** 2
     mean = torch.linalg.solve(precision, X.T @ y / sigma ** 2)
-    pyro.set_rng_seed(0)
-    guide = fresh(AutoMultivariateNormal, model)
-    svi = SVI(model, guide, NaturalGradient(guide), Trace_ELBO())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(70):
-            svi.step()
+    guide, caught = fit_recording_warnings(AutoMultivariateNormal, model, 70)
     assert not [w for w in caught if issubclass(w.category, NaturalGradientWarning)]
     posterior = guide.get_posterior()
     torch.testing.assert_close(posterior.loc.detach(), mean, rtol=1e-6, atol=0)
@@ -2805,13 +2812,7 @@ def test_converging_hierarchical_fits_do_not_warn_of_divergence(
     mu is at 2.26 (moments: 2.93) and 2.37 after 3,000 steps, where
     curvature="hvp" is at 2.93 after 300 (see docs/optimizer.rst)."""
     model, y = normal_hierarchy(groups, per_group, tau, centred)
-    pyro.set_rng_seed(0)
-    guide = fresh(guide_cls, model)
-    svi = SVI(model, guide, NaturalGradient(guide), Trace_ELBO())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(500):
-            svi.step()
+    guide, caught = fit_recording_warnings(guide_cls, model, 500)
     assert not [w for w in caught if "diverging" in str(w.message)]
     means = y.mean(-1)
     spread = float(means.var() - 1 / per_group)  # the moments' tau^2
