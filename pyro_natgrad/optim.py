@@ -83,6 +83,10 @@ HOLD_MIN_DRIFT = 0.1
 #: :func:`_cut_to_bound`).
 TRUST_REGION_SOLVES = 12
 
+#: The log of the factor by which :func:`_cut_to_bound` shortens a trial step whose
+#: root KL overflowed.
+TRUST_REGION_BACKOFF = 10.0
+
 #: Steps with the model's curvature that the trust region cuts to less than
 #: ``STALL_FRACTION`` of their scheduled size warn once when, at the pace at which the
 #: fraction grew over the last ``STALL_STEPS`` of them, full steps are more than
@@ -2007,21 +2011,37 @@ def _cut_to_bound(rho: float, excess: float, excess_at) -> float:
     slope 1 gives, to a relative 1e-9 or :data:`TRUST_REGION_SOLVES` solves; a last point
     above the bound is scaled onto it with its direction kept (no solve), so the step
     that is taken, at the direction of the last solve, is within the bound. The caller's
-    state is that of the last solve."""
+    state is that of the last solve.
+
+    A trial whose root KL overflows (``inf``: a float32 quadratic form of a longer
+    direction) is beyond any bound: the search backs off by a factor
+    ``exp(TRUST_REGION_BACKOFF)`` and goes on from there with a fresh secant. Before, it
+    returned that trial's step size unchecked. If the solves run out on such a trial,
+    the longest step found within the bound is taken (0 if none was)."""
     x, g = math.log(rho), math.log(excess)
     previous = None
+    within = -math.inf  # log of the longest step size found within the bound
+    overflowed = False
     for _ in range(TRUST_REGION_SOLVES):
         slope = 1.0
         if previous is not None and x != previous[0]:
             slope = min(max((g - previous[1]) / (x - previous[0]), 0.05), 1.0)
-        previous = (x, g)
+        previous = None if overflowed else (x, g)
         x = x - g / slope
         e = excess_at(math.exp(x))
+        overflowed = e == math.inf
+        if overflowed:
+            g = TRUST_REGION_BACKOFF
+            continue
         if not (e > 0 and math.isfinite(e)):
-            return math.exp(x)  # a zero step, or not finite (the caller's checks)
+            return math.exp(x)  # a zero step, or NaN (the caller's checks)
         g = math.log(e)
+        if g <= 0:
+            within = max(within, x)
         if abs(g) < 1e-9:
             break
+    if overflowed:
+        return math.exp(within)
     return math.exp(x - max(g, 0.0))
 
 

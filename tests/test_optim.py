@@ -38,6 +38,7 @@ from pyro.infer.autoguide import (
 )
 
 from pyro_natgrad import NaturalGradient, NaturalGradientWarning, StepSize
+from pyro_natgrad.optim import _cut_to_bound
 from pyro_natgrad.datasets import load_reference
 from tests.seeding import generator, rng_state as rng_state_now, set_rng_state
 
@@ -2819,6 +2820,31 @@ def test_converging_hierarchical_fits_do_not_warn_of_divergence(
     median = guide.median()
     assert abs(float(median["mu"]) - float(means.mean())) < 1
     assert 1 / 3 < float(median["tau"]) / max(spread, 1e-4) ** 0.5 < 3
+
+
+@pytest.mark.parametrize("power", [1.0, 0.5, 0.1])
+def test_the_trust_region_cut_finds_the_bound(power):
+    """``_cut_to_bound`` against the closed form: with ``excess(r) = C r^p`` (a direction
+    that lengthens as the step shortens, for ``p < 1``) the bound is met at
+    ``r = C^(-1/p)``, and the step returned is within it."""
+    C = 1e3
+    r = _cut_to_bound(1.0, C, lambda r: C * r ** power)
+    assert C * r ** power <= 1 + 1e-9
+    assert r == pytest.approx(C ** (-1 / power), rel=1e-6)
+
+
+def test_a_trial_step_whose_root_kl_overflows_is_not_taken():
+    """A shorter trial step whose root KL overflows (``inf``: a float32 quadratic form
+    of its longer direction) was returned unchecked: here a step of 0.1 with an
+    infinite KL. The search now backs off from it and meets the bound, at 1e-7."""
+    def excess_at(r):
+        return r * 1e7 if r <= 1e-6 else math.inf
+
+    r = _cut_to_bound(1.0, 10.0, excess_at)
+    assert excess_at(r) <= 1 + 1e-9
+    assert r == pytest.approx(1e-7, rel=1e-6)
+    # only overflowing trials: no step rather than an unchecked one
+    assert _cut_to_bound(1.0, 10.0, lambda r: math.inf if r > 0 else 0.0) == 0.0
 
 
 def test_skips_after_a_step_without_trust_region_name_max_kl(float64):
