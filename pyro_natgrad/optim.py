@@ -109,6 +109,15 @@ DIVERGENCE_GROWTH = 1000.0
 GROWTH_COSINE = 0.5
 GROWTH_MIN_SAMPLE = 32
 
+#: A mean-field group stepping from gradients alone warns once when, over each of
+#: ``CRAWL_WINDOWS`` windows of ``CRAWL_WINDOW`` steps in a row, its means moved more
+#: than ``CRAWL_MOVE`` of the guide's sds along the way they moved over the window
+#: before: the fit crawls on, where noise alone moves them about 0.1 sd either way (see
+#: ``NaturalGradient._note_course``).
+CRAWL_WINDOW = 100
+CRAWL_WINDOWS = 3
+CRAWL_MOVE = 0.5
+
 #: Mean-field groups smaller than this keep the control variate's coefficient at 1: the
 #: estimate of :func:`~pyro_natgrad.gaussian.leave_one_out_cv` from one draw of a few
 #: elements is a ratio of small sums, too noisy to help.
@@ -359,6 +368,9 @@ class NaturalGradient(PyroOptim):
         # per gradient-only mean-field group: (running mean of log |w|^2, its lowest)
         self._growth: Dict[str, tuple] = {}
         self._warned_growth = False
+        # per gradient-only mean-field group: see _note_course
+        self._course: Dict[str, dict] = {}
+        self._warned_crawl = False
         self._use_curvature = False
         self._minibatch_curvature = False
         self._warned_mixed_arguments = False
@@ -1025,6 +1037,7 @@ class NaturalGradient(PyroOptim):
                 sums = _agreement(state, w)
                 self._advance_clock(state, float(taken.mean()), *sums)
                 self._note_growth(group.key, *sums, sample=_sample_size(w.numel()))
+                self._note_course(group)
             else:
                 state["t"] += float(taken.mean())
         else:
@@ -1099,6 +1112,7 @@ class NaturalGradient(PyroOptim):
         self._advance_clock(state, min(1.0, max(0.0, taken / (n * max(rho, 1e-300)))),
                             agreement, norm2, before)
         self._note_growth(group.key, agreement, norm2, before, sample=_sample_size(n))
+        self._note_course(group)
         return True
 
     def _hold_or_advance(self, state, used, rho, change, drift=None):
@@ -1223,6 +1237,56 @@ class NaturalGradient(PyroOptim):
             f"only the step size's decay brings it back, after many steps and far from the "
             f"posterior. Pass curvature='hessian' (the default up to {MAX_CURVATURE_DIM} "
             f"latents; one backward pass per latent and step)",
+            NaturalGradientWarning)
+
+    def _note_course(self, group):
+        """Warn once when a gradient-only mean-field group's means keep moving one way:
+        every ``CRAWL_WINDOW`` of its steps, ``d`` is their move over the window in units
+        of the guide's sds (on the hold test's sample), and ``<d, d'> / |d'|`` its move
+        along the previous window's ``d'``; more than ``CRAWL_MOVE`` over
+        ``CRAWL_WINDOWS`` windows in a row warns.
+
+        Measured along one direction, the noise of such a move does not grow with the
+        group's size: in fits that had converged it stayed within 0.1 sd, but a
+        non-centred hierarchy of 500 groups (``benchmarks/noncentred_hierarchy.py``)
+        moved ``mu`` 1.7, 1.2 and 0.7 sds one way over steps 200 to 500, and 1,000 steps
+        later it was still 30 sds from where it converges. That is a Jacobi-type step
+        on a posterior whose latents share a direction, slowed further by the step
+        size's decay. The slowest benign tail of the runs tried, a linear regression of
+        300 weights, moved 1.1, then 0.45 sd."""
+        if self._warned_crawl:
+            return
+        course = self._course.setdefault(group.key, {"steps": 0, "run": 0})
+        course["steps"] += 1
+        if course["steps"] % CRAWL_WINDOW:
+            return
+        loc, raw = (group.params[k].detach().reshape(-1) for k in ("loc", "scale"))
+        stride = hold_stride(loc.numel())
+        here = loc[::stride].to(torch.float64, copy=True)  # not a view of the param
+        scale = group.transforms["scale"](raw[::stride]).to(torch.float64)
+        before, course["loc"] = course.get("loc"), here
+        if before is None:
+            return
+        move, previous = (here - before) / scale, course.get("move")
+        course["move"] = move
+        if previous is None:
+            return
+        along = float(move @ previous) / max(float(previous.norm()), 1e-300)
+        course["run"] = course["run"] + 1 if along > CRAWL_MOVE else 0
+        if course["run"] < CRAWL_WINDOWS:
+            return
+        self._warned_crawl = True
+        warnings.warn(
+            f"NaturalGradient: over the last {CRAWL_WINDOWS * CRAWL_WINDOW} steps of "
+            f"{group.key!r} (to its step {course['steps']}) its means have moved steadily "
+            f"one way, {along:.2g} of the guide's sds over the last {CRAWL_WINDOW}: the fit "
+            f"has not converged, and steps from gradients alone may take thousands more. "
+            f"They are slow along a direction in which the posterior's latents are "
+            f"strongly correlated (e.g. a non-centred hierarchy's shared mean and its group "
+            f"effects), and the step size's decay slows them further. Run until the means "
+            f"stop moving, or pass curvature='hvp' (Newton steps of the means by conjugate "
+            f"gradients, costlier per step) or try Adam, and check the fit from another "
+            f"start",
             NaturalGradientWarning)
 
     def _advance_clock(self, state, advance, agreement, norm2, before, held=False):

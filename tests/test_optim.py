@@ -2822,6 +2822,26 @@ def test_converging_hierarchical_fits_do_not_warn_of_divergence(
     assert 1 / 3 < float(median["tau"]) / max(spread, 1e-4) ** 0.5 < 3
 
 
+def test_a_crawling_fit_warns_and_a_converged_one_does_not(float64):
+    """502 latents, above the mean-field Hessian limit: steps from gradients alone. Written
+    non-centred, ``mu`` shares a direction with every group effect and the fit crawls:
+    after 500 steps ``mu`` is several posterior sds below the group means' mean (its
+    posterior mean, to within the prior's pull), and the warning has said so. Written
+    centred, the same data converge within 100 steps and nothing warns in 600."""
+    model, y = normal_hierarchy(500, 5, 2.0, centred=False)
+    target = float(y.mean())  # the posterior mean of mu, up to the N(0, 10^2) prior's pull
+    sd = float(((y.mean(-1).var() + 0.2) / 500) ** 0.5)  # about its posterior sd
+    guide, caught = fit_recording_warnings(AutoNormal, model, 500)
+    crawl = [w for w in caught if "moved steadily" in str(w.message)]
+    assert len(crawl) == 1 and "curvature='hvp'" in str(crawl[0].message)
+    assert float(guide.median()["mu"]) < target - 3 * sd
+
+    model, y = normal_hierarchy(500, 5, 2.0, centred=True)
+    guide, caught = fit_recording_warnings(AutoNormal, model, 600)
+    assert not [w for w in caught if issubclass(w.category, NaturalGradientWarning)]
+    assert abs(float(guide.median()["mu"]) - float(y.mean())) < 0.1 * sd
+
+
 @pytest.mark.parametrize("power", [1.0, 0.5, 0.1])
 def test_the_trust_region_cut_finds_the_bound(power):
     """``_cut_to_bound`` against the closed form: with ``excess(r) = C r^p`` (a direction
