@@ -120,6 +120,11 @@ CRAWL_WINDOWS = 3
 CRAWL_MOVE = 0.5
 CRAWL_STEP = 0.3
 CRAWL_GROWTH = 100.0
+#: A slower crawl: ``CRAWL_CREEP_WINDOWS`` windows in a row whose moves exceed
+#: ``CRAWL_CREEP`` sds (a converging linear regression's slowest tail moved 1.1, 0.45,
+#: 0.25, then 0.11 sd).
+CRAWL_CREEP = 0.2
+CRAWL_CREEP_WINDOWS = 5
 
 #: Mean-field groups smaller than this keep the control variate's coefficient at 1: the
 #: estimate of :func:`~pyro_natgrad.gaussian.leave_one_out_cv` from one draw of a few
@@ -1247,11 +1252,12 @@ class NaturalGradient(PyroOptim):
         """Every ``CRAWL_WINDOW`` steps of a gradient-only mean-field group: ``d``, the
         move of its means over the window in units of the guide's sds (on the hold
         test's sample), and ``<d, d'> / |d'|``, its move along the previous window's
-        ``d'``. After ``CRAWL_WINDOWS`` such moves in a row above ``CRAWL_MOVE`` the group
-        crawls: its clock goes back to where the step size is ``CRAWL_STEP`` (if it is
-        below) and holds until a window's move falls to ``CRAWL_MOVE`` or less. The
-        first crawl warns. The record lives in ``state`` (``crawl_*``, ``crawling``), so
-        that a resumed run holds and rewinds as an uninterrupted one does.
+        ``d'``. After ``CRAWL_WINDOWS`` such moves in a row above ``CRAWL_MOVE``, or
+        ``CRAWL_CREEP_WINDOWS`` above ``CRAWL_CREEP``, the group crawls: its clock goes
+        back to where the step size is ``CRAWL_STEP`` (if it is below) and holds until a
+        window's move falls to ``CRAWL_MOVE`` or less. The first crawl warns. The record
+        lives in ``state`` (``crawl_*``, ``crawling``), so that a resumed run holds and
+        rewinds as an uninterrupted one does.
 
         Measured along one direction, the noise of such a move does not grow with the
         group's size: in converged fits it stayed within 0.1 sd. A non-centred hierarchy
@@ -1281,22 +1287,23 @@ class NaturalGradient(PyroOptim):
         if not math.isfinite(along):
             along = 0.0
         run = state.get("crawl_run", 0) + 1 if along > CRAWL_MOVE else 0
-        state["crawl_run"] = run
+        creep = state.get("crawl_creep", 0) + 1 if along > CRAWL_CREEP else 0
+        state["crawl_run"], state["crawl_creep"] = run, creep
+        found = run >= CRAWL_WINDOWS or creep >= CRAWL_CREEP_WINDOWS
         was = state.get("crawling", False)
-        crawling = not state.get("crawl_refused", False) and (
-            run >= CRAWL_WINDOWS or (was and run > 0))
+        crawling = not state.get("crawl_refused", False) and (found or (was and run > 0))
         if crawling and not was:
             state["crawl_clock"] = state["t"]
             state["t"] = min(state["t"], self._clock_at(CRAWL_STEP, state["t"]))
             state["crawl_size_base"] = state.get("crawl_size", math.inf)
         state["crawling"] = crawling
-        if run < CRAWL_WINDOWS or self._warned_crawl:
+        if not found or self._warned_crawl:
             return
         self._warned_crawl = True
         held = (f"the step size is now held at {CRAWL_STEP} while the means keep moving"
                 if crawling else "a longer step diverged here before and is not taken")
         warnings.warn(
-            f"NaturalGradient: over the last {CRAWL_WINDOWS * CRAWL_WINDOW} steps of "
+            f"NaturalGradient: over the last {max(run, creep) * CRAWL_WINDOW} steps of "
             f"{group.key!r} (to its step {steps}) its means have moved steadily one way, "
             f"{along:.2g} of the guide's sds over the last {CRAWL_WINDOW}: the fit has not "
             f"converged. Steps from gradients alone are slow along a direction in which "
@@ -1331,7 +1338,8 @@ class NaturalGradient(PyroOptim):
         if size - state["crawl_size_base"] <= math.log(CRAWL_GROWTH) and not oscillates:
             return False
         state["t"] = max(state["t"], state["crawl_clock"])
-        state["crawling"], state["crawl_refused"], state["crawl_run"] = False, True, 0
+        state["crawling"], state["crawl_refused"] = False, True
+        state["crawl_run"] = state["crawl_creep"] = 0
         return True
 
     def _clock_at(self, rho: float, t: float) -> float:
