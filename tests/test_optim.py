@@ -2810,9 +2810,8 @@ def test_converging_hierarchical_fits_do_not_warn_of_divergence(
     wide starting guide. Neither runs away: after 500 steps both are near the method of
     moments' answer (the group means' mean, and their variance less the noise's),
     though not at it. The steps from gradients alone are slow here: for the first,
-    mu is at 2.26 (moments: 2.93), and 2.88 after 3,000 steps with the crawl's longer
-    steps from step 500 (2.37 without them), where curvature="hvp" is at 2.93 after 300
-    (see docs/optimizer.rst)."""
+    mu is at 2.26 (moments: 2.93) and 2.37 after 3,000 steps, where
+    curvature="hvp" is at 2.93 after 300 (see docs/optimizer.rst)."""
     model, y = normal_hierarchy(groups, per_group, tau, centred)
     guide, caught = fit_recording_warnings(guide_cls, model, 500)
     assert not [w for w in caught if "diverging" in str(w.message)]
@@ -2823,79 +2822,40 @@ def test_converging_hierarchical_fits_do_not_warn_of_divergence(
     assert 1 / 3 < float(median["tau"]) / max(spread, 1e-4) ** 0.5 < 3
 
 
-@pytest.mark.slow
-def test_a_crawling_fit_warns_takes_longer_steps_and_resumes_exactly(float64):
+def test_a_crawling_fit_warns(float64):
     """502 latents, above the mean-field Hessian limit: steps from gradients alone.
     Written non-centred, ``mu`` shares a direction with every group effect and the fit
     crawls: after 500 steps ``mu`` is several posterior sds below the group means' mean
-    (its posterior mean, to within the prior's pull), and the warning has said so. With
-    the step size held at CRAWL_STEP from there, 500 more steps bring it within 1.5
-    posterior sds (the decaying step left it at 2.30 after 1,000 steps, 2.37 after
-    3,000, where the target is 2.93). A run resumed from a checkpoint taken while the
-    step is held continues bit for bit."""
+    (its posterior mean, to within the prior's pull), and the warning has said so (at
+    step 500: ``mu`` moved 1.7, 1.2 and 0.7 sds one way over steps 200 to 500)."""
     model, y = normal_hierarchy(500, 5, 2.0, centred=False)
     target = float(y.mean())  # the posterior mean of mu, up to the N(0, 10^2) prior's pull
     sd = float(((y.mean(-1).var() + 0.2) / 500) ** 0.5)  # about its posterior sd
-    pyro.set_rng_seed(0)
-    guide = fresh(AutoNormal, model)
-    opt = NaturalGradient(guide)
-    svi = SVI(model, guide, opt, Trace_ELBO())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(500):
-            svi.step()
-    crawl = [w for w in caught if "moved steadily" in str(w.message)]
-    assert len(crawl) == 1 and "curvature='hvp'" in str(crawl[0].message)
+    guide, caught = fit_recording_warnings(AutoNormal, model, 500)
+    crawl = [str(w.message) for w in caught if "moved steadily" in str(w.message)]
+    assert len(crawl) == 1 and "curvature='hvp'" in crawl[0] and "step 500" in crawl[0]
     assert float(guide.median()["mu"]) < target - 3 * sd
-    optim_state = copy.deepcopy(opt.get_state())
-    assert any(v.get("crawling") for v in optim_state["natural_gradient"].values())
-    param_state = copy.deepcopy(pyro.get_param_store().get_state())
-    rng_state = rng_state_now()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NaturalGradientWarning)
-        for _ in range(500):
-            svi.step()
-    assert abs(float(guide.median()["mu"]) - target) < 1.5 * sd
-    expected = store_snapshot()
-
-    pyro.clear_param_store()
-    pyro.get_param_store().set_state(copy.deepcopy(param_state))
-    guide = AutoNormal(model)
-    guide()  # set up the guide's structure (uses the RNG: before restoring it)
-    opt = NaturalGradient(guide)
-    opt.set_state(optim_state)
-    set_rng_state(rng_state)
-    svi = SVI(model, guide, opt, Trace_ELBO())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NaturalGradientWarning)
-        for _ in range(500):
-            svi.step()
-    got = store_snapshot()
-    assert got.keys() == expected.keys()
-    for k in expected:
-        assert torch.equal(got[k], expected[k]), k
 
 
 @pytest.mark.slow
 def test_a_slower_crawl_is_found_by_its_persistence():
-    """The hierarchy of the test above in float32, whose run creeps more slowly: ``mu``
-    moved 1.2, 0.82, 0.44, 0.36 and 0.39 sds in the windows to step 700, below the
-    first rule (three windows above CRAWL_MOVE) but five in a row above CRAWL_CREEP.
-    With that rule alone ``mu`` was at 2.61 after 1,000 steps; it is within 1.5
-    posterior sds of the group means' mean."""
+    """The hierarchy above in float32, whose run creeps more slowly: ``mu`` moved 1.2,
+    0.82, 0.44, 0.36 and 0.39 sds in the windows to step 700, below the first rule
+    (three windows above CRAWL_MOVE) but five in a row above CRAWL_CREEP; it is then
+    still several posterior sds from the group means' mean."""
     model, y = normal_hierarchy(500, 5, 2.0, centred=False, dtype=torch.float32)
     target = float(y.mean())
     sd = float(((y.mean(-1).var() + 0.2) / 500) ** 0.5)
-    guide, caught = fit_recording_warnings(AutoNormal, model, 1000)
+    guide, caught = fit_recording_warnings(AutoNormal, model, 700)
     crawl = [str(w.message) for w in caught if "moved steadily" in str(w.message)]
     assert len(crawl) == 1 and "to its step 700" in crawl[0], crawl
     assert guide.median()["mu"].dtype == torch.float32
-    assert abs(float(guide.median()["mu"]) - target) < 1.5 * sd
+    assert float(guide.median()["mu"]) < target - 3 * sd
 
 
 def test_a_converged_fit_does_not_warn_of_a_crawl(float64):
-    """The data of the test above, written centred: the fit converges within 100 steps,
-    and nothing warns in 600 (nor does the step size go back up)."""
+    """The data of the tests above, written centred: the fit converges within 100 steps,
+    and nothing warns in 600."""
     model, y = normal_hierarchy(500, 5, 2.0, centred=True)
     sd = float(((y.mean(-1).var() + 0.2) / 500) ** 0.5)
     guide, caught = fit_recording_warnings(AutoNormal, model, 600)
