@@ -1,7 +1,8 @@
 """Shared fixtures for the pyro_natgrad test suite.
 
 Set ``PYRO_NATGRAD_TEST_DEVICE=cuda`` to run the whole suite with CUDA as
-torch's default device (how the optimizer was checked on a GPU).
+torch's default device (how the optimizer was checked on a GPU), and
+``PYRO_NATGRAD_TEST_SEED_OFFSET=k`` to run it on other draws (``tests/seeding.py``).
 """
 
 import os
@@ -9,6 +10,8 @@ import os
 import pyro
 import pytest
 import torch
+
+from tests.seeding import SEED_OFFSET
 
 
 def pytest_configure(config):
@@ -20,6 +23,9 @@ def pytest_configure(config):
         # pytest-xdist runs one worker per core (addopts in pyproject.toml): a worker
         # with a thread per core as well would have them fight over the cores.
         torch.set_num_threads(1)
+    if SEED_OFFSET:
+        manual_seed = torch.manual_seed  # pyro.set_rng_seed calls it too
+        torch.manual_seed = lambda seed: manual_seed(seed + SEED_OFFSET)
 
 
 @pytest.fixture

@@ -1,13 +1,42 @@
 """Seeded random numbers for test data, on torch's default device, and torch's random
 state on every device."""
 
+import os
+
 import torch
+
+#: Added to the seeds of the suite's generators and to every ``torch.manual_seed`` (and
+#: so ``pyro.set_rng_seed``) call once conftest.py has run:
+#: ``PYRO_NATGRAD_TEST_SEED_OFFSET=k pytest ...`` runs the tests on other draws, to check
+#: that their assertions are not tuned to one.
+SEED_OFFSET = int(os.environ.get("PYRO_NATGRAD_TEST_SEED_OFFSET", "0"))
 
 
 def generator(seed: int) -> torch.Generator:
     """A generator seeded with ``seed`` on the default device (see conftest.py), so that
     the suite also runs with CUDA as the default device."""
-    return torch.Generator(device=torch.empty(0).device).manual_seed(seed)
+    return torch.Generator(device=torch.empty(0).device).manual_seed(seed + SEED_OFFSET)
+
+
+class CPUDraws:
+    """Draws from a CPU generator seeded with ``seed``, moved to the default device: the
+    same numbers whatever the device, for tests whose premise holds for these draws (a
+    singular matrix's Cholesky that used to succeed, an indefinite draw)."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed + SEED_OFFSET)
+
+    def randn(self, *shape, dtype=None) -> torch.Tensor:
+        return self._moved(torch.randn(*shape, generator=self.generator, dtype=dtype,
+                                       device="cpu"))
+
+    def rand(self, *shape, dtype=None) -> torch.Tensor:
+        return self._moved(torch.rand(*shape, generator=self.generator, dtype=dtype,
+                                      device="cpu"))
+
+    @staticmethod
+    def _moved(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.empty(0).device)
 
 
 def rng_state():

@@ -18,6 +18,7 @@ from pyro.nn import PyroModule
 
 from pyro_natgrad import NaturalGradient, NaturalGradientWarning
 from pyro_natgrad.amortised import AmortisedNaturalGradient
+from tests.seeding import rng_state, set_rng_state
 
 hessian = torch.autograd.functional.hessian
 
@@ -252,7 +253,7 @@ def test_a_checkpoint_restored_twice_into_the_live_optimizer_repeats_the_run(flo
     the run. Both resumed runs must equal the uninterrupted one to the last bit."""
     x, guide, optim, svi = _three_steps()
     state, params = copy.deepcopy(optim.get_state()), _store()
-    rng = pyro.util.get_rng_state()
+    rng = rng_state()  # the CPU generator's and, on a GPU, CUDA's (Pyro's is the CPU's)
     finals = []
     for _ in range(3):  # the uninterrupted run, then two rollbacks of the live optimizer
         for _ in range(4):
@@ -262,7 +263,7 @@ def test_a_checkpoint_restored_twice_into_the_live_optimizer_repeats_the_run(flo
             for name, value in params.items():
                 pyro.get_param_store()._params[name].copy_(value)
         optim.set_state(state)
-        pyro.util.set_rng_state(rng)
+        set_rng_state(rng)
     for final in finals[1:]:
         assert final.keys() == finals[0].keys()
         assert all(torch.equal(final[k], finals[0][k]) for k in final)

@@ -101,7 +101,7 @@ def _mixture_mean_field_optimum(data, nodes=40):
     start (Nelder-Mead agrees to 1e-6 and takes 30 times as long)."""
     t, w = np.polynomial.hermite.hermgauss(nodes)
     t, w = t * math.sqrt(2), w / math.sqrt(math.pi)
-    x = data.numpy()
+    x = data.cpu().numpy()
     log_w = np.log(WEIGHTS)
 
     def negative_elbo(p):
@@ -136,7 +136,7 @@ def test_enumerated_mixture_fit_reaches_the_mean_field_optimum(float64):
         warnings.simplefilter("error", NaturalGradientWarning)
         for _ in range(60):
             svi.step(data)
-    loc, scale = guide.locs.locs.detach().numpy(), guide.scales.locs.detach().numpy()
+    loc, scale = guide.locs.locs.detach().cpu().numpy(), guide.scales.locs.detach().cpu().numpy()
     assert np.all(np.abs(loc - m) < 0.1 * s), (loc, m, s)
     assert np.all(np.abs(scale / s - 1) < 0.1), (scale, s)
 

@@ -17,6 +17,7 @@ import torch
 
 from pyro_natgrad import natural_gradient
 from pyro_natgrad.fisher import fisher_information, fisher_solve, fisher_vp
+from tests.seeding import CPUDraws
 
 F64 = torch.float64
 DTYPES = [torch.float32, torch.float64]
@@ -198,11 +199,11 @@ def test_damped_solve_over_many_logits_covers_the_null_direction(family, coords)
     ``coords="unconstrained"``, where logits are their own coordinates, took that route
     too). Against ``torch.linalg.solve`` on the matrix written out here."""
     k, damping, jac = 600, 0.1, 2.0
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(k, generator=g, dtype=F64)
+    g = CPUDraws(0)
+    logits = g.randn(k, dtype=F64)
     n = 3 if family is dist.Multinomial else 1
     d = family(n, logits=logits) if family is dist.Multinomial else family(logits=logits)
-    v = torch.randn(k, generator=g, dtype=F64) + 1.0  # a component along the null vector
+    v = g.randn(k, dtype=F64) + 1.0  # a component along the null vector
     j = jac if coords == "affine" else 1.0
     p = torch.softmax(logits, -1)
     F = n * j * j * (torch.diag(p) - torch.outer(p, p)) + damping * torch.eye(k, dtype=F64)
@@ -290,11 +291,11 @@ def test_zero_trials_undamped_solve(name, coords):
     op = fisher_operator(ZERO_TRIALS[name](), coords=coords)
     F = op.dense()
     assert float(F[0].abs().max()) == 0.0
-    g = torch.Generator().manual_seed(0)
-    v = torch.randn(2, op.dim, generator=g, dtype=F64)
+    g = CPUDraws(0)
+    v = g.randn(2, op.dim, dtype=F64)
     if op.singular:  # the gradient of a function of the distribution: in F's range
         v = torch.einsum("bij,bj->bi", F, v)
-    v[0] = torch.randn(op.dim, generator=g, dtype=F64)
+    v[0] = g.randn(op.dim, dtype=F64)
     with pytest.raises(SingularFisherError, match="total_count 0"):
         op.solve(v)
     v[0] = 0
@@ -347,8 +348,8 @@ def test_zero_trials_in_natural_and_mean_coordinates(name, coords):
     torch.testing.assert_close(op.mv(torch.ones(2, k, dtype=F64)), expected.sum(-1),
                                rtol=1e-12, atol=0)
     trials = expected.flatten(1).ne(0).any(-1)  # the elements with trials
-    g = torch.Generator().manual_seed(1)
-    v = torch.randn(2, k, generator=g, dtype=F64)
+    g = CPUDraws(1)
+    v = g.randn(2, k, dtype=F64)
     with pytest.raises(SingularFisherError, match="total_count 0"):
         op.solve(v)
     v[~trials] = 0

@@ -40,7 +40,7 @@ from pyro.infer.autoguide import (
 from pyro_natgrad import NaturalGradient, NaturalGradientWarning, StepSize
 from pyro_natgrad.optim import _cut_to_bound
 from pyro_natgrad.datasets import load_reference
-from tests.seeding import generator, rng_state as rng_state_now, set_rng_state
+from tests.seeding import CPUDraws, generator, rng_state as rng_state_now, set_rng_state
 
 F64 = torch.float64
 SIGMA, TAU_W, TAU_B = 0.7, 1.0, 2.0
@@ -3058,14 +3058,14 @@ def test_halving_limit_is_the_largest_step_that_keeps_half_the_precision(seed, r
 
     from pyro_natgrad.optim import _halving_limit
 
-    g = torch.Generator().manual_seed(seed)
+    g = CPUDraws(seed)
     d = 6
-    M = torch.randn(d, d, generator=g, dtype=torch.float64)
+    M = g.randn(d, d, dtype=torch.float64)
     P0 = M @ M.mT + 0.5 * torch.eye(d, dtype=torch.float64)
-    N = torch.randn(d, d, generator=g, dtype=torch.float64)
+    N = g.randn(d, d, dtype=torch.float64)
     # symmetric, indefinite for odd seeds (a non-log-concave draw), else positive definite
     T = N @ N.mT * 0.2 + (-1.0 if seed % 2 else 0.1) * torch.eye(d, dtype=torch.float64)
-    lam = scipy.linalg.eigh((T - P0).numpy(), P0.numpy(), eigvals_only=True)[0]
+    lam = scipy.linalg.eigh((T - P0).cpu().numpy(), P0.cpu().numpy(), eigvals_only=True)[0]
     want = rho if lam >= -0.5 / rho else 0.5 / -lam
 
     L = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(P0)))
@@ -3460,10 +3460,10 @@ def test_a_refused_step_drops_its_gradients_and_draws(float64, refusal):
     store = pyro.get_param_store()
     before = {k: v.unconstrained().detach().clone() for k, v in store.items()}
     assert all(v.unconstrained().grad is None for v in store.values())
-    state = torch.get_rng_state()
+    state = rng_state_now()
 
     def first_step():
-        torch.set_rng_state(state)
+        set_rng_state(state)
         with torch.no_grad():
             for k, v in store.items():
                 v.unconstrained().copy_(before[k])

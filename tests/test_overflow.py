@@ -22,7 +22,7 @@ from pyro.infer.autoguide import (
 )
 
 from pyro_natgrad import NaturalGradient, gaussian
-from tests.seeding import generator
+from tests.seeding import generator, rng_state, set_rng_state
 
 F32, F64 = torch.float32, torch.float64
 MAX_KL = 10.0
@@ -378,10 +378,10 @@ def test_an_hvp_step_that_overflows_in_one_group_writes_no_group():
     store = pyro.get_param_store()
     before = {k: v.detach().clone() for k, v in store.items()}
     raw = {k: v.unconstrained().detach().clone() for k, v in store.items()}
-    rng = torch.get_rng_state()
+    rng = rng_state()
 
     def overflowing_step(svi):
-        torch.set_rng_state(rng)
+        set_rng_state(rng)
         hook = guide.scales.w_unconstrained.register_hook(lambda g: torch.full_like(g, 3e38))
         try:
             with pytest.warns(UserWarning, match="overflowed"):

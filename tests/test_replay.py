@@ -15,6 +15,7 @@ from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, Aut
 
 from pyro_natgrad import NaturalGradient
 from pyro_natgrad.replay import TorchRandomState, gradients_match_draw, replay_guide
+from tests.seeding import CPUDraws
 
 
 @pytest.fixture(autouse=True)
@@ -41,10 +42,9 @@ def full_batch_regression(X, y):
 
 
 def data(dtype):
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(40, 3, generator=g, dtype=dtype)
-    return X, X @ torch.tensor([1.0, -2.0, 0.5], dtype=dtype) + torch.randn(40, generator=g,
-                                                                           dtype=dtype)
+    g = CPUDraws(0)
+    X = g.randn(40, 3, dtype=dtype)
+    return X, X @ torch.tensor([1.0, -2.0, 0.5], dtype=dtype) + g.randn(40, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -93,14 +93,16 @@ def test_replay_makes_the_same_draw_and_leaves_the_random_state():
     guide(X, y)
     for r in opt._recorders:
         r.take()
-    start = TorchRandomState(torch.device("cpu"))
+    start = TorchRandomState(X.device)  # and CUDA's generator, on a GPU
     with poutine.trace() as tr:
         guide(X, y)
     drawn = tr.trace.nodes["_AutoMultivariateNormal_latent"]["value"].detach()
     for r in opt._recorders:
         r.take()
-    after = torch.get_rng_state()
+    after = TorchRandomState(X.device)
     records = replay_guide(guide, opt._recorders, start, (X, y), {})
-    assert torch.equal(torch.get_rng_state(), after)
+    now = TorchRandomState(X.device)
+    assert torch.equal(now.cpu, after.cpu)
+    assert after.cuda is None or torch.equal(now.cuda, after.cuda)
     assert len(records) == 1
     assert torch.equal(records[0]["_AutoMultivariateNormal_latent"][0], drawn)
