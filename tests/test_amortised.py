@@ -353,7 +353,12 @@ class AffineEncoder(AutoGuide):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_amortised_linear_gaussian_reaches_exact_posterior(dtype):
+    """An affine encoder of the exact posterior, 80 single-draw steps: means within 0.4
+    posterior sds and sds within 15% of the exact ones for every data point. Over 12
+    seeds the worst were 0.33 sds and 11.9% (0.13 and 10% after 200 steps, the noise
+    of single draws). Seeded here: it ran from whatever state the tests before it left."""
     torch.set_default_dtype(dtype)
+    pyro.set_rng_seed(0)
     N, Dx, Kz, sigma = 40, 3, 2, 0.5
     A, b, X = linear_gaussian(N, Dx, Kz, sigma)
 
@@ -367,8 +372,8 @@ def test_amortised_linear_gaussian_reaches_exact_posterior(dtype):
     for _ in range(80):
         svi.step(X)
     loc, scale = guide.outputs(X)
-    assert ((loc - mean).abs() / sd).max() < 0.25
-    assert ((scale - sd).abs() / sd).max() < 0.1
+    assert ((loc - mean).abs() / sd).max() < 0.4
+    assert ((scale - sd).abs() / sd).max() < 0.15
     assert optim.skipped == 0
 
 

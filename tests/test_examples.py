@@ -150,7 +150,10 @@ def test_poisson_gp_against_reference():
                                 r"sd ratio q/ref = {NUM}\.\.{NUM}", out)
     _, lo_k, hi_k = numbers(r"rho, alpha \(kernel\)\s*: max \|mean err\| = {NUM} ref sd; "
                             r"sd ratio q/ref = {NUM}\.\.{NUM}", out)
-    assert err_f < 0.75 and 0.8 < lo_f <= hi_f < 1.4
+    # over the example's seeds 0-9: errors up to 0.55 sds, sd ratios 0.82 to 1.52 (1.40
+    # at seed 0 here, 1.45 with another build of torch): a full-rank guide over f and the
+    # kernel, whose posterior is not Gaussian
+    assert err_f < 0.75 and 0.75 < lo_f <= hi_f < 1.6
     # the kernel parameters' posterior is not Gaussian: the guide is too narrow there
     assert hi_k < 1.0
     (loss,) = numbers(r"-ELBO = {NUM} nats", out)
