@@ -112,6 +112,13 @@ def one_step(name, curvature, d, dtype):
         model, guide = poisson_model(d), GUIDES[name](d)
         svi = SVI(model, guide, NaturalGradient(guide, curvature=curvature), Trace_ELBO())
         guide()  # the parameters, before the step's draw
+        if isinstance(guide, AutoLowRankMultivariateNormal):
+            # Pyro draws the factor's start in the guide's dtype, and on a GPU float32's
+            # draw is not float64's (on the CPU they agree below 16 elements)
+            with torch.no_grad():
+                start = torch.randn(guide.cov_factor.shape, dtype=F64,
+                                    generator=generator(0), device=guide.cov_factor.device)
+                guide.cov_factor.copy_(start)
         store = pyro.get_param_store()
         before = {k: v.detach().to(F64).clone() for k, v in store.items()}
         svi.step()
