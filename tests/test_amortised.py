@@ -665,7 +665,10 @@ def test_parameters_of_delta_sites_only_go_to_the_other_optimizer(float64):
     """A MAP part inside the guide module (a ``Delta`` site for a global offset) has no
     Fisher: in the GGN solve its step was the gradient over the damping (0 -> 3.2 ->
     5.3 -> -3.0 -> 67 in the first steps). It goes to ``other_optimizer`` now, whose
-    steps (Adam, lr 0.01) move it by about 0.01 each."""
+    steps (Adam, lr 0.01) move it by about 0.01 each, towards the encoder's draws of z
+    (on the suite's draws towards the data; with PYRO_NATGRAD_TEST_SEED_OFFSET=1 away).
+    Seeded here: it ran from whatever state the tests before it left."""
+    pyro.set_rng_seed(0)
     N = 8
     X = torch.linspace(-2.0, 2.0, N) + 3.0
 
@@ -701,7 +704,8 @@ def test_parameters_of_delta_sites_only_go_to_the_other_optimizer(float64):
     assert routes["g$$$mu"] == "other optimizer (Adam)", routes
     assert routes["g$$$encoder.weight"] == "natural gradient (GGN)", routes
     steps = np.diff([0.0] + path)
-    assert np.abs(steps).max() < 0.011 and (steps > 0).all(), path  # towards the data
+    assert np.abs(steps).max() < 0.011 and np.abs(steps).min() > 0.005, path
+    assert (steps > 0).all() or (steps < 0).all(), path  # one way, as Adam's steps go
 
 
 def test_parameters_inside_transforms_go_to_the_other_optimizer(float64):
