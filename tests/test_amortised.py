@@ -31,7 +31,7 @@ from pyro.nn import PyroModule
 
 from pyro_natgrad import NaturalGradient, NaturalGradientWarning
 from pyro_natgrad.amortised import AmortisedNaturalGradient, GuideGGN
-from tests.seeding import generator
+from tests.seeding import CPUDraws, generator
 
 jacobian = torch.autograd.functional.jacobian
 
@@ -303,11 +303,10 @@ def test_nan_gradient_leaves_parameters_untouched(float64):
 def linear_gaussian(N, Dx, Kz, sigma, seed=0, mu=None):
     """x_n = A z_n + b (+ mu) + noise; the exact posterior of z_n given x_n. The data are
     drawn on the CPU, so they are the same whatever the default device."""
-    g = torch.Generator().manual_seed(seed)
-    dtype, device = torch.get_default_dtype(), torch.empty(0).device
+    g, dtype = CPUDraws(seed), torch.get_default_dtype()
 
     def draw(*shape):
-        return torch.randn(*shape, generator=g, dtype=dtype, device="cpu").to(device)
+        return g.randn(*shape, dtype=dtype)
 
     A, b = draw(Dx, Kz), draw(Dx)
     X = draw(N, Kz) @ A.T + b + (mu or 0.0) + sigma * draw(N, Dx)
