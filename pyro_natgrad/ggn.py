@@ -432,12 +432,18 @@ class GGNOperator:
             informative outputs than parameters) CG only converges for ``b`` in the
             range of ``G``.
         :param float tol: stop when ``|r| <= tol |b|`` for every system (default
-            ``1e-10`` in float64, ``1e-5`` otherwise).
+            ``1e-10`` in float64, ``1e-5`` otherwise), with room to spare for the
+            product's rounding in ``r``: at float32 and a condition number of ``1e7`` that
+            rounding is about ``1e-5 |b|``, and such a solve raises (or reports
+            ``converged=False``) rather than claim ``1e-5``
+            (:func:`pyro_natgrad.linalg.conjugate_gradient`).
         :param int max_iter: at most this many CG iterations, one product each (default
             ``10 P``); checking convergence on the true residual ``b - (G + damping I) x``
-            costs one more product each time the recursive one meets ``tol``, and once at
-            the end (``CGInfo.iterations`` counts every product).
-        :param bool return_info: also return a ``CGInfo``.
+            costs one more product each time the recursive one meets ``tol``, two more to
+            estimate its rounding, and one at the end (``CGInfo.iterations`` counts every
+            product).
+        :param bool return_info: also return a ``CGInfo`` (its ``residual_norm`` is
+            recomputed after the solve, in ``b``'s dtype).
         :param bool raise_on_fail: raise ``RuntimeError`` if ``tol`` is not met.
         :returns: ``x``, or ``(x, CGInfo)``.
         """
@@ -462,15 +468,14 @@ class GGNOperator:
             count[0] += 1
             return self.mv(x) + damping * x
 
-        x = conjugate_gradient(matvec, B, tol=tol, max_iter=max_iter,
-                               raise_on_fail=raise_on_fail)
+        x, cg = conjugate_gradient(matvec, B, tol=tol, max_iter=max_iter,
+                                   raise_on_fail=raise_on_fail, return_info=True,
+                                   stop_at_negative_curvature=False)
         x = x.reshape(b.shape)
         if not return_info:
             return x
-        iterations = count[0]
         r = (B - (self.mv(x.reshape(B.shape)) + damping * x.reshape(B.shape))).norm(dim=-1)
-        converged = bool((r <= tol * B.norm(dim=-1)).all())
-        return x, CGInfo(iterations, r.reshape(b.shape[:-1]), converged)
+        return x, CGInfo(count[0], r.reshape(b.shape[:-1]), cg.converged)
 
 
 # -------------------------------------------------------------------------------------

@@ -399,31 +399,31 @@ def test_cg_reports_failure():
 
 def test_solve_does_not_claim_a_tolerance_the_true_residual_misses():
     """float32, cond(G) = 1e7: CG's recursively updated residual drifts from
-    ``b - G x`` in rounding; it "met" 1e-7 where the true residual was 3e-5, and the
-    solve returned without raising. Either it meets ``tol`` on the true residual (in
-    float64 arithmetic) or it raises. Known miss: on other draws
-    (PYRO_NATGRAD_TEST_SEED_OFFSET=1) the check of ``b - G x``, made in float32, passed
-    1e-5 where the float64 residual is 2.6e-5: at this condition number the float32
-    product itself is off by about that much, so the check cannot certify such a
-    tolerance, and the solve does not say so."""
-    g = generator(0)
-    U, _ = torch.linalg.qr(torch.randn(200, 20, generator=g, dtype=torch.float64))
-    A = (U * torch.logspace(0, -3.5, 20, dtype=torch.float64)).float()
-    op = GGNOperator(lambda t: {"loc": A @ t}, torch.zeros(20, dtype=torch.float32),
-                     lambda p: dist.Normal(p["loc"], 1.0))
-    G64 = A.double().T @ A.double()
-    b = torch.randn(20, generator=g, dtype=torch.float64).float()
-    outcomes = []
-    for tol, max_iter in ((1e-5, None), (1e-6, None), (1e-7, 2000)):
-        try:
-            x = op.solve(b, tol=tol, max_iter=max_iter)
-        except RuntimeError:
-            outcomes.append("raised")
-            continue
-        true = float((b.double() - G64 @ x.double()).norm() / b.double().norm())
-        assert true <= tol, (tol, true)
-        outcomes.append("met")
-    assert "raised" in outcomes  # float32 cannot reach every one of these here
+    ``b - G x`` in rounding; it "met" 1e-7 where the true residual was 3e-5. Checking
+    ``b - G x`` was not enough either: computed in float32 it is itself off by about
+    1e-5 |b| here, and on 5 of 12 draws it passed tol 1e-5 where the float64 residual
+    was 1.3e-5 to 3.8e-5. Either a solve meets ``tol`` on the true residual (in float64
+    arithmetic) or it fails, and at 1e-7 it fails with a cause within a few hundred
+    products, not after ``max_iter``. A tolerance the rounding leaves room for (1e-3)
+    is still met."""
+    for seed in range(8):
+        g = generator(seed)
+        U, _ = torch.linalg.qr(torch.randn(200, 20, generator=g, dtype=torch.float64))
+        A = (U * torch.logspace(0, -3.5, 20, dtype=torch.float64)).float()
+        op = GGNOperator(lambda t: {"loc": A @ t}, torch.zeros(20, dtype=torch.float32),
+                         lambda p: dist.Normal(p["loc"], 1.0))
+        G64 = A.double().T @ A.double()
+        b = torch.randn(20, generator=g, dtype=torch.float64).float()
+        for tol in (1e-3, 1e-5, 1e-7):
+            x, info = op.solve(b, tol=tol, max_iter=2000, return_info=True,
+                               raise_on_fail=False)
+            true = float((b.double() - G64 @ x.double()).norm() / b.double().norm())
+            assert not info.converged or true <= tol, (seed, tol, true)
+            assert info.converged or tol < 1e-3, (seed, tol)
+        assert info.iterations <= 500, info  # tol 1e-7: out of reach, and said so early
+        with pytest.raises(RuntimeError, match="cannot certify relative residual 1e-07 in "
+                                               "torch.float32.*solve in float64"):
+            op.solve(b, tol=1e-7, max_iter=2000)
 
 
 def test_a_parameter_outside_the_fisher_coordinates_is_refused():
