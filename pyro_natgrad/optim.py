@@ -27,9 +27,11 @@ from pyro.optim import PyroOptim
 from pyro.infer.autoguide import (AutoCallable, AutoContinuous, AutoDelta, AutoDiagonalNormal,
                                   AutoGuide, AutoGuideList, AutoMultivariateNormal, AutoNormal)
 
+from . import gaussian as gaussian_module
 from .curvature import ModelCurvature, ModelCurvatureError
 from .gaussian import (StepError, chunk_size, diagonal_gaussian_step, full_step,
-                       hold_stride, leave_one_out_cv, norm, softplus_diagonal_step)
+                       hold_stride, leave_one_out_median_cv, norm, sampled_median_cv,
+                       softplus_diagonal_step)
 from .guides import (
     DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide, reads_as_autonormal,
     same_arguments, unsupported_parts, unsupported_reason,
@@ -1011,7 +1013,8 @@ class NaturalGradient(PyroOptim):
         if target is None and moments is not None:
             seen = moments[2] > 0  # with a subsample, only its elements
             if int(seen.sum()) >= CV_MIN_ELEMENTS:
-                cv = leave_one_out_cv(scale * g_scale, moments[1], seen)
+                cv = leave_one_out_median_cv(scale * g_scale, moments[1], seen,
+                                             gaussian_module.CV_SAMPLE)
         step = diagonal_gaussian_step(loc.detach(), scale, g_loc, g_scale, rho,
                                       moments[:2] if moments is not None else None, self.max_kl,
                                       precision_target=target, cv=cv)
@@ -1088,8 +1091,8 @@ class NaturalGradient(PyroOptim):
             # a resumed run, which then differed from the uninterrupted one).
             scale = group.transforms["scale"](raw.detach())
         flat = [t.detach().reshape(-1) for t in tensors]
-        new_loc, new_raw, *work = group.work((n, n) + (min(n, chunk_size(loc)),) * 6, loc.dtype,
-                                             loc.device)
+        new_loc, new_raw, coefficients, *work = group.work(
+            (n, n, n) + (min(n, chunk_size(loc)),) * 6, loc.dtype, loc.device)
         rho = float(self.step_size(state["t"]))
         previous = _previous_gradient(state, len(range(0, n, hold_stride(n))), loc)
         wide = previous.to(torch.float64)  # its square may overflow the dtype
@@ -1098,10 +1101,19 @@ class NaturalGradient(PyroOptim):
         # step is. (In place, a declined step left the general route comparing this step's
         # gradient with itself, which held the clock for good, or a skipped one NaN.)
         sample = previous.clone()
+        cv = 1.0
+        if draw is not None and n >= CV_MIN_ELEMENTS:
+            # leave_one_out_median_cv, without full-size temporaries
+            stride = max(1, -(-n // gaussian_module.CV_SAMPLE))
+            index = torch.arange(0, n, stride, device=loc.device)
+            s = scale.reshape(-1)[index]
+            a = s * flat[3][index] / torch.sigmoid(flat[1][index])
+            e2 = ((draw[index] - flat[0][index]) / s).square()
+            keep = e2 > 0
+            cv = sampled_median_cv(n, index[keep], a[keep], e2[keep], flat[0], coefficients)
         sums = softplus_diagonal_step(
             flat[0], flat[1], flat[2], flat[3], draw, rho, self.max_kl, new_loc, new_raw, work,
-            scale=scale.reshape(-1),
-            cv=None if n >= CV_MIN_ELEMENTS else 1.0, previous=sample)
+            scale=scale.reshape(-1), cv=cv, previous=sample)
         taken, check, agreement, norm2, before = torch.stack(
             [t.to(torch.float64) for t in (*sums, before)]).tolist()
         if not (math.isfinite(taken) and math.isfinite(check)):
