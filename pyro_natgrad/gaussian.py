@@ -37,9 +37,11 @@ of a Gaussian posterior, where ``M = I``. Taken from the same draws, ``c`` biase
 estimate of ``S`` by ``2 (M - c I) / (d + 2)``, which vanishes at the optimum, and
 removes from the mean's gradient its component along the draw (for :func:`full_step`'s
 draws, ``c`` is 1 below :data:`FULL_CV_MIN_ELEMENTS` draw elements).
-Mean-field steps give each element the ``c`` of the other elements' draws
-(:func:`leave_one_out_cv`, the same formula summed over them), which keeps its
-variate's mean zero; see :func:`diagonal_gaussian_step`.
+Mean-field steps give each element the ``c`` of the other elements' draws, which keeps
+its variate's mean zero: the weighted median of their own estimates
+(:func:`leave_one_out_median_cv`), which one far-off element cannot drag, rather than
+the same formula summed over them (:func:`leave_one_out_cv`); see
+:func:`diagonal_gaussian_step`.
 
 Full-rank steps from the ELBO's gradient alone (no ``precision_target``) with a trust
 region also take ``rho <= 1 / (2 |S|_F)``, so ``B >= I/2`` holds without the retraction.

@@ -124,8 +124,8 @@ CRAWL_CREEP = 0.2
 CRAWL_CREEP_WINDOWS = 5
 
 #: Mean-field groups smaller than this keep the control variate's coefficient at 1: the
-#: estimate of :func:`~pyro_natgrad.gaussian.leave_one_out_cv` from one draw of a few
-#: elements is a ratio of small sums, too noisy to help.
+#: estimate of :func:`~pyro_natgrad.gaussian.leave_one_out_median_cv` from one draw of a
+#: few elements is too noisy to help.
 CV_MIN_ELEMENTS = 64
 
 
