@@ -2309,6 +2309,41 @@ def test_mean_field_control_variate_scales_with_the_curvature(float64, monkeypat
         assert max(float(err.median()), float(off.median())) < 0.06
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_mean_field_plate_of_unequal_curvatures_converges(float64, monkeypatch, fused):
+    """2,000 latents with observation noise sds spread log-uniformly over [0.01, 1], so
+    the likelihood's curvature H_i spans 2 to 1e4 and the guide's start (sd 0.1)
+    s^2 H_i spans 0.02 to 100: no one control-variate coefficient fits them all. The
+    others' weighted median settles on the bulk, where their weighted mean is pulled by
+    the stiffest elements. Measured (seeds 100-103 for the data): after 30 steps median
+    sd errors 0.2% (90% quantile 6-8%) and means 0.00 sds off; with the mean, 38-72%
+    (91-97%) and 0.48-1.17 sds, and 0.2-3.2% still after 100 steps."""
+    if not fused:
+        monkeypatch.setattr(NaturalGradient, "_step_diagonal_fused", lambda *a, **k: False)
+    n = 2000
+    g = generator(100)
+    noise = 10 ** (-2 * torch.rand(n, generator=g, dtype=F64))
+    data = torch.randn(n, generator=g, dtype=F64) + noise * torch.randn(n, generator=g,
+                                                                         dtype=F64)
+
+    def model():
+        with pyro.plate("N", n):
+            z = pyro.sample("z", dist.Normal(torch.zeros((), dtype=F64), 1.0))
+            pyro.sample("x", dist.Normal(z, noise), obs=data)
+
+    precision = 1 + noise ** -2
+    post_mean, post_sd = data / noise ** 2 / precision, precision ** -0.5
+    pyro.set_rng_seed(0)
+    guide = fresh(AutoNormal, model)
+    svi = SVI(model, guide, NaturalGradient(guide), Trace_ELBO())
+    for _ in range(30):
+        svi.step()
+    err = (guide.scales.z.detach() / post_sd - 1).abs()
+    off = ((guide.locs.z.detach() - post_mean) / post_sd).abs()
+    assert float(err.median()) < 0.01 and float(err.quantile(0.9)) < 0.2
+    assert float(off.median()) < 0.02
+
+
 def test_fused_and_general_mean_field_steps_share_the_sampled_coefficient(float64,
                                                                           monkeypatch):
     """Above ``CV_SAMPLE`` elements the median coefficient comes from every k-th element
