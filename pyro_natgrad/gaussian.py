@@ -130,9 +130,14 @@ def leave_one_out_cv(curvature: torch.Tensor, second_moment: torch.Tensor,
 CV_SAMPLE = 1 << 12
 
 
+def cv_sample_index(n: int, device=None) -> torch.Tensor:
+    """The elements of a group of ``n`` whose ratios the median coefficient sorts: every
+    element up to :data:`CV_SAMPLE`, else every ``ceil(n / CV_SAMPLE)``-th."""
+    return torch.arange(0, n, max(1, -(-n // CV_SAMPLE)), device=device)
+
+
 def leave_one_out_median_cv(curvature: torch.Tensor, second_moment: torch.Tensor,
-                            seen: Optional[torch.Tensor] = None,
-                            sample: int = CV_SAMPLE) -> torch.Tensor:
+                            seen: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`leave_one_out_cv` with the weighted median in place of the weighted mean:
     ``c_i`` is the median of the other elements' ratios ``r_j = (a_j + 1) / eps_j^2``
     weighted by ``eps_j^2`` (:func:`leave_one_out_cv` is their weighted mean).
@@ -146,13 +151,13 @@ def leave_one_out_median_cv(curvature: torch.Tensor, second_moment: torch.Tensor
     posterior sds off.
 
     Flattened; elements where ``seen`` is False or ``eps_j = 0`` give no ratio and take
-    the median of all ratios. Above ``sample`` elements the ratios come from every
-    ``stride``-th element (:func:`hold_stride`-like): those get their leave-one-out
+    the median of all ratios. Above :data:`CV_SAMPLE` elements the ratios come from a
+    strided sample (:func:`cv_sample_index`): its elements get their leave-one-out
     median of the sample, the others the sample's median, which does not use their
-    draws either (:data:`CV_SAMPLE`). Shape: ``curvature``'s.
+    draws either. Shape: ``curvature``'s.
     """
     a, e2 = curvature.reshape(-1), second_moment.reshape(-1)
-    index = torch.arange(0, a.shape[0], max(1, -(-a.shape[0] // sample)), device=a.device)
+    index = cv_sample_index(a.shape[0], a.device)
     keep = e2[index] > 0
     if seen is not None:
         keep = keep & seen.reshape(-1)[index]
@@ -170,9 +175,9 @@ def sampled_median_cv(n: int, index: torch.Tensor, curvature: torch.Tensor,
     out = like.new_empty(n) if out is None else out
     if index.shape[0] < 2:
         return out.fill_(1.0)
-    order = torch.argsort((curvature + 1) / second_moment)
-    w = second_moment[order]
-    r = (curvature[order] + 1) / w
+    ratio = (curvature + 1) / second_moment
+    order = torch.argsort(ratio)
+    r, w = ratio[order], second_moment[order]
     cumulative = torch.cumsum(w, 0)
     total = cumulative[-1]
     last = r.shape[0] - 1

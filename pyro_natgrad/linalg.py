@@ -157,8 +157,9 @@ def conjugate_gradient(
     if raise_on_fail:
         worst = (r.norm(dim=-1, keepdim=True) / bnorm).max().item()
         if check_residual and math.isfinite(worst) and not bool(rounding.any()):
-            # Whether more iterations could help: rounding may put tol out of reach.
-            rounding = product_rounding(matvec, x, b - r)
+            # Whether more iterations could help: rounding may put tol out of reach. (Here
+            # max_iter ran out, and Ax is the product at x just taken.)
+            rounding = product_rounding(matvec, x, Ax)
         if not math.isfinite(worst):
             cause = "the products went non-finite; check the operator and the right-hand side"
         elif out_of_reach():

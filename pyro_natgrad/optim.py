@@ -27,11 +27,10 @@ from pyro.optim import PyroOptim
 from pyro.infer.autoguide import (AutoCallable, AutoContinuous, AutoDelta, AutoDiagonalNormal,
                                   AutoGuide, AutoGuideList, AutoMultivariateNormal, AutoNormal)
 
-from . import gaussian as gaussian_module
 from .curvature import ModelCurvature, ModelCurvatureError
-from .gaussian import (StepError, chunk_size, diagonal_gaussian_step, full_step,
-                       hold_stride, leave_one_out_median_cv, norm, sampled_median_cv,
-                       softplus_diagonal_step)
+from .gaussian import (StepError, chunk_size, cv_sample_index, diagonal_gaussian_step,
+                       full_step, hold_stride, leave_one_out_median_cv, norm,
+                       sampled_median_cv, softplus_diagonal_step)
 from .guides import (
     DiagonalGaussianGroup, DrawRecorder, FullGaussianGroup, read_guide, reads_as_autonormal,
     same_arguments, unsupported_parts, unsupported_reason,
@@ -1013,8 +1012,7 @@ class NaturalGradient(PyroOptim):
         if target is None and moments is not None:
             seen = moments[2] > 0  # with a subsample, only its elements
             if int(seen.sum()) >= CV_MIN_ELEMENTS:
-                cv = leave_one_out_median_cv(scale * g_scale, moments[1], seen,
-                                             gaussian_module.CV_SAMPLE)
+                cv = leave_one_out_median_cv(scale * g_scale, moments[1], seen)
         step = diagonal_gaussian_step(loc.detach(), scale, g_loc, g_scale, rho,
                                       moments[:2] if moments is not None else None, self.max_kl,
                                       precision_target=target, cv=cv)
@@ -1104,8 +1102,7 @@ class NaturalGradient(PyroOptim):
         cv = 1.0
         if draw is not None and n >= CV_MIN_ELEMENTS:
             # leave_one_out_median_cv, without full-size temporaries
-            stride = max(1, -(-n // gaussian_module.CV_SAMPLE))
-            index = torch.arange(0, n, stride, device=loc.device)
+            index = cv_sample_index(n, loc.device)
             s = scale.reshape(-1)[index]
             a = s * flat[3][index] / torch.sigmoid(flat[1][index])
             e2 = ((draw[index] - flat[0][index]) / s).square()

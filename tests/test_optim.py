@@ -502,12 +502,14 @@ def _weighted_median(values, weights):
 
 
 @pytest.mark.parametrize("sample", [1000, 7])
-def test_leave_one_out_median_cv_is_the_median_of_the_others(sample):
+def test_leave_one_out_median_cv_is_the_median_of_the_others(monkeypatch, sample):
     """Each element's coefficient is the ``eps^2``-weighted median of the other elements'
     ``(a + 1) / eps^2`` (of the drawn ones only, with a subsample), by enumeration. With
-    a sample of every 5th element (``sample`` 7 of 31), those get the median of the
+    a sample of every 5th element (``CV_SAMPLE`` 7 of 31), those get the median of the
     other sampled ones and the rest the sample's median. Ties and a zero draw included."""
     from pyro_natgrad import gaussian
+
+    monkeypatch.setattr(gaussian, "CV_SAMPLE", sample)
 
     gen = generator(13)
     n = 31
@@ -517,7 +519,7 @@ def test_leave_one_out_median_cv_is_the_median_of_the_others(sample):
     a[7], e2[7] = a[9], e2[9]  # a tie
     seen = torch.rand(n, generator=gen) < 0.7
     for mask in (None, seen):
-        c = gaussian.leave_one_out_median_cv(a, e2, mask, sample=sample)
+        c = gaussian.leave_one_out_median_cv(a, e2, mask)
         sampled = torch.zeros(n, dtype=torch.bool)
         sampled[::1 if sample >= n else 5] = True
         usable = sampled & (e2 > 0) & (mask if mask is not None else True)
