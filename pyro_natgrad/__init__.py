@@ -9,7 +9,8 @@
 """
 
 from .natural import natural_gradient
-from .optim import NaturalGradient, NaturalGradientWarning
+from .diagnostics import NaturalGradientWarning
+from .optim import NaturalGradient
 from .amortised import AmortisedNaturalGradient
 from .schedule import StepSize
 from .fisher import (

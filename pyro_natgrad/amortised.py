@@ -45,11 +45,13 @@ from .ggn import GGNOperator, _Head, _refuse_uncovered, _uncovered
 from .guides import BackwardFlag, differentiated
 from .handwritten import find_svi_call
 from .linalg import conjugate_gradient
-from .optim import (
-    NaturalGradientWarning, _fraction_taken, check_base_shapes, named_shapes, optimizer_name,
-    param_labels, refuse_unnamed_state, replace_base_state, skip_non_finite, warn_skip,
+from .diagnostics import (
+    NaturalGradientWarning, optimizer_name, param_labels, skip_non_finite, warn_skip,
 )
-from .schedule import StepSize
+from .checkpoint import (
+    check_base_shapes, named_shapes, refuse_unnamed_state, replace_base_state,
+)
+from .schedule import StepSize, fraction_taken
 
 __all__ = ["AmortisedNaturalGradient", "GuideGGN", "StepInfo"]
 
@@ -909,7 +911,7 @@ class AmortisedNaturalGradient(PyroOptim):
         # A step the trust region shortened counts as the fraction taken (as in
         # NaturalGradient), so the warm-up at the initial step size and the decay are not
         # spent on steps that the trust region cut to a fraction of it.
-        self.t += float(_fraction_taken(rho, scheduled))
+        self.t += float(fraction_taken(rho, scheduled))
         info.taken, info.rho, info.kl = True, rho, 0.5 * rho**2 * quad
         return info
 

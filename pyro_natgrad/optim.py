@@ -18,7 +18,7 @@ import copy
 import math
 import warnings
 import weakref
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import pyro
@@ -28,6 +28,14 @@ from pyro.infer.autoguide import (AutoCallable, AutoContinuous, AutoDelta, AutoD
                                   AutoGuide, AutoGuideList, AutoMultivariateNormal, AutoNormal)
 
 from .curvature import ModelCurvature, ModelCurvatureError
+from .checkpoint import (
+    check_base_shapes, check_format, check_layout, group_layout, named_shapes,
+    refuse_unnamed_state, replace_base_state,
+)
+from .diagnostics import (
+    CrawlMonitor, GrowthMonitor, NaturalGradientWarning, StallMonitor, all_finite,
+    optimizer_name, param_labels, skip_non_finite, warn_skip,
+)
 from .gaussian import (StepError, chunk_size, cv_sample_index, diagonal_gaussian_step,
                        full_step, hold_stride, leave_one_out_median_cv, norm,
                        sampled_median_cv, softplus_diagonal_step)
@@ -42,7 +50,7 @@ from .linalg import conjugate_gradient
 from .lowrank import COVARIANCE_REASON, LowRankGaussianGroup, project_lowrank, read_lowrank
 from .minibatch import minibatch_targets, plate_scale, subsampled
 from .replay import TorchRandomState, replay_guide, replayed_records
-from .schedule import StepSize
+from .schedule import StepSize, fraction_taken
 
 #: Largest latent dimension for which ``curvature="auto"`` computes the model's Hessian.
 MAX_CURVATURE_DIM = 256
@@ -87,40 +95,6 @@ TRUST_REGION_SOLVES = 12
 #: The log of the factor by which :func:`_cut_to_bound` shortens a trial step whose
 #: root KL overflowed.
 TRUST_REGION_BACKOFF = 10.0
-
-#: Steps with the model's curvature that the trust region cuts to less than
-#: ``STALL_FRACTION`` of their scheduled size warn once when, at the pace at which the
-#: fraction grew over the last ``STALL_STEPS`` of them, full steps are more than
-#: ``STALL_HORIZON`` steps away: the guide is far from the posterior in units of the
-#: model's curvature where the guide is, and the fit crawls (see
-#: ``NaturalGradient._note_stall``).
-STALL_FRACTION = 1e-3
-STALL_STEPS = 20
-STALL_HORIZON = 300
-_TINY_FRACTION = 1e-300  # a step cut to 0 counts as this (its log is finite)
-
-#: A mean-field group stepping from gradients alone warns once when the running average
-#: of ``log |w|^2`` (``w``: its whitened mean gradient on the hold test's sample, of at
-#: least ``GROWTH_MIN_SAMPLE`` elements; weight ``GROWTH_AVERAGE`` for the newest step)
-#: has risen ``DIVERGENCE_GROWTH``-fold above its lowest while the running average of
-#: ``cos(w, w')`` between successive steps is below ``-GROWTH_COSINE``: the steps
-#: oscillate and grow (see ``NaturalGradient._note_growth``).
-GROWTH_AVERAGE = 0.1
-DIVERGENCE_GROWTH = 1000.0
-GROWTH_COSINE = 0.5
-GROWTH_MIN_SAMPLE = 32
-
-#: A mean-field group stepping from gradients alone warns once that it crawls when, over
-#: each of ``CRAWL_WINDOWS`` windows of ``CRAWL_WINDOW`` steps in a row, its means moved
-#: more than ``CRAWL_MOVE`` of the guide's sds along the way they moved over the window
-#: before, or more than ``CRAWL_CREEP`` over each of ``CRAWL_CREEP_WINDOWS`` (noise alone
-#: moved them 0.1 sd or less in converged fits; a converging linear regression's slowest
-#: tail moved 1.1, 0.45, 0.25, then 0.11 sd; see ``NaturalGradient._note_course``).
-CRAWL_WINDOW = 100
-CRAWL_WINDOWS = 3
-CRAWL_MOVE = 0.5
-CRAWL_CREEP = 0.2
-CRAWL_CREEP_WINDOWS = 5
 
 #: Mean-field groups smaller than this keep the control variate's coefficient at 1: the
 #: estimate of :func:`~pyro_natgrad.gaussian.leave_one_out_median_cv` from one draw of a
@@ -199,10 +173,6 @@ def _curvature_limit(groups) -> int:
 #: (importance weights, a tail-adaptive f-divergence), so neither the control variate
 #: nor a precision target from the model's Hessian fits them.
 UNSUPPORTED_LOSSES = ("RenyiELBO", "TraceTailAdaptive_ELBO", "TraceTMC_ELBO")
-
-
-class NaturalGradientWarning(UserWarning):
-    """A natural-gradient step was skipped or a parameter fell back to the base optimizer."""
 
 
 class NaturalGradient(PyroOptim):
@@ -366,13 +336,9 @@ class NaturalGradient(PyroOptim):
         self._random_state = None  # torch's random state when the last call ended
         self._checked_svi = None  # the last SVI found to fit this optimizer
         self._warned_gradient_only = False
-        # log of the fractions taken by the latest steps in a row cut below STALL_FRACTION
-        self._cut_run: List[float] = []
-        self._warned_stall = False
-        # per gradient-only mean-field group: (running mean of log |w|^2, its lowest)
-        self._growth: Dict[str, tuple] = {}
-        self._warned_growth = False
-        self._warned_crawl = False
+        self._stall = StallMonitor()
+        self._growth = GrowthMonitor(MAX_CURVATURE_DIM)
+        self._crawl = CrawlMonitor()
         self._use_curvature = False
         self._minibatch_curvature = False
         self._warned_mixed_arguments = False
@@ -474,7 +440,7 @@ class NaturalGradient(PyroOptim):
             (layout, ng, waiting_base, shapes), self._waiting_layout = \
                 self._waiting_layout, None
             try:
-                _check_layout(layout, _layout({g.key: g for g in groups}), ng)
+                check_layout(layout, group_layout({g.key: g for g in groups}), ng)
                 check_base_shapes(shapes)
             except ValueError:
                 self._waiting_state = {}
@@ -943,7 +909,7 @@ class NaturalGradient(PyroOptim):
             with torch.no_grad():
                 if self._step_diagonal_fused(group, grads, records, self._state[group.key]):
                     return
-        if not _all_finite(grads.values()):
+        if not all_finite(grads.values()):
             self._skipped += 1
             warn_skip(f"non-finite gradient for {group.key}: step skipped", self._skipped,
                       self._unchanged(), group.key, self._skip_sources)
@@ -967,7 +933,7 @@ class NaturalGradient(PyroOptim):
                               self._skipped, "the parameters are unchanged", group.key,
                               self._skip_sources)
                 else:
-                    state["t"] += float(_fraction_taken(used, rho).mean())
+                    state["t"] += float(fraction_taken(used, rho).mean())
 
     def _step_diagonal(self, group, grads, records, state, target=None, mean=None, rho=None):
         """The natural-gradient step of a mean-field group (``target``: a precision
@@ -1022,13 +988,13 @@ class NaturalGradient(PyroOptim):
             new_loc = torch.where(active, new_loc, loc)
             new_raw = torch.where(active, new_raw, raw)
         # The one finiteness check of what is written (an overflow), so plain copies below.
-        if not _all_finite([new_loc, new_raw]):
+        if not all_finite([new_loc, new_raw]):
             if mean is None:
                 self._skip_overflow(group.key)
             return None  # nothing written (with mean: the caller undoes its other groups)
         loc.data.copy_(new_loc)
         raw.data.copy_(new_raw)
-        taken = _fraction_taken(step.rho, rho)
+        taken = fraction_taken(step.rho, rho)
         if active is None:
             if mean is not None:
                 S = scale * g_scale
@@ -1038,8 +1004,8 @@ class NaturalGradient(PyroOptim):
                 w = scale * g_loc - (cv * moments[0] if moments is not None else 0)
                 sums = _agreement(state, w)
                 self._advance_clock(state, float(taken.mean()), *sums)
-                self._note_growth(group.key, *sums, sample=_sample_size(w.numel()))
-                self._note_course(group, state)
+                self._growth.note(group.key, *sums, sample=_sample_size(w.numel()))
+                self._crawl.note(group, state)
             else:
                 state["t"] += float(taken.mean())
         else:
@@ -1121,8 +1087,8 @@ class NaturalGradient(PyroOptim):
             previous.copy_(sample)
         self._advance_clock(state, min(1.0, max(0.0, taken / (n * max(rho, 1e-300)))),
                             agreement, norm2, before)
-        self._note_growth(group.key, agreement, norm2, before, sample=_sample_size(n))
-        self._note_course(group, state)
+        self._growth.note(group.key, agreement, norm2, before, sample=_sample_size(n))
+        self._crawl.note(group, state)
         return True
 
     def _hold_or_advance(self, state, used, rho, change, drift=None):
@@ -1144,8 +1110,8 @@ class NaturalGradient(PyroOptim):
             if float(drift.square().mean()) < HOLD_MIN_DRIFT ** 2:
                 drift = torch.zeros_like(drift)
             drifting = _agrees(*_agreement(state, drift, "drift"))
-        taken = float(_fraction_taken(used, rho).mean())
-        self._note_stall(taken)
+        taken = float(fraction_taken(used, rho).mean())
+        self._stall.note(taken)
         self._advance_clock(state, taken, *_agreement(state, change), held=drifting)
 
     def _unchanged(self) -> str:
@@ -1159,152 +1125,8 @@ class NaturalGradient(PyroOptim):
                 "to where the model's density overflows, after which every gradient is "
                 "non-finite: set max_kl (the default is 10)")
 
-    def _note_stall(self, taken: float):
-        """Warn once when the trust region has cut more than ``STALL_STEPS`` Newton steps
-        in a row to less than ``STALL_FRACTION`` of their size (``taken``: the fraction of
-        this one) and, at the geometric rate at which the fraction grew over the last
-        ``STALL_STEPS`` of them, would cut for more than ``STALL_HORIZON`` steps yet.
 
-        Far from the posterior the model's curvature can be many orders of magnitude
-        above its value there, and the guide's variances follow it: a mean many of those
-        sds away then moves a tiny fraction of the way per step, while the variances
-        widen as it goes. With a noise scale started at 1 (``AutoNormal``'s default)
-        against data in units of 1e4, the fraction grew from 2e-9 to 1e-3 over 300
-        steps and full steps came after about 1,100; started at the prior's median, 50
-        steps reach the posterior. The pace matters, not the fraction alone: a linear
-        regression's full-rank guide (posteriordb's blr, sigma fixed) was cut below
-        1e-3 for its first 43 steps, the fraction growing 2- to 10-fold every 10 steps,
-        and was exact at step 55. An earlier rule (ten steps in a row below 1e-3) said
-        that it had stalled."""
-        if not taken < STALL_FRACTION:
-            self._cut_run.clear()
-            return
-        self._cut_run.append(math.log(max(taken, _TINY_FRACTION)))
-        del self._cut_run[:-(STALL_STEPS + 1)]
-        if len(self._cut_run) <= STALL_STEPS or self._warned_stall:
-            return
-        growth = (self._cut_run[-1] - self._cut_run[0]) / STALL_STEPS  # log per step
-        away = -self._cut_run[-1] / growth if growth > 0 else math.inf
-        if away <= STALL_HORIZON:
-            return
-        self._warned_stall = True
-        pace = ("has not grown" if growth <= 0 else
-                f"grew {math.exp(growth * STALL_STEPS):.3g}-fold, at which pace full steps are "
-                f"about {away:.0f} steps away")
-        warnings.warn(
-            f"NaturalGradient: the trust region (max_kl) has cut the last {STALL_STEPS} steps "
-            f"to less than {STALL_FRACTION:g} of their size (the last to "
-            f"{math.exp(self._cut_run[-1]):.2g}), and over them the fraction {pace}: the "
-            f"fit is crawling. The guide is far from the posterior in units of the model's "
-            f"curvature where the guide is, e.g. AutoNormal starts every latent at its "
-            f"unconstrained 0 (a noise scale of 1 against data in units of 1e4), or a log "
-            f"link meets a covariate in large units. Start the guide nearer the posterior "
-            f"(init_loc_fn=init_to_median or init_to_mean) or standardise the data",
-            NaturalGradientWarning)
 
-    def _note_growth(self, key: str, agreement: float, norm2: float, before: float,
-                     sample: int):
-        """Warn once when a gradient-only mean-field group's steps diverge: over a sample
-        of ``sample`` elements (at least ``GROWTH_MIN_SAMPLE``) the running average of
-        ``log |w|^2`` (``norm2``) has risen ``DIVERGENCE_GROWTH``-fold above its lowest
-        while successive ``w`` point opposite ways (the running average of
-        ``cos(w, w') = agreement / sqrt(norm2 before)`` below ``-GROWTH_COSINE``).
-
-        A Jacobi-type step, which these are, multiplies the mean's error along an
-        eigenvector of the whitened posterior precision with eigenvalue ``lam`` by
-        ``1 - rho lam``; where the latents share a factor, ``lam`` is about ``D`` times
-        their correlation, and while ``rho lam > 2`` that error flips sign and grows
-        until the decay of ``rho`` stops it. On logistic regressions of 260 covariates
-        sharing one factor (correlation 0.1 to 0.64) the fits ran 4e4 to 1e6 nats away,
-        and this warns at step 42 to 54. Each condition alone warned falsely: a rise
-        alone on a scalar site (the log of a single squared gradient near 0 dips far)
-        and where a hierarchical model's curvature grows under a wide guide; the sign
-        alone where the gradient's noise lies along the shared factor, so that
-        successive gradients point opposite ways half the time at any step size. A
-        centred hierarchical model of 1,000 groups (``AutoDiagonalNormal``, a group
-        scale of 0.1) oscillated and rose 110-fold and then converged; that is the
-        largest of the benign runs tried (also 8 posteriordb models under
-        ``curvature="none"``)."""
-        if self._warned_growth or sample < GROWTH_MIN_SAMPLE or not (
-                math.isfinite(agreement) and math.isfinite(norm2 * before) and norm2 > 0):
-            return
-        value = math.log(norm2)
-        cosine = agreement / math.sqrt(norm2 * before) if before > 0 else 0.0
-        average, lowest, turning = self._growth.get(key, (value, value, 0.0))
-        average += GROWTH_AVERAGE * (value - average)
-        turning += GROWTH_AVERAGE * (cosine - turning)
-        lowest = min(lowest, average)
-        self._growth[key] = (average, lowest, turning)
-        if average - lowest <= math.log(DIVERGENCE_GROWTH) or turning >= -GROWTH_COSINE:
-            return
-        self._warned_growth = True
-        warnings.warn(
-            f"NaturalGradient: the steps of {key!r} from gradients alone are diverging: the "
-            f"running average of log |g|^2 (g: the ELBO's gradient in the means, times the "
-            f"guide's scales) has risen {math.exp(average - lowest):.3g}-fold above its "
-            f"lowest. Such a step is too long along a direction in which the posterior's "
-            f"latents are strongly correlated (e.g. covariates that share a factor), and "
-            f"only the step size's decay brings it back, after many steps and far from the "
-            f"posterior. Pass curvature='hessian' (the default up to {MAX_CURVATURE_DIM} "
-            f"latents; one backward pass per latent and step)",
-            NaturalGradientWarning)
-
-    def _note_course(self, group, state):
-        """Warn once when a gradient-only mean-field group's means keep moving one way:
-        every ``CRAWL_WINDOW`` of its steps, ``d`` is their move over the window in units
-        of the guide's sds (on the hold test's sample), and ``<d, d'> / |d'|`` its move
-        along the previous window's ``d'``; more than ``CRAWL_MOVE`` over
-        ``CRAWL_WINDOWS`` windows in a row, or more than ``CRAWL_CREEP`` over
-        ``CRAWL_CREEP_WINDOWS``, warns. The record lives in ``state`` (``crawl_*``).
-
-        Measured along one direction, the noise of such a move does not grow with the
-        group's size: in converged fits it stayed within 0.1 sd. A non-centred hierarchy
-        of 500 groups (``benchmarks/noncentred_hierarchy.py``) moved ``mu`` 1.7, 1.2 and
-        0.7 sds one way over steps 200 to 500, a Jacobi-type step on a posterior whose
-        latents share a direction, slowed further by the decay of a step size then
-        below 0.01: ``mu`` was 2.30 after 1,000 steps and 2.37 after 3,000 (posterior
-        mean 2.927). Holding the step at 0.3 while the moves went on brought it to 2.82
-        after 1,000 steps, but under minibatch noise (a logistic regression of 300
-        weights, 100 of 10,000 rows a step) the same hold, set off at step 500, left
-        the weights 6.6 posterior sds (rms) from the full-data optimum after 2,000
-        steps, against 1.6 without it: the rule finds slow progress, not whether a
-        longer step is safe, so it only warns."""
-        steps = state.get("crawl_steps", 0) + 1
-        state["crawl_steps"] = steps
-        if steps % CRAWL_WINDOW or self._warned_crawl:
-            return
-        loc, raw = (group.params[k].detach().reshape(-1) for k in ("loc", "scale"))
-        stride = hold_stride(loc.numel())
-        here = loc[::stride].to(torch.float64, copy=True)  # not a view of the param
-        scale = group.transforms["scale"](raw[::stride]).to(torch.float64)
-        before, state["crawl_loc"] = state.get("crawl_loc"), here
-        if not (torch.is_tensor(before) and before.shape == here.shape):
-            return
-        move, previous = (here - before) / scale, state.get("crawl_move")
-        state["crawl_move"] = move
-        if not (torch.is_tensor(previous) and previous.shape == move.shape):
-            return
-        along = float(move @ previous) / max(float(previous.norm()), 1e-300)
-        if not math.isfinite(along):
-            along = 0.0
-        run = state.get("crawl_run", 0) + 1 if along > CRAWL_MOVE else 0
-        creep = state.get("crawl_creep", 0) + 1 if along > CRAWL_CREEP else 0
-        state["crawl_run"], state["crawl_creep"] = run, creep
-        if run < CRAWL_WINDOWS and creep < CRAWL_CREEP_WINDOWS:
-            return
-        self._warned_crawl = True
-        warnings.warn(
-            f"NaturalGradient: over the last {max(run, creep) * CRAWL_WINDOW} steps of "
-            f"{group.key!r} (to its step {steps}) its means have moved steadily one way, "
-            f"{along:.2g} of the guide's sds over the last {CRAWL_WINDOW}: the fit has not "
-            f"converged, and steps from gradients alone may take thousands more. They are "
-            f"slow along a direction in which the posterior's latents are strongly "
-            f"correlated (e.g. a non-centred hierarchy's shared mean and its group "
-            f"effects), and the step size's decay slows them further. Run until the means "
-            f"stop moving, or pass curvature='hvp' (Newton steps of the means by conjugate "
-            f"gradients, costlier per step) or try Adam, and check the fit from another "
-            f"start",
-            NaturalGradientWarning)
 
     def _advance_clock(self, state, advance, agreement, norm2, before, held=False):
         """Advance a mean-field group's step-size clock by ``advance``, unless (after the
@@ -1355,7 +1177,7 @@ class NaturalGradient(PyroOptim):
             self._skip_overflow(group.key)
             return loc.new_zeros(())
         if count:
-            state["t"] += float(_fraction_taken(step.rho, rho).mean())
+            state["t"] += float(fraction_taken(step.rho, rho).mean())
         return step.rho
 
     def _skip_overflow(self, key):
@@ -1377,7 +1199,7 @@ class NaturalGradient(PyroOptim):
         s_new = L_new.diagonal().clone()
         U_new = L_new.div_(s_new.unsqueeze(-1)).tril_(-1)
         new_scale = group.transforms["scale"].inv(s_new)
-        if not _all_finite([new_loc, new_scale, U_new]):
+        if not all_finite([new_loc, new_scale, U_new]):
             return False
         group.params["loc"].data.copy_(new_loc)
         group.params["scale"].data.copy_(new_scale)
@@ -1605,7 +1427,7 @@ class NaturalGradient(PyroOptim):
         if not ok:
             return False
         new_loc = loc - rho_mean * direction
-        if not _all_finite([new_loc]):
+        if not all_finite([new_loc]):
             return False  # an overflow: the steps of "none" (which skip it) instead
         # The groups' steps are one step: if one overflows, those already written are
         # undone, and the steps of "none" (which skip it) are taken instead.
@@ -1629,8 +1451,8 @@ class NaturalGradient(PyroOptim):
         # The mean is exact after a few steps here; what the decay would slow is the
         # variances' approach from afar (e.g. 40-fold), during which S keeps its sign
         # from step to step, as the whitened mean gradient does for gradient-only steps.
-        taken = float(_fraction_taken(rho_mean, rho))
-        self._note_stall(taken)
+        taken = float(fraction_taken(rho_mean, rho))
+        self._stall.note(taken)
         self._advance_clock(state, taken, *_agreement(state, torch.cat(S)))
         return True
 
@@ -1663,7 +1485,7 @@ class NaturalGradient(PyroOptim):
             new.append((step.loc[pos:pos + n].reshape(shape), g.transforms["scale"].inv(
                 step.scale_tril[pos:pos + n].reshape(shape))))
             pos += n
-        if not _all_finite([t for pair in new for t in pair]):
+        if not all_finite([t for pair in new for t in pair]):
             return None, None  # an overflow (a huge float32 gradient): nothing changed
         state["precision"] = P
         for g, (new_loc, new_raw) in zip(groups, new):
@@ -1741,7 +1563,7 @@ class NaturalGradient(PyroOptim):
                     precision_target=T.diagonal(), loc_step=direction[sl],
                     floor=self.max_kl is not None).scale_tril
             covariances.append(cov)
-        if not _all_finite([new_loc, *covariances]):
+        if not all_finite([new_loc, *covariances]):
             return None, None
         state["precision"] = P
         for g, (sl, L, _), cov in zip(groups, blocks, covariances):
@@ -1875,7 +1697,7 @@ class NaturalGradient(PyroOptim):
                                                  whitened_change=X)
         C_new, s_new = project_lowrank(P, C.shape[-1], scale=s)
         new_loc = loc - rho * direction
-        if not _all_finite([new_loc, C_new, s_new]):
+        if not all_finite([new_loc, C_new, s_new]):
             return None, None  # an overflow: nothing changed
         self._write(group.params["loc"], new_loc)
         group.write_covariance(C_new, s_new)
@@ -1884,7 +1706,7 @@ class NaturalGradient(PyroOptim):
 
     @staticmethod
     def _write(param, value):
-        if not _all_finite([value]):
+        if not all_finite([value]):
             raise FloatingPointError("a natural-gradient step produced non-finite values; "
                                      "this is a bug, please report it")
         param.data.copy_(value)
@@ -1910,7 +1732,7 @@ class NaturalGradient(PyroOptim):
         if self._waiting_layout is not None:
             layout, _, base, shapes = self._waiting_layout
         else:
-            layout = None if self._groups is None else _layout(self._groups)
+            layout = None if self._groups is None else group_layout(self._groups)
             waiting = getattr(self.base_optimizer, "_state_waiting_to_be_consumed", {})
             base = {**waiting, **self.base_optimizer.get_state()}
             shapes = named_shapes(self.base_optimizer)
@@ -1933,12 +1755,12 @@ class NaturalGradient(PyroOptim):
             at the first step, before any of the checkpoint is used; at once, with the
             state unchanged, if ``state`` is not such a checkpoint at all (e.g. a Pyro
             optimizer's ``get_state()``, which wiped the step-size clocks)."""
-        _check_format(state)
+        check_format(state)
         ng = state.get("natural_gradient", {})
         layout = state.get("layout")
         shapes = state.get("base_shapes", {})
         if layout is not None and self._groups is not None:
-            _check_layout(layout, _layout(self._groups), ng)
+            check_layout(layout, group_layout(self._groups), ng)
         check_base_shapes(shapes)
         live, waiting = {}, {}
         for key, value in ng.items():
@@ -1973,114 +1795,6 @@ class NaturalGradient(PyroOptim):
     def load(self, filename: str, map_location=None) -> None:
         """:meth:`set_state` from a file written by :meth:`save`."""
         self.set_state(torch.load(filename, map_location=map_location, weights_only=False))
-
-
-#: The keys of :meth:`NaturalGradient.get_state`'s checkpoint.
-CHECKPOINT_KEYS = ("natural_gradient", "base", "base_shapes", "skipped", "layout")
-
-
-def _check_format(state) -> None:
-    """A ValueError unless ``state`` has the form of :meth:`NaturalGradient.get_state`'s
-    checkpoint: a dict with ``natural_gradient`` (``{group: {name: value}}``) and at
-    most the other :data:`CHECKPOINT_KEYS`, of their types."""
-    what = None
-    if not isinstance(state, dict):
-        what = f"a {type(state).__name__}"
-    elif "natural_gradient" not in state or not set(state) <= set(CHECKPOINT_KEYS):
-        what = f"a dict with the keys {sorted(map(str, state))[:6]}"
-    elif not isinstance(state["natural_gradient"], dict) or not all(
-            isinstance(v, dict) for v in state["natural_gradient"].values()):
-        what = "a dict whose 'natural_gradient' is not {group: {name: value}}"
-    elif not all(isinstance(state.get(k, {}), dict) for k in ("base", "base_shapes")) or \
-            not isinstance(state.get("skipped", 0), int):
-        what = "a dict whose 'base', 'base_shapes' or 'skipped' has another type"
-    if what is not None:
-        raise ValueError(
-            f"NaturalGradient.set_state expects the dict of NaturalGradient.get_state() (keys "
-            f"{', '.join(CHECKPOINT_KEYS)}), got {what}; nothing was changed. A Pyro "
-            f"optimizer's get_state() (keyed by parameter names) belongs to that optimizer")
-
-
-def refuse_unnamed_state(optim: PyroOptim) -> None:
-    """A ValueError if a parameter that ``optim`` has stepped has no name in the param
-    store (a ``PyroModule``'s own parameter under ``module_local_params=True``): its
-    state could not be saved under a name and restored to it."""
-    store = pyro.get_param_store()
-    unnamed = [tuple(p.shape) for p in getattr(optim, "optim_objs", {})
-               if store.param_name(p) is None]
-    if unnamed:
-        raise ValueError(
-            f"get_state: {len(unnamed)} parameter(s) taking {optimizer_name(optim)} steps "
-            f"(shapes {unnamed[:4]}) have no name in the param store (PyroModule parameters "
-            f"under module_local_params=True), so their optimizer state cannot be saved "
-            f"under a name and restored to them (Pyro's own optimizers save it under "
-            f"None). Checkpoint with module_local_params=False, or give those parameters "
-            f"to another optimizer")
-
-
-def named_shapes(optim: PyroOptim) -> Dict[str, tuple]:
-    """``{param store name: shape}`` of the parameters ``optim`` has stepped."""
-    store = pyro.get_param_store()
-    return {store.param_name(p): tuple(p.shape) for p in getattr(optim, "optim_objs", {})}
-
-
-def replace_base_state(optim: PyroOptim, state: Dict) -> None:
-    """``optim.set_state(state)`` in place of its current state. ``PyroOptim.set_state``
-    alone reaches only parameters it has not stepped yet (and merges with pending state):
-    a rollback kept the live moments of every parameter already stepped."""
-    for attr in ("optim_objs", "grad_clip", "_state_waiting_to_be_consumed"):
-        objs = getattr(optim, attr, None)
-        if isinstance(objs, dict):
-            objs.clear()  # rebuilt at the parameter's next step, from the waiting state
-    optim.set_state(state)
-
-
-def check_base_shapes(shapes) -> None:
-    """A ValueError unless each parameter a checkpoint's base-optimizer state was made for
-    has that shape in the param store, where it is there already (it steps last: a wrong
-    shape raised only after the natural-gradient groups had been written)."""
-    store = pyro.get_param_store()._params
-    problems = [f"{name!r} has shape {tuple(shape)} there and {tuple(store[name].shape)} here"
-                for name, shape in shapes.items()
-                if name in store and tuple(store[name].shape) != tuple(shape)]
-    if problems:
-        raise ValueError(
-            f"set_state: the checkpoint's base-optimizer state was made for other parameters "
-            f"({'; '.join(problems[:4])}); nothing was restored. Load a checkpoint of this "
-            f"model and guide, or start this optimizer afresh")
-
-
-def _layout(groups) -> Dict[str, Dict[str, tuple]]:
-    """``{group key: {role: shape}}``, what a checkpoint's state was made for (a low-rank
-    group's covariance factors included, owned or not)."""
-    out = {}
-    for key, g in groups.items():
-        params = dict(g.params)
-        if isinstance(g, LowRankGaussianGroup):
-            params.update(cov_factor=g.cov_factor, scale=g.scale_raw)
-        out[key] = {role: tuple(p.shape) for role, p in params.items()}
-    return out
-
-
-def _check_layout(saved, current, ng_state) -> None:
-    """A ValueError unless a checkpoint made for the groups ``saved`` fits ``current``:
-    the same shapes for each group both have, no group only the checkpoint has, and, if
-    it carries the curvature's running precision (over all the groups' latents), the
-    same groups."""
-    problems = [f"group {k!r} is not in this guide" for k in saved if k not in current]
-    problems += [f"group {k!r} has parameters {dict(saved[k])} there and {dict(current[k])} "
-                 f"here" for k in saved if k in current and
-                 {r: tuple(v) for r, v in saved[k].items()} != current[k]]
-    curvature = ng_state.get("curvature", {})
-    if not problems and set(saved) != set(current) and any(
-            torch.is_tensor(v) for v in curvature.values()):
-        problems.append(f"its curvature state is over groups {sorted(saved)}, and this "
-                        f"guide's are {sorted(current)}")
-    if problems:
-        raise ValueError(
-            f"set_state: the checkpoint was made for another guide ({'; '.join(problems)}); "
-            f"nothing was restored. Load a checkpoint of this guide, or start this optimizer "
-            f"afresh")
 
 
 def _cut_to_bound(rho: float, excess: float, excess_at) -> float:
@@ -2159,66 +1873,8 @@ def _guide_name(guide) -> str:
         else repr(guide)
 
 
-def optimizer_name(optim) -> str:
-    """``"Adam"`` for ``pyro.optim.Adam(...)`` (a PyroOptim wrapping torch's Adam)."""
-    return (getattr(optim, "pt_optim_constructor", None) or type(optim)).__name__
-
-
-def skip_non_finite(params, optimizer, skipped: int, prefix: str = "", warned=None):
-    """``(finite, skipped)``: the parameters whose gradients are finite (or None), and the
-    count of skipped steps, one more (with a warning naming the others) if any gradient
-    is not finite: no optimizer may step those, it would write them into the param
-    store (and its moments). ``warned``: as in :func:`warn_skip`."""
-    finite, bad = [], []
-    for p in params:
-        (finite if p.grad is None or _all_finite([p.grad]) else bad).append(p)
-    if bad:
-        skipped += 1
-        warn_skip(f"{prefix}non-finite gradient for {len(bad)} parameter(s) of "
-                  f"{optimizer_name(optimizer)}: {', '.join(param_labels(bad)[:8])}; "
-                  f"their step skipped", skipped, "they are unchanged", "base", warned)
-    return finite, skipped
-
-
-def warn_skip(what: str, skipped: int, then: str, source=None, warned=None):
-    """Warn ``"{what} ({skipped} skipped so far; ...); {then}"`` at the first skip of each
-    ``source`` (a group's key, say; ``warned`` is the set of those warned of, updated) and
-    whenever ``skipped`` is a power of two. The count is in the text, so Python's filter
-    would repeat the warning at every step of a run whose gradients stay non-finite: this
-    names every source once and keeps the count's growth in about log2(steps) warnings."""
-    first = warned is not None and source not in warned
-    if first:
-        warned.add(source)
-    if first or skipped & (skipped - 1) == 0:
-        warnings.warn(f"{what} ({skipped} skipped so far; further skips warn when the count "
-                      f"reaches a power of two); {then}", NaturalGradientWarning)
-
-
-def param_labels(params):
-    """The param store's name of each tensor, or its shape where it has none."""
-    store = pyro.get_param_store()
-    return [store.param_name(p) or f"<tensor {tuple(p.shape)}>" for p in params]
-
-
-def _all_finite(tensors) -> bool:
-    """Whether every element is finite: one sum per tensor (a non-finite element makes
-    it non-finite), and an elementwise check only where a sum overflowed."""
-    tensors = [t for t in tensors if t.numel()]
-    if not tensors:
-        return True
-    sums = torch.stack([t.sum().to(torch.float64) for t in tensors]).tolist()
-    return all(math.isfinite(v) or bool(torch.isfinite(t).all()) for v, t in zip(sums, tensors))
-
-
 def _agrees(agreement, norm2, before) -> bool:
     """``cos(v, v') > HOLD_COSINE`` from ``(<v, v'>, |v|^2, |v'|^2)`` (False for zeros or
     an overflow)."""
     return (math.isfinite(agreement) and math.isfinite(norm2 * before)
             and agreement > HOLD_COSINE * math.sqrt(max(norm2 * before, 0.0)))
-
-
-def _fraction_taken(used, scheduled):
-    """``used / scheduled`` step size, in [0, 1]."""
-    used = torch.as_tensor(used, dtype=torch.float64)
-    scheduled = torch.as_tensor(scheduled, dtype=torch.float64)
-    return (used / scheduled.clamp_min(1e-300)).clamp(0, 1)

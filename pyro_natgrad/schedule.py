@@ -56,3 +56,10 @@ class StepSize:
     def __repr__(self):
         return (f"StepSize(initial={self.initial}, decay={self.decay}, warmup={self.warmup}, "
                 f"floor={self.floor})")
+
+
+def fraction_taken(used, scheduled):
+    """``used / scheduled`` step size, in [0, 1]."""
+    used = torch.as_tensor(used, dtype=torch.float64)
+    scheduled = torch.as_tensor(scheduled, dtype=torch.float64)
+    return (used / scheduled.clamp_min(1e-300)).clamp(0, 1)

@@ -2986,9 +2986,9 @@ def test_a_slower_crawl_is_found_by_its_persistence(monkeypatch):
     control-variate coefficient (``leave_one_out_median_cv``) took ``mu`` to 2.0
     posterior sds off by step 100 (4.7 with the mean) and 1.4 by step 1,000, creeping
     below CRAWL_CREEP: unnoticed, as docs/optimizer.rst says of such creeps."""
-    from pyro_natgrad import optim as optim_module
+    from pyro_natgrad import diagnostics
 
-    monkeypatch.setattr(optim_module, "CRAWL_MOVE", math.inf)
+    monkeypatch.setattr(diagnostics, "CRAWL_MOVE", math.inf)
     model, y = normal_hierarchy(500, 5, 2.0, centred=False, seed=1, dtype=torch.float32)
     target = float(y.mean())
     sd = float(((y.mean(-1).var() + 0.2) / 500) ** 0.5)
