@@ -2887,11 +2887,12 @@ def test_diverging_steps_from_gradients_alone_warn(float64, corr):
     """Mean-field steps from the gradient alone are Jacobi-type: along the shared factor
     of 200 covariates with correlation 0.5 the whitened precision's eigenvalue is about
     100, and the means ran away from the posterior (26 sds from the MAP by step 25,
-    and on). Nothing said so; now a warning (at step 51) names curvature='hessian'.
-    Without the shared factor the means approach the posterior, and nothing warns.
-    Known miss: with PYRO_NATGRAD_TEST_SEED_OFFSET=4 the correlated fit ran 140 sds
-    away while the running average rose at most 291-fold, below DIVERGENCE_GROWTH
-    (1000; a benign centred hierarchy rose 110-fold), and nothing warned."""
+    and on). Nothing said so; now a warning names curvature='hessian' (at step 29;
+    14 to 47 at PYRO_NATGRAD_TEST_SEED_OFFSET=0..11, where the rise while turning
+    reached 1.1e4- to 6e6-fold within 100 steps; DIVERGENCE_GROWTH is 200). Without
+    the shared factor nothing warns, and the means do not run away: 2.2 to 3.7 sds
+    from the MAP at worst after 200 steps over those seeds (2.8 to 5.1 at the start,
+    approached slowly; on seed 11 the worst was further than at the start)."""
     model, X, y = shared_factor_logistic(600, 200, corr)
     mode, sd = laplace_logistic(X, y)
     pyro.set_rng_seed(0)
@@ -2911,9 +2912,7 @@ def test_diverging_steps_from_gradients_alone_warn(float64, corr):
         assert away > 10
     else:
         assert not messages
-        # nearer than the start, 4.2 sds (slowly: 2.4 after 200 steps, 2.2 after 800;
-        # 2.6 of 3.7 on another seed)
-        assert away < float((mode / sd).abs().max()) / 1.2
+        assert away < 10
 
 
 def normal_hierarchy(groups, per_group, tau, centred, seed=0, dtype=F64):
@@ -2946,19 +2945,25 @@ def test_converging_hierarchical_fits_do_not_warn_of_divergence(
     log |w|^2, whatever its sign) called diverging, at steps 6 and 88: the scalar tau,
     whose single squared gradient dips far below its usual size near the optimum, and
     1,000 centred groups whose shrinking scale makes their curvature grow under the
-    wide starting guide. Neither runs away: after 500 steps both are near the method of
-    moments' answer (the group means' mean, and their variance less the noise's),
-    though not at it. The steps from gradients alone are slow here: for the first,
-    mu is at 2.26 (moments: 2.93) and 2.37 after 3,000 steps, where
-    curvature="hvp" is at 2.93 after 300 (see docs/optimizer.rst)."""
+    wide starting guide. Neither runs away (a diverging fit runs hundreds of posterior
+    sds off): after 500 steps both are near the method of moments' answer, though not
+    at it. The steps from gradients alone are slow here. For the first, mu is 0.3 to
+    1.35 below the group means' mean over PYRO_NATGRAD_TEST_SEED_OFFSET=0..11 (its
+    posterior sd is 0.09; 0.67 below after 1,000 steps and 0.56 after 3,000 at seed 0,
+    where curvature="hvp" is there after 300: see docs/optimizer.rst). For the second,
+    tau comes down from its start (3.4) to 0.28 to 0.36 while the data allow at most
+    0.17 to 0.25 (the moments' tau^2, the group means' variance less the noise's, is
+    negative on 5 of those 12 seeds, so the bound adds two of its standard errors)."""
     model, y = normal_hierarchy(groups, per_group, tau, centred)
     guide, caught = fit_recording_warnings(guide_cls, model, 500)
     assert not [w for w in caught if "diverging" in str(w.message)]
     means = y.mean(-1)
     spread = float(means.var() - 1 / per_group)  # the moments' tau^2
+    standard_error = (2 / (groups - 1)) ** 0.5 * float(means.var())  # of that estimate
+    largest = (max(spread, 0.0) + 2 * standard_error) ** 0.5
     median = guide.median()
-    assert abs(float(median["mu"]) - float(means.mean())) < 1
-    assert 1 / 3 < float(median["tau"]) / max(spread, 1e-4) ** 0.5 < 3
+    assert abs(float(median["mu"]) - float(means.mean())) < 2
+    assert 1 / 3 < float(median["tau"]) / largest < 3
 
 
 def test_a_crawling_fit_warns(float64):
