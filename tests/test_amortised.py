@@ -31,7 +31,7 @@ from pyro.nn import PyroModule
 
 from pyro_natgrad import NaturalGradient, NaturalGradientWarning
 from pyro_natgrad.amortised import AmortisedNaturalGradient, GuideGGN
-from tests.seeding import CPUDraws, generator
+from tests.seeding import SEED_OFFSET, CPUDraws, generator
 
 jacobian = torch.autograd.functional.jacobian
 
@@ -410,7 +410,10 @@ def test_composes_with_natural_gradient_for_autoguide_part(float64):
     below in 120 steps; for data with ``c`` near 0.9 ``mu`` is still more than one
     posterior sd away after 400 steps (AmortisedNaturalGradient's docstring says so)."""
     N, Dx, Kz, sigma = 30, 3, 2, 0.5
-    A, b, X = linear_gaussian(N, Dx, Kz, sigma, seed=1, mu=1.5)
+    # The same data at every PYRO_NATGRAD_TEST_SEED_OFFSET: their canonical correlation is
+    # the premise (offset data broke it at offsets 1 to 4; at 2 it was c = 0.87, for which
+    # the docstring expects hundreds of steps); the offset varies the guide's draws.
+    A, b, X = linear_gaussian(N, Dx, Kz, sigma, seed=1 - SEED_OFFSET, mu=1.5)
 
     def model(x):
         mu = pyro.sample("mu", dist.Normal(0.0, 2.0))

@@ -3278,7 +3278,14 @@ def test_sequential_particles_with_subsampled_locals(float64, rng, curvature):
     of one visit. Its steps were taken as if from one visit: the locals' sds ended up
     about 1.5 times too wide (the model's Hessian) or collapsed to a quarter and their
     means 6 sds off (gradients alone), silently. Against the mean-field optimum in
-    closed form."""
+    closed form.
+
+    Known, not fixed: this passes on its seeds, not on all. Over
+    PYRO_NATGRAD_TEST_SEED_OFFSET=0..11 (curvature="none", at 43253b5) one local's mean
+    was still 0.61, 0.32 and 0.28 sds off after 300 steps on offsets 2, 7 and 11 (0.15
+    after 600 on offset 2; the rest within 0.12). On offset 2 it is an element whose sd
+    fell to 0.68 of its optimum by step 100, its mean then 3.4 sds behind, and both
+    recover slowly (halving every 100 steps or so)."""
     x = _particles_data()
     (m_mu, s_mu), (m_z, s_z) = _particles_optimum(x)
     guide = AutoNormal(particles_model)
@@ -3363,7 +3370,13 @@ def test_guide_list_over_a_subsampled_plate_steps_without_the_hessian(float64, r
     parameters as they were, and "auto" takes gradient-only steps, which reach the
     mean-field optimum (closed form) as a single AutoNormal's do. The list opens the
     plates, so their subsample is in its trace, not the part's: the part's draws were
-    taken for the full plate, and the first step crashed (RuntimeError)."""
+    taken for the full plate, and the first step crashed (RuntimeError).
+
+    Known, not fixed: with one particle the slowest local converges slowly on some
+    draws. Over PYRO_NATGRAD_TEST_SEED_OFFSET=0..11 (at 43253b5), after 600 steps its
+    mean was 0.13 to 3.0 sds off (above the bound below on offsets 2, 5, 7 and 11) and
+    its sd up to 1.39 times the optimum's; after 1,200 steps 0.03 to 0.97 sds and
+    1.08 times."""
     x = _particles_data()
 
     def make():
